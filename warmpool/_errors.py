@@ -1,0 +1,70 @@
+"""One exception tree for everything warmpool raises.
+
+Every error is a :class:`WarmpoolError`.  Errors cross process boundaries (a worker
+process reports a failure to the coordinator through a pipe), so each class pickles
+with its message and the file it concerns intact: ``__reduce__`` rebuilds it from
+``(message, path)`` instead of relying on ``Exception.args``.
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = [
+    "CancelledError",
+    "FileChangedError",
+    "LayoutError",
+    "PlatformError",
+    "ProgressError",
+    "SelectionError",
+    "WarmError",
+    "WarmpoolError",
+    "WorkerDiedError",
+]
+
+
+class WarmpoolError(Exception):
+    """Base of every error warmpool raises; ``str()`` is one line naming the file."""
+
+    def __init__(self, message: str, path: str | os.PathLike[str] | None = None) -> None:
+        self.message = message
+        self.path = os.fspath(path) if path is not None else None
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+    def __reduce__(self):  # keep (message, path) across pickling
+        return (type(self), (self.message, self.path))
+
+
+class LayoutError(WarmpoolError):
+    """The model file (or one of its shards) is not a GGUF warmpool can read."""
+
+
+class SelectionError(WarmpoolError):
+    """A selection flag is malformed (bad regex, negative layer count, ...)."""
+
+
+class PlatformError(WarmpoolError):
+    """An OS call failed in a way that is neither the file's fault nor the caller's."""
+
+
+class ProgressError(WarmpoolError):
+    """A progress segment is missing, foreign or of an unknown version."""
+
+
+class WarmError(WarmpoolError):
+    """A warm could not complete."""
+
+
+class WorkerDiedError(WarmError):
+    """A worker process ended without reporting (SIGKILL, OOM killer, crash)."""
+
+
+class FileChangedError(WarmError):
+    """The model file was truncated or replaced while it was being warmed."""
+
+
+class CancelledError(WarmError):
+    """The warm was cancelled (``Warmup.cancel()``) before it finished."""

@@ -1,0 +1,121 @@
+"""Turn the selected tensors into the chunks the workers fault in.
+
+Pipeline: selected tensors -> page-aligned byte ranges per file -> extents (overlapping or
+touching ranges merged, since neighbouring tensors share their boundary pages) -> chunks of at
+most ``chunk_size`` bytes, sized evenly within each extent -> ordered by the first layer they
+hold, so a warm that runs in plan order makes early layers ready first (an engine's first
+forward pass walks the layers in order).  Non-layer tensors get layer keys where an engine
+needs them: the input layer (``token_embd`` and friends) is key -1, first; the output layer is
+key ``n_layers``, last.
+"""
+
+from __future__ import annotations
+
+import mmap
+from typing import NamedTuple
+
+from ._layout import ModelFile, ModelLayout, TensorInfo
+from ._select import Selection
+
+__all__ = ["DEFAULT_CHUNK_SIZE", "PAGE_SIZE", "Chunk", "Plan", "layer_key", "make_plan"]
+
+PAGE_SIZE = mmap.PAGESIZE
+# 16 MiB: two 8 MiB readahead windows per chunk and ~0.2 ms of per-chunk overhead (IPC, mmap,
+# mincore) against ~10 ms of I/O at 1.5 GB/s, so < 2% overhead; still ~100 chunks per 1.7 GB
+# model, enough to balance 32 workers and to mark a 100 MB MoE layer ready in 6 steps.
+DEFAULT_CHUNK_SIZE = 16 * 1024 * 1024
+
+
+class Chunk(NamedTuple):
+    file: int  # index into Plan.files
+    offset: int  # page aligned
+    length: int  # a multiple of the page size, except a chunk that ends at the end of its file
+    layer_lo: int  # inclusive range of the layer keys whose tensor pages the chunk holds
+    layer_hi: int
+
+
+class Plan(NamedTuple):
+    layout: ModelLayout
+    selection: Selection
+    selected: tuple[TensorInfo, ...]
+    chunks: tuple[Chunk, ...]
+    chunk_size: int
+
+    @property
+    def files(self) -> tuple[ModelFile, ...]:
+        return self.layout.files
+
+    @property
+    def n_layers(self) -> int:
+        return self.layout.n_layers
+
+    @property
+    def bytes_selected(self) -> int:
+        return sum(t.nbytes for t in self.selected)
+
+    @property
+    def bytes_planned(self) -> int:
+        """Bytes of the pages the chunks cover (selected tensors rounded out to pages)."""
+        return sum(c.length for c in self.chunks)
+
+
+def layer_key(tensor: TensorInfo, n_layers: int) -> int:
+    if tensor.layer is not None:
+        return tensor.layer
+    return n_layers if tensor.name.startswith("output") else -1
+
+
+def _page_ranges(tensors: list[TensorInfo], files: tuple[ModelFile, ...], n_layers: int) -> dict[int, list[tuple[int, int, int]]]:
+    """Per file: (first byte of the first page, end of the last page or of the file, layer key)."""
+    ranges: dict[int, list[tuple[int, int, int]]] = {}
+    for t in tensors:
+        if t.nbytes:
+            start = t.offset - t.offset % PAGE_SIZE
+            # The last page of a file is partial: counting past EOF would report bytes that can
+            # never be resident (and start a pool to warm them).
+            end = min(-(-(t.offset + t.nbytes) // PAGE_SIZE) * PAGE_SIZE, files[t.file].size)
+            ranges.setdefault(t.file, []).append((start, end, layer_key(t, n_layers)))
+    for file_ranges in ranges.values():
+        file_ranges.sort()
+    return ranges
+
+
+def _extents(ranges: list[tuple[int, int, int]]) -> list[list[tuple[int, int, int]]]:
+    """Group sorted page ranges into runs that overlap or touch (each run is one extent)."""
+    groups: list[list[tuple[int, int, int]]] = []
+    end = -1
+    for r in ranges:
+        if groups and r[0] <= end:
+            groups[-1].append(r)
+            end = max(end, r[1])
+        else:
+            groups.append([r])
+            end = r[1]
+    return groups
+
+
+def _split(file: int, pieces: list[tuple[int, int, int]], chunk_size: int) -> list[Chunk]:
+    """Cut one extent into equal-sized page-aligned chunks of at most chunk_size."""
+    start, end = pieces[0][0], max(p[1] for p in pieces)
+    pages = -(-(end - start) // PAGE_SIZE)
+    n = -(-pages * PAGE_SIZE // chunk_size)
+    chunks = []
+    for i in range(n):
+        lo = start + (pages * i // n) * PAGE_SIZE
+        hi = min(start + (pages * (i + 1) // n) * PAGE_SIZE, end)
+        keys = [k for s, e, k in pieces if s < hi and e > lo]
+        chunks.append(Chunk(file, lo, hi - lo, min(keys), max(keys)))
+    return chunks
+
+
+def make_plan(layout: ModelLayout, selection: Selection = Selection(), chunk_size: int = DEFAULT_CHUNK_SIZE) -> Plan:
+    """Select the tensors an engine keeps on the CPU and plan their warm."""
+    chunk_size = max(PAGE_SIZE, chunk_size - chunk_size % PAGE_SIZE)
+    on_cpu = selection.cpu_filter(layout.n_layers)
+    selected = [t for t in layout.tensors if on_cpu(t.name, t.layer)]
+    chunks: list[Chunk] = []
+    for file, ranges in _page_ranges(selected, layout.files, layout.n_layers).items():
+        for pieces in _extents(ranges):
+            chunks += _split(file, pieces, chunk_size)
+    chunks.sort(key=lambda c: (c.layer_lo, c.file, c.offset))
+    return Plan(layout, selection, tuple(selected), tuple(chunks), chunk_size)

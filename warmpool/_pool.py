@@ -1,0 +1,227 @@
+"""The coordinator: hand chunks, in plan order, to a pool of worker processes.
+
+Why processes: a fault-in loop holds the GIL between syscalls, and MADV_POPULATE_READ /
+pread block a whole thread; separate processes fault concurrently and keep the caller (an
+engine's start-up thread) responsive.
+
+Launch: each worker is ``python -I -S`` started with ``subprocess`` and the caller's
+``sys.path``, not a ``multiprocessing`` process.  ``fork`` copies whatever threads the caller
+has (an engine has many; a child can deadlock on a lock held by a thread that no longer
+exists), and ``spawn``/``forkserver`` re-run the caller's ``__main__`` script in every child
+(multiprocessing's main-module fixup): an engine script without a ``__main__`` guard would
+start again in each worker.  A fresh, isolated interpreter without ``site`` starts in ~10-20
+ms, imports only the stdlib and ``warmpool._worker``, and runs in its own session, so the
+terminal's Ctrl-C goes to the coordinator alone, which then stops the workers itself.
+
+Each worker has its own pair of pipes, wrapped in ``multiprocessing.connection.Connection``;
+a worker that dies without a word (SIGKILL, the OOM killer, SIGBUS from a truncated file
+under ``touch``) closes its end, so the coordinator sees EOF at once and names the chunk it
+held, rather than hanging the way ``multiprocessing.Pool`` does (REFERENCE §7).  The coordinator is the only writer of chunk
+states in the progress segment; each worker writes only its own byte counter.
+
+Worker count: ``workers=None`` grows the pool while it pays.  It starts with
+``AUTO_START`` workers and doubles, up to ``AUTO_MAX``, each time a measurement window shows
+the throughput still rising by ``AUTO_GAIN``: on a local disk one reader already saturates the
+device and the pool stays small; on latency-bound storage (network block devices, NFS, FUSE)
+throughput keeps rising with concurrency and the pool grows (REFERENCE §2, tools/bench_warm.py).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection, wait
+from typing import NamedTuple
+
+from ._errors import CancelledError, FileChangedError, WarmError, WorkerDiedError
+from ._plan import Chunk
+from ._progress import ProgressSegment
+
+__all__ = ["AUTO_MAX", "AUTO_START", "PoolResult", "run_pool"]
+
+AUTO_START, AUTO_MAX = 4, 32
+AUTO_GAIN = 1.15  # grow again only while a doubling bought at least 15% more throughput
+AUTO_WINDOW = 64 * 1024 * 1024  # bytes completed between two throughput measurements
+POLL = 0.1  # seconds between checks of the stop flag: Ctrl-C/cancel answer well within 2 s
+
+
+class PoolResult(NamedTuple):
+    faulted: int  # bytes this warm read in
+    already: int  # bytes it found resident
+    workers: int  # most workers that ran at once
+
+
+# argv: socket fd, the segment name (so `ps` shows which warm a worker belongs to), import path
+WORKER_CODE = "import sys; sys.path[:0] = sys.argv[3:]; from warmpool._worker import serve; serve(int(sys.argv[1]))"
+
+
+class _Worker(NamedTuple):
+    process: subprocess.Popen
+    conn: Connection
+    slot: int
+
+
+def _launch(slot: int, job: tuple) -> _Worker:
+    """Start one worker and send it its job (files, chunk table, segment, slot, strategy)."""
+    ours, theirs = _socketpair()
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", WORKER_CODE, str(theirs), job[2], *_import_path()],
+            pass_fds=(theirs,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            start_new_session=True, close_fds=True,
+        )
+    finally:
+        os.close(theirs)
+    conn = Connection(ours)
+    conn.send((*job[:3], slot, job[3]))
+    return _Worker(process, conn, slot)
+
+
+def _import_path() -> list[str]:
+    """Where the worker finds warmpool (an editable install is an import hook that -S skips)
+    and numpy (the touch strategy): our package's parent first, then the caller's path."""
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return [package_parent, *[p for p in sys.path if p and p != package_parent]]
+
+
+def _socketpair() -> tuple[int, int]:
+    import socket
+
+    a, b = socket.socketpair()
+    return a.detach(), b.detach()
+
+
+class _Growth:
+    """Decides when to add workers: while throughput keeps rising (see module doc)."""
+
+    def __init__(self, fixed: int | None, n_chunks: int) -> None:
+        self.limit = min(fixed or AUTO_MAX, max(n_chunks, 1))
+        self.target = self.limit if fixed else min(AUTO_START, self.limit)
+        self.growing = fixed is None and self.target < self.limit
+        self.mark_bytes, self.mark_time, self.last_rate = 0, time.monotonic(), 0.0
+
+    def update(self, done_bytes: int) -> None:
+        if not self.growing or done_bytes - self.mark_bytes < AUTO_WINDOW * self.target / AUTO_START:
+            return
+        now = time.monotonic()
+        rate = (done_bytes - self.mark_bytes) / max(now - self.mark_time, 1e-6)
+        if self.last_rate and rate < self.last_rate * AUTO_GAIN:
+            self.growing = False  # the last doubling did not pay: keep what we have
+        else:
+            self.target = min(self.target * 2, self.limit)
+            self.growing = self.target < self.limit
+        self.mark_bytes, self.mark_time, self.last_rate = done_bytes, now, rate
+
+
+class _Coordinator:
+    def __init__(self, paths, chunks, order, strategy, segment, workers, should_stop) -> None:
+        self.paths = list(paths)
+        self.chunks = [(c.file, c.offset, c.length) for c in chunks]
+        self.plan_chunks = chunks
+        self.queue = list(reversed(order))  # pop() from the end = plan order
+        self.strategy, self.segment, self.should_stop = strategy, segment, should_stop
+        self.growth = _Growth(workers, len(order))
+        self.workers: list[_Worker] = []
+        self.busy: dict[int, int] = {}  # slot -> chunk index
+        self.faulted = self.already = self.completed_bytes = 0
+        self.peak = 0
+
+    def _start_worker(self) -> None:
+        job = (self.paths, self.chunks, self.segment.name, self.strategy)
+        self.workers.append(_launch(len(self.workers), job))
+        self.peak = max(self.peak, len(self.workers))
+        self._dispatch(self.workers[-1])
+
+    def _dispatch(self, worker: _Worker) -> None:
+        if self.queue:
+            index = self.queue.pop()
+            self.busy[worker.slot] = index
+            self.segment.set_chunk_state(index, "running")
+            worker.conn.send(index)
+
+    def _describe(self, index: int) -> str:
+        c = self.plan_chunks[index]
+        return f"chunk {index} (bytes {c.offset}..{c.offset + c.length}, layers {c.layer_lo}..{c.layer_hi})"
+
+    def _on_report(self, worker: _Worker) -> None:
+        try:
+            report = worker.conn.recv()
+        except (EOFError, OSError):  # the worker died: its end of the socket closed
+            self._on_death(worker)
+        index = self.busy.pop(worker.slot)
+        if report[0] == "error":
+            self.segment.set_chunk_state(index, "failed")
+            raise report[2]
+        _, _, faulted, already = report
+        self.faulted += faulted
+        self.already += already
+        self.completed_bytes += self.chunks[index][2]
+        self.segment.set_chunk_state(index, "done")
+        self.growth.update(self.completed_bytes)
+        self._dispatch(worker)
+
+    def _on_death(self, worker: _Worker) -> None:
+        try:
+            code = worker.process.wait(timeout=2)
+        except subprocess.TimeoutExpired:  # closed its socket but lives on: stop it
+            worker.process.kill()
+            code = worker.process.wait()
+        index = self.busy.get(worker.slot)
+        where = self._describe(index) if index is not None else "no chunk"
+        if index is not None:
+            self.segment.set_chunk_state(index, "failed")
+        path = self.paths[self.chunks[index][0]] if index is not None else None
+        if code == -signal.SIGBUS:
+            raise FileChangedError(f"file shrank under the mapping: SIGBUS in worker {worker.slot} on {where}", path)
+        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit status {code}"
+        raise WorkerDiedError(f"worker {worker.slot} (pid {worker.process.pid}) died, {how}, on {where}", path)
+
+    def run(self) -> PoolResult:
+        while self.queue or self.busy:
+            while len(self.workers) < self.growth.target and self.queue:
+                self._start_worker()
+            if self.should_stop():
+                raise CancelledError("warm cancelled")
+            live = [w for w in self.workers if w.slot in self.busy]
+            ready = set(wait([w.conn for w in live], POLL))
+            for worker in live:
+                if worker.conn in ready:  # a report, or EOF when the worker died
+                    self._on_report(worker)
+        return PoolResult(self.faulted, self.already, self.peak)
+
+    def shutdown(self) -> None:
+        """Stop every worker, politely if it is idle, by force otherwise; never leave one."""
+        for w in self.workers:
+            try:
+                w.conn.send(None)
+            except OSError:
+                pass
+        deadline = time.monotonic() + 1.0
+        for w in self.workers:
+            if w.slot in self.busy:
+                w.process.kill()
+            try:
+                w.process.wait(max(deadline - time.monotonic(), 0.05))
+            except subprocess.TimeoutExpired:
+                w.process.kill()
+                w.process.wait()
+            w.conn.close()
+
+
+def run_pool(paths: Sequence[str], chunks: Sequence[Chunk], order: Sequence[int], strategy: str,
+             segment: ProgressSegment, workers: int | None = None,
+             should_stop: Callable[[], bool] | threading.Event | None = None) -> PoolResult:
+    """Warm ``chunks[i]`` for i in ``order`` (plan order); raise WarmError on any failure."""
+    if workers is not None and workers < 1:
+        raise WarmError(f"workers must be at least 1, got {workers}")
+    stop = should_stop.is_set if isinstance(should_stop, threading.Event) else (should_stop or (lambda: False))
+    coordinator = _Coordinator(paths, chunks, order, strategy, segment, workers, stop)
+    try:
+        return coordinator.run()
+    finally:
+        coordinator.shutdown()

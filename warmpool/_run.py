@@ -1,0 +1,46 @@
+"""One warm's lifetime: create its progress segment, run the pool, settle and unlink.
+
+The segment is unlinked on every way out (success, error, Ctrl-C, a dead worker, cancel).
+Readers that attached before keep a valid mapping and see the final state; ``linger`` keeps
+the name for late readers of a detached warm (``warmpool warm --detach``) a little longer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+from ._errors import CancelledError
+from ._plan import Plan
+from ._pool import AUTO_MAX, PoolResult, run_pool
+from ._progress import ProgressSegment
+
+__all__ = ["run_warm"]
+
+
+def run_warm(plan: Plan, paths: Sequence[str], chosen: Sequence[int], before: Sequence[int], strategy: str,
+             workers: int | None, on_start: Callable[[str], None] | None, should_stop, linger: float = 0.0) -> PoolResult:
+    total = sum(plan.chunks[i].length for i in chosen)
+    segment = ProgressSegment.create(total, workers or AUTO_MAX, plan.chunks, plan.n_layers)
+    try:
+        for index, (chunk, resident) in enumerate(zip(plan.chunks, before)):
+            if resident >= chunk.length:
+                segment.set_chunk_state(index, "done")  # warm already: its layers are ready
+        segment.set_state("running")
+        if on_start:
+            on_start(segment.name)
+        try:
+            outcome = run_pool(paths, plan.chunks, chosen, strategy, segment, workers, should_stop)
+        except (CancelledError, KeyboardInterrupt):
+            segment.set_state("cancelled")
+            raise
+        except BaseException:
+            segment.set_state("failed")
+            raise
+        segment.set_state("done")
+        if linger:
+            time.sleep(linger)
+        return outcome
+    finally:
+        segment.unlink()
+        segment.close()
