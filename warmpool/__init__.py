@@ -19,6 +19,7 @@ from ._errors import (
     WarmpoolError,
     WorkerDiedError,
 )
+from ._cli import main
 from ._layout import ModelFile, ModelLayout, TensorInfo, read_layout
 from ._plan import DEFAULT_CHUNK_SIZE, Chunk, Plan, make_plan
 from ._select import Selection
@@ -45,6 +46,7 @@ __all__ = [
     "WarmpoolError",
     "WorkerDiedError",
     "evict",
+    "main",
     "make_plan",
     "plan_model",
     "read_layout",

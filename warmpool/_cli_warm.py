@@ -54,6 +54,15 @@ class _Bar:
             self.thread.join()
 
 
+def _budget_syntax(text: str) -> str:
+    """Check --budget at parse time (a usage error, exit 2); resolve percentages later."""
+    try:
+        parse_size(text, total=100)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def _budget(text: str | None) -> int | None:
     if text is None:
         return None
@@ -78,7 +87,7 @@ class WarmCommand:
         add_model_argument(parser)
         parser.add_argument("--workers", type=int, metavar="N", help="worker processes (default: grow while throughput rises)")
         parser.add_argument("--strategy", choices=STRATEGY_CHOICES, default="auto", help="how pages are faulted in (default auto: populate where the kernel has it)")
-        parser.add_argument("--budget", metavar="SIZE|PCT", help="most bytes to read, e.g. 8G or 50%%")
+        parser.add_argument("--budget", type=_budget_syntax, metavar="SIZE|PCT", help="most bytes to read, e.g. 8G or 50%%")
         parser.add_argument("--force", action="store_true", help="ignore the memory budget")
         parser.add_argument("--no-progress", action="store_true", help="no progress bar")
         parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -98,6 +107,8 @@ class WarmCommand:
         enable_cli_logging(getattr(args, "verbose", False))
         budget = _budget(args.budget) if args.budget else None
         plan = plan_from(args)
+        if args.example:
+            _show_cold_start(plan)
         bar = _Bar(not (args.no_progress or args.json or args.quiet or args.report_segment) and sys.stderr.isatty())
 
         def on_start(name: str) -> None:
@@ -117,6 +128,16 @@ class WarmCommand:
         elif not args.quiet:
             print(result.summary())
         return EXIT_OK
+
+
+def _show_cold_start(plan) -> None:
+    """The built-in example starts from a cold cache so the warm has something to show."""
+    from ._warm import evict, residency
+
+    evict(plan.files[0].path, plan=plan)
+    before = residency(plan.files[0].path, plan=plan)
+    print(f"example    {plan.files[0].path}")
+    print(f"           evicted; {before.resident_fraction:.1%} of {format_bytes(before.bytes_selected)} selected resident before the warm")
 
 
 def _report_to_parent(line: str) -> None:

@@ -39,6 +39,7 @@ SCALAR_TYPES = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 
 STRING, ARRAY = 8, 9
 MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, smallest value
 MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8  # name length, n_dims, type, offset (0-dim tensor)
+MAX_READ_AHEAD = 4 << 20  # bytes read on a lower bound; Gemma-3's 6.5 MB header needs < 2.2 MB at once
 MAX_ARRAY_DEPTH = 4  # arrays of arrays exist in the spec; deeper nesting is corruption
 
 
@@ -96,7 +97,9 @@ class _Reader:
             return start
         if self.pos + n > self.size:
             raise self.fail(f"truncated header: {n} bytes needed at offset {self.pos}, file has {self.size}")
-        want = min(max(n, lower_bound) + self.tail, self.size - self.pos)
+        # The bounds come from counts not yet verified: a corrupt tensor count that still passes
+        # `count` would otherwise read (and hold) the whole file, tensor data included.
+        want = min(max(n, lower_bound) + self.tail, max(n, MAX_READ_AHEAD), self.size - self.pos)
         data = os.pread(self.fd, want, self.pos)
         if len(data) < n:
             raise self.fail(f"file shrank while reading its header at offset {self.pos}")
@@ -135,7 +138,10 @@ class _Reader:
                 for done in range(done, n):  # noqa: B007 - `done` says where a refill resumes
                     off += 8 + u64(buf, off)[0]
                 done = n
-            except struct.error:  # ran past the buffer: resume at string `done`
+            # Ran past the buffer: resume at string `done`.  OverflowError: a corrupt length
+            # near 2^64 pushed `off` past what unpack_from takes (ssize_t); caught here, the
+            # position check below turns it into a LayoutError.
+            except (struct.error, OverflowError):
                 pass
             self.pos = self.base + off
             if self.pos > self.size:
@@ -261,6 +267,8 @@ def read_header(path: str) -> FileHeader:
         raise LayoutError("no such file", path) from None
     except OSError as e:
         raise LayoutError(f"cannot open: {e.strerror}", path) from None
+    except ValueError as e:  # os.stat refuses a path with a NUL byte ("embedded null byte")
+        raise LayoutError(f"invalid path: {e}", path) from None
     try:
         size = os.fstat(fd).st_size
         if size == 0:

@@ -77,18 +77,26 @@ def _check_shard(header: FileHeader, index: int, count: int) -> None:
         )
 
 
+def _check_unsplit(header: FileHeader) -> None:
+    # The split keys are whatever the file says: a str or float here must be a LayoutError,
+    # not a TypeError from comparing or adding to it.
+    count = header.metadata.get("split.count", 1)
+    if not isinstance(count, int) or count > 1:
+        raise LayoutError(
+            f"its header says split.no={header.metadata.get('split.no')!r} split.count={count!r} (a shard of a "
+            "split model) but its name is not <name>-0000K-of-0000N.gguf",
+            header.path,
+        )
+
+
 def _read_headers(path: str) -> list[FileHeader]:
     paths = shard_paths(os.fspath(path))
     for p in paths if len(paths) > 1 else ():
         if not os.path.exists(p):
             raise LayoutError(f"missing shard {os.path.basename(p)} of a {len(paths)}-shard model", path)
     headers = [read_header(p) for p in paths]
-    if len(paths) == 1 and headers[0].metadata.get("split.count", 1) > 1:
-        raise LayoutError(
-            f"is shard {headers[0].metadata.get('split.no', 0) + 1} of a "
-            f"{headers[0].metadata['split.count']}-shard model but its name is not <name>-0000K-of-0000N.gguf",
-            path,
-        )
+    if len(paths) == 1:
+        _check_unsplit(headers[0])
     for index, header in enumerate(headers):
         if len(headers) > 1:
             _check_shard(header, index, len(headers))

@@ -1,0 +1,96 @@
+"""The RAM policy: memory figures are injected, never faked at the kernel level."""
+
+from __future__ import annotations
+
+import pytest
+
+import warmpool
+from conftest import evict_file
+from warmpool._policy import MemoryFigures, decide
+
+GiB = 2**30
+BIG = MemoryFigures(total=64 * GiB, available=60 * GiB, cgroup_limit=None)
+
+
+def test_fits():
+    d = decide([GiB, GiB], env={}, memory=BIG)
+    assert d.action == "warm" and d.chunks == (0, 1) and d.bytes_left_cold == 0
+    assert "fits" in d.reason and "80% of physical RAM" in d.reason
+
+
+def test_partial_warms_in_plan_order_up_to_budget():
+    small = MemoryFigures(total=10 * GiB, available=10 * GiB, cgroup_limit=None)  # budget 8 GiB
+    d = decide([3 * GiB, 3 * GiB, 3 * GiB, 3 * GiB], env={}, memory=small)
+    assert d.action == "partial"
+    assert d.chunks == (0, 1)  # the first layers, contiguous
+    assert d.budget == 8 * GiB
+    assert d.bytes_left_cold == 6 * GiB
+    assert "6.00 GiB left cold" in d.reason
+
+
+def test_cgroup_limit_is_the_ceiling():
+    boxed = MemoryFigures(total=64 * GiB, available=60 * GiB, cgroup_limit=4 * GiB)
+    d = decide([2 * GiB, 2 * GiB], env={}, memory=boxed)
+    assert d.budget == int(4 * GiB * 0.8)
+    assert d.chunks == (0,) and "cgroup memory.max" in d.reason
+
+
+def test_available_memory_caps_the_budget():
+    tight = MemoryFigures(total=64 * GiB, available=1 * GiB, cgroup_limit=None)
+    d = decide([GiB // 2, GiB // 2, GiB // 2], env={}, memory=tight)
+    assert d.budget == GiB and d.chunks == (0, 1) and "available memory" in d.reason
+
+
+def test_resident_chunks_cost_nothing():
+    small = MemoryFigures(total=10 * GiB, available=10 * GiB, cgroup_limit=None)
+    d = decide([0, 7 * GiB, 0, 0], env={}, memory=small)
+    assert d.action == "warm" and d.chunks == (1,)
+
+
+def test_nothing_cold():
+    d = decide([0, 0], env={}, memory=BIG)
+    assert d.action == "none" and d.chunks == ()
+
+
+@pytest.mark.parametrize("env, force", [({"WARMPOOL_PREFAULT": "1"}, False), ({}, True)])
+def test_forced_ignores_budget(env, force):
+    tiny = MemoryFigures(total=1 * GiB, available=GiB // 2, cgroup_limit=None)
+    d = decide([4 * GiB, 4 * GiB], env=env, force=force, memory=tiny)
+    assert d.action == "warm" and d.chunks == (0, 1) and d.budget is None
+
+
+def test_prefault_zero_skips_even_when_forced_by_flag_absent():
+    d = decide([GiB], env={"WARMPOOL_PREFAULT": "0"}, memory=BIG)
+    assert d.action == "skip" and d.chunks == () and "WARMPOOL_PREFAULT=0" in d.reason
+
+
+def test_explicit_budget():
+    d = decide([GiB, GiB, GiB], env={}, budget=2 * GiB, memory=BIG)
+    assert d.chunks == (0, 1) and d.bytes_left_cold == GiB
+
+
+def test_budget_smaller_than_first_chunk_skips():
+    d = decide([2 * GiB], env={}, budget=GiB, memory=BIG)
+    assert d.action == "skip" and "left cold" in d.reason
+
+
+@pytest.mark.pagecache
+@pytest.mark.xdist_group("pagecache")
+def test_partial_warm_leaves_the_tail_cold(pagecache_model):
+    plan = warmpool.plan_model(pagecache_model)
+    evict_file(pagecache_model)
+    budget = plan.bytes_planned // 2
+    result = warmpool.warm(pagecache_model, budget=budget, workers=2)
+    assert not result.skipped
+    assert 0.3 <= result.resident_fraction <= 0.55
+    assert result.bytes_left_cold >= plan.bytes_planned - budget
+    assert "left cold" in result.summary()
+    layers = warmpool.residency(pagecache_model).layers
+    assert layers[0].bytes_resident == layers[0].bytes_selected  # early layers first
+    assert layers[-1].bytes_resident < layers[-1].bytes_selected
+
+
+def test_prefault_zero_skips_a_real_warm(tiny_model, monkeypatch):
+    monkeypatch.setenv("WARMPOOL_PREFAULT", "0")
+    result = warmpool.warm(tiny_model)
+    assert result.skipped and result.workers == 0 and "WARMPOOL_PREFAULT=0" in result.reason

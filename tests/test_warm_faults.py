@@ -1,0 +1,138 @@
+"""Faults during a warm: Ctrl-C, a killed worker, a file truncated or replaced under it.
+
+Each runs the real CLI in a subprocess on a private copy of the model and checks that
+nothing is left behind: no worker process, no /dev/shm segment, and (unless the test itself
+damaged it) the model's size, mtime and bytes unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from conftest import evict_file
+
+pytestmark = pytest.mark.pagecache
+
+# Small chunks and one worker stretch a 40 MB warm over seconds, so the fault lands mid-warm.
+SLOW = ["--chunk-size", "16K", "--workers", "2", "--no-progress"]
+
+
+def fingerprint(path):
+    st = os.stat(path)
+    with open(path, "rb") as f:
+        return st.st_size, st.st_mtime_ns, hashlib.sha256(f.read()).hexdigest()
+
+
+def start_warm(path, *extra):
+    evict_file(path)
+    return subprocess.Popen([sys.executable, "-m", "warmpool", "warm", str(path), *SLOW, *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_workers(proc, timeout=20.0):
+    """The warm's segment name and its worker processes, once they are running."""
+    prefix = f"warmpool-{proc.pid}-"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        names = [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
+        workers = workers_of(prefix) if names else []
+        if workers:
+            return names[0], workers
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.01)
+    raise AssertionError("the warm never started its workers")
+
+
+def workers_of(prefix):
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmdline = p.info["cmdline"] or []
+        if any(arg.startswith("/" + prefix) or arg.startswith(prefix) for arg in cmdline):
+            found.append(p)
+    return found
+
+
+def assert_nothing_left(proc):
+    prefix = f"warmpool-{proc.pid}-"
+    deadline = time.monotonic() + 5
+    while workers_of(prefix) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not workers_of(prefix), "a worker process outlived the warm"
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(prefix)], "the segment was not unlinked"
+
+
+def test_ctrl_c_stops_within_two_seconds(private_model):
+    before = fingerprint(private_model)
+    proc = start_warm(private_model)
+    wait_for_workers(proc)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=10)
+    assert time.monotonic() - sent < 2.0
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert_nothing_left(proc)
+    assert fingerprint(private_model) == before
+
+
+def test_killed_worker_is_noticed_and_named(private_model):
+    before = fingerprint(private_model)
+    proc = start_warm(private_model)
+    _, workers = wait_for_workers(proc)
+    killed = time.monotonic()
+    workers[0].kill()
+    out, err = proc.communicate(timeout=10)
+    assert time.monotonic() - killed < 5.0
+    assert proc.returncode == 1
+    assert "died" in err and "chunk" in err and "signal 9" in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert_nothing_left(proc)
+    assert fingerprint(private_model) == before
+
+
+@pytest.mark.parametrize("strategy", ["populate", "touch", "read"])
+def test_truncated_file_is_a_clean_error(private_model, strategy):
+    proc = start_warm(private_model, "--strategy", strategy)
+    wait_for_workers(proc)
+    os.truncate(private_model, 1 << 20)  # the adversary: shrink the model under the warm
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 1, (out, err)
+    assert str(private_model) in err
+    assert "Traceback" not in err
+    assert_nothing_left(proc)
+
+
+def test_replaced_file_is_reported(private_model, tmp_path):
+    replacement = tmp_path / "other.gguf"
+    replacement.write_bytes(private_model.read_bytes())
+    proc = start_warm(private_model)
+    wait_for_workers(proc)
+    os.replace(replacement, private_model)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1, (out, err)
+    assert "replaced or modified" in err
+    assert_nothing_left(proc)
+
+
+def test_model_is_never_opened_for_writing(private_model):
+    before = fingerprint(private_model)
+    proc = start_warm(private_model)
+    _, workers = wait_for_workers(proc)
+    for p in [psutil.Process(proc.pid), *workers]:
+        try:
+            for f in p.open_files():
+                if f.path == str(private_model):
+                    assert f.mode == "r", f
+        except psutil.NoSuchProcess:
+            pass
+    proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    assert fingerprint(private_model) == before
