@@ -80,10 +80,14 @@ def gemma_model(shared_dir) -> Path:
 
 
 @pytest.fixture
-def private_model(pagecache_model, tmp_path) -> Path:
-    """A copy of the page-cache model that a test may truncate, replace or evict freely."""
+def private_model(test_model, tmp_path) -> Path:
+    """A copy of the test model that a test may truncate, replace or evict freely.
+
+    Copied from ``test_model`` (never evicted), not ``pagecache_model``: reading that one
+    would warm it under a page-cache test running on another xdist worker.
+    """
     path = tmp_path / "model.gguf"
-    shutil.copyfile(pagecache_model, path)
+    shutil.copyfile(test_model, path)
     with open(path, "rb+") as f:
         os.fsync(f.fileno())  # DONTNEED drops only clean pages: write them back first
     return path

@@ -74,16 +74,13 @@ def outside(fd: int, start: int, end: int, size: int) -> int:
     return before + resident_bytes(fd, end, size - end)
 
 
-def wait_until_resident(fd: int, offset: int, length: int, timeout: float = 10.0) -> int:
-    """Resident bytes of the range once it is all resident or stops growing."""
-    deadline, last = time.monotonic() + timeout, -1
-    while time.monotonic() < deadline:
-        now = resident_bytes(fd, offset, length)
-        if now == length or now == last:
-            return now
-        last = now
-        time.sleep(0.2)
-    return resident_bytes(fd, offset, length)
+def wait_until_resident(fd: int, offset: int, length: int, timeout: float = 20.0) -> int:
+    """Resident bytes of the range once all of it is resident, or at the timeout
+    (prefetch only queues the reads)."""
+    deadline = time.monotonic() + timeout
+    while (now := resident_bytes(fd, offset, length)) < length and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return now
 
 
 # -- eviction and warming ------------------------------------------------------------
@@ -167,7 +164,7 @@ def test_prefetch_to_eof_on_a_random_fd(cold: ColdFile) -> None:
 def test_willneed_is_only_a_hint(cold: ColdFile) -> None:
     with FileWindow(cold.fd, 0, SIZE) as window:
         window.willneed(0, SIZE)
-    assert 0 <= wait_until_resident(cold.fd, 0, SIZE) <= SIZE
+    assert 0 <= resident_bytes(cold.fd, 0, SIZE) <= SIZE  # how much: the kernel's choice
 
 
 # -- measurement ---------------------------------------------------------------------

@@ -94,3 +94,11 @@ def test_prefault_zero_skips_a_real_warm(tiny_model, monkeypatch):
     monkeypatch.setenv("WARMPOOL_PREFAULT", "0")
     result = warmpool.warm(tiny_model)
     assert result.skipped and result.workers == 0 and "WARMPOOL_PREFAULT=0" in result.reason
+
+
+def test_memory_figures_read_from_this_machine():
+    from warmpool._policy import memory_figures
+
+    m = memory_figures()
+    assert 0 < m.available <= m.total
+    assert m.cgroup_limit is None or 0 < m.cgroup_limit < 1 << 60

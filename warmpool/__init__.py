@@ -8,6 +8,8 @@ Pipeline, one module each: ``_layout`` (tensor table, via ``_header``) -> ``_sel
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ._errors import (
     CancelledError,
     FileChangedError,
@@ -19,11 +21,41 @@ from ._errors import (
     WarmpoolError,
     WorkerDiedError,
 )
-from ._cli import main
-from ._layout import ModelFile, ModelLayout, TensorInfo, read_layout
-from ._plan import DEFAULT_CHUNK_SIZE, Chunk, Plan, make_plan
-from ._select import Selection
-from ._warm import LayerResidency, Residency, WarmResult, evict, plan_model, residency, warm
+
+# The rest is imported on first use (PEP 562): an engine's first ``read_layout`` and every
+# worker process (which imports ``warmpool._worker``, and so this package) would otherwise pay
+# for the CLI, the policy and the warm engine they never use (~20-40 ms per process here).
+_LAZY = {
+    "main": "._cli",
+    "ModelFile": "._layout", "ModelLayout": "._layout", "TensorInfo": "._layout", "read_layout": "._layout",
+    "DEFAULT_CHUNK_SIZE": "._plan", "Chunk": "._plan", "Plan": "._plan", "make_plan": "._plan",
+    "Selection": "._select",
+    "LayerResidency": "._warm", "Residency": "._warm", "WarmResult": "._warm", "evict": "._warm",
+    "plan_model": "._warm", "residency": "._warm", "warm": "._warm",
+}
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    from ._cli import main
+    from ._layout import ModelFile, ModelLayout, TensorInfo, read_layout
+    from ._plan import DEFAULT_CHUNK_SIZE, Chunk, Plan, make_plan
+    from ._select import Selection
+    from ._warm import LayerResidency, Residency, WarmResult, evict, plan_model, residency, warm
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'warmpool' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "CancelledError",

@@ -70,8 +70,8 @@ _F32, _F16, _Q8_0 = 0, 1, 8
 _TYPE_SIZES = {_F32: (1, 4), _F16: (1, 2), _Q8_0: (32, 34)}
 
 # GGUF metadata value types (REFERENCE §3) and the fixed size of the scalar ones.
-_UINT16, _UINT32, _INT32, _FLOAT32, _BOOL, _STRING, _ARRAY = 2, 4, 5, 6, 7, 8, 9
-_SCALAR_NBYTES = {_UINT16: 2, _UINT32: 4, _INT32: 4, _FLOAT32: 4, _BOOL: 1}
+_UINT32, _INT32, _FLOAT32, _BOOL, _STRING, _ARRAY = 4, 5, 6, 7, 8, 9
+_SCALAR_NBYTES = {_UINT32: 4, _INT32: 4, _FLOAT32: 4, _BOOL: 1}
 
 # llama (SentencePiece) token types, as in gguf.TokenType.
 _TOKEN_NORMAL, _TOKEN_UNKNOWN, _TOKEN_CONTROL, _TOKEN_BYTE = 1, 2, 3, 6
@@ -196,15 +196,6 @@ def _metadata(shape: MoeShape) -> list[_KeyValue]:
     ]
 
 
-def _split_metadata(shard: int, n_shards: int, n_tensors: int) -> list[_KeyValue]:
-    # What GGUFWriter.add_shard_kv_data writes: shard 0 keeps all metadata, the others only these.
-    return [
-        _KeyValue("split.no", shard, _UINT16),
-        _KeyValue("split.count", n_shards, _UINT16),
-        _KeyValue("split.tensors.count", n_tensors, _INT32),
-    ]
-
-
 def _value_nbytes(value: object, vtype: int, sub_type: int | None) -> int:
     if vtype == _STRING:
         return 8 + len(str(value).encode())
@@ -226,7 +217,7 @@ def _file_nbytes(kvs: list[_KeyValue], tensors: list[_Tensor]) -> int:
     return _pad(header) + sum(_pad(t.nbytes) for t in tensors)
 
 
-def model_nbytes(shape: MoeShape = EXAMPLE) -> int:
+def model_nbytes(shape: MoeShape) -> int:
     """Exact size in bytes of the unsplit file ``write_moe_gguf(path, shape)`` writes."""
     _check_shape(shape)
     return _file_nbytes(_metadata(shape), list(_tensors(shape)))

@@ -76,14 +76,13 @@ def _bind(name: str, restype: type | None, *argtypes: type) -> Callable[..., int
     return fn
 
 
-_P, _N = ctypes.c_void_p, ctypes.c_size_t
+_P, _N, _INT = ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int
 # mmap64 on 32-bit glibc takes a 64-bit off_t; on 64-bit systems it is mmap itself.
-_mmap = _bind("mmap64", _P, _P, _N, ctypes.c_int, ctypes.c_int, ctypes.c_int, _OFF_T) or _bind(
-    "mmap", _P, _P, _N, ctypes.c_int, ctypes.c_int, ctypes.c_int, _OFF_T
-)
-_munmap = _bind("munmap", ctypes.c_int, _P, _N)
-_madvise = _bind("madvise", ctypes.c_int, _P, _N, ctypes.c_int)
-_mincore = _bind("mincore", ctypes.c_int, _P, _N, _P)
+_MMAP_ARGS = (_P, _N, _INT, _INT, _INT, _OFF_T)
+_mmap = _bind("mmap64", _P, *_MMAP_ARGS) or _bind("mmap", _P, *_MMAP_ARGS)
+_munmap = _bind("munmap", _INT, _P, _N)
+_madvise = _bind("madvise", _INT, _P, _N, _INT)
+_mincore = _bind("mincore", _INT, _P, _N, _P)
 
 
 # -- small helpers -------------------------------------------------------------------
@@ -115,14 +114,10 @@ def _fstat(fd: int) -> os.stat_result:
         raise PlatformError(f"fstat failed: {exc.strerror}") from exc
 
 
-def _file_size(fd: int) -> int:
-    return _fstat(fd).st_size
-
-
 def _page_span(fd: int, offset: int, length: int) -> tuple[int, int, int]:
     """``(start, stop, limit)``: the page-rounded range clipped at EOF, and how many
     of its bytes exist (the page holding EOF is only partly file)."""
-    size = _file_size(fd)
+    size = _fstat(fd).st_size
     end = size if length == 0 else min(offset + length, size)
     if end <= offset:
         return 0, 0, 0
@@ -131,8 +126,8 @@ def _page_span(fd: int, offset: int, length: int) -> tuple[int, int, int]:
 
 
 def _map_readonly(fd: int, offset: int, length: int) -> int:
-    """Address of a fresh PROT_READ, MAP_SHARED mapping (MAP_SHARED: the mapping
-    *is* the page cache, so mincore and faults see and fill the shared pages)."""
+    """Address of a fresh read-only shared mapping: its faults map the page-cache
+    pages themselves, and mapping alone reads nothing."""
     address = _require(_mmap, "mmap")(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, offset)
     if address is None or address == _MAP_FAILED:
         raise _failure("mmap")
@@ -163,16 +158,10 @@ def _fadvise(fd: int, offset: int, length: int, advice_name: str) -> None:
 
 def _stepped_willneed(fd: int, offset: int, length: int, step: int) -> None:
     """WILLNEED over the range in ``step``-byte requests (see ``prefetch``)."""
-    size = _file_size(fd)
+    size = _fstat(fd).st_size
     end = size if length == 0 else min(offset + length, size)
     for pos in range(_round_down(offset), end, step):
         _fadvise(fd, pos, min(step, end - pos), "POSIX_FADV_WILLNEED")
-
-
-def _count_resident(pages: bytes, limit: int) -> int:
-    # The page holding EOF counts only its file bytes, so a fully warm file reports
-    # exactly its size (cachestat counts pages too and is clipped the same way).
-    return min(pages.count(1) * PAGE_SIZE, limit)
 
 
 # -- advice --------------------------------------------------------------------------
@@ -220,6 +209,10 @@ def resident_pages(fd: int, offset: int, length: int) -> bytes:
     unless it owns the file or may open it for writing.)
     """
     start, stop, _ = _page_span(fd, offset, length)
+    return _mincore_range(fd, start, stop)
+
+
+def _mincore_range(fd: int, start: int, stop: int) -> bytes:
     out = bytearray((stop - start) // PAGE_SIZE)
     for window in range(start, stop, _RESIDENCY_WINDOW):
         size = min(_RESIDENCY_WINDOW, stop - window)
@@ -237,15 +230,18 @@ def resident_bytes(fd: int, offset: int, length: int) -> int:
     A mincore count: it counts only pages whose read has completed (uptodate), so it
     is the truth for "is it warm"; the page holding EOF counts only its file bytes.
     """
-    pages = resident_pages(fd, offset, length)
-    return _count_resident(pages, _page_span(fd, offset, length)[2]) if pages else 0
+    start, stop, limit = _page_span(fd, offset, length)
+    return min(_mincore_range(fd, start, stop).count(1) * PAGE_SIZE, limit)
 
 
 # -- reading -------------------------------------------------------------------------
 
 
+_HAS_PREADV = hasattr(os, "preadv")  # Linux, the BSDs, macOS >= 11
+
+
 def _pread_into(fd: int, view: memoryview, position: int) -> int:
-    if hasattr(os, "preadv"):
+    if _HAS_PREADV:  # straight into the caller's buffer: no bytes object per step
         return os.preadv(fd, [view], position)
     data = os.pread(fd, len(view), position)
     view[: len(data)] = data
@@ -333,14 +329,17 @@ class FileWindow:
     def willneed(self, rel: int, n: int) -> None:
         """madvise(MADV_WILLNEED): a hint the kernel caps at its readahead size."""
         advice = getattr(mmap, "MADV_WILLNEED", None)
-        if advice is not None:
-            self._madvise(rel, n, advice, "madvise(MADV_WILLNEED)")
+        err = self._madvise(rel, n, advice) if advice is not None else 0
+        if err:
+            raise _failure("madvise(MADV_WILLNEED)", err)
 
     def populate(self, rel: int, n: int) -> None:
         """Fault the range in as if read (MADV_POPULATE_READ); waits for the I/O."""
         if self._POPULATE_ADVICE is None:
             raise PlatformError("MADV_POPULATE_READ is not available on this OS")
-        self._madvise(rel, n, self._POPULATE_ADVICE, "madvise(MADV_POPULATE_READ)")
+        err = self._madvise(rel, n, self._POPULATE_ADVICE)
+        if err:
+            raise self._populate_error(err, rel + n)
 
     def touch(self, rel: int, n: int) -> None:
         """Read one byte per page of the range, which faults each page in.
@@ -355,15 +354,18 @@ class FileWindow:
         pages = np.frombuffer((ctypes.c_ubyte * size).from_address(address), np.uint8)
         int(pages[::PAGE_SIZE].sum())  # the reads are the point; the sum is discarded
 
-    def _madvise(self, rel: int, n: int, advice: int, what: str) -> None:
+    def _madvise(self, rel: int, n: int, advice: int) -> int:
+        """madvise over the whole pages of the range: 0, or the errno."""
         address, size = self._span(rel, n)
         madvise = _require(_madvise, "madvise")
         while madvise(address, size, advice) != 0:
             err = ctypes.get_errno()
             if err != errno.EINTR:
-                raise self._madvise_error(what, err, rel + n)
+                return err
+        return 0
 
-    def _madvise_error(self, what: str, err: int, rel_end: int) -> PlatformError | FileChangedError:
+    def _populate_error(self, err: int, rel_end: int) -> PlatformError | FileChangedError:
+        what = "madvise(MADV_POPULATE_READ)"
         # EFAULT is the kernel's SIGBUS turned into an error: a page past EOF, or a
         # read error.  The file's current size tells the two apart.
         if err == errno.EFAULT:

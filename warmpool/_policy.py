@@ -1,7 +1,8 @@
 """Whether to warm, and how much: every decision with its reason.
 
 * ``WARMPOOL_PREFAULT=0`` skips (the engine asked for no warm), ``=1`` forces (no budget).
-* The budget is 80% of the smaller of physical RAM and the cgroup v2 ``memory.max`` (page
+* The budget is 80% of the smaller of physical RAM and the cgroup's limit (v2 ``memory.max``,
+  v1 ``memory.limit_in_bytes``; page
   cache is charged to the cgroup of the process that first reads a page, so inside a
   container the limit is the real ceiling), and never more than the memory available now:
   warming past it would only evict what we just read, or push the engine into reclaim.
@@ -49,26 +50,36 @@ def _read_int(path: str) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-def _own_cgroup() -> str:
+UNLIMITED = 1 << 60  # cgroup v1 writes "no limit" as a page-rounded LONG_MAX
+
+
+def _cgroup_files() -> tuple[str, str] | None:
+    """(limit file, usage file) of this process's memory cgroup: v2, else v1."""
     try:
         with open("/proc/self/cgroup") as f:
-            for line in f:
-                if line.startswith("0::"):
-                    return CGROUP + line[3:].strip().rstrip("/")
+            lines = f.read().splitlines()
     except OSError:
-        pass
-    return CGROUP
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "" and os.path.exists(f"{CGROUP}{path}/memory.max"):
+            return f"{CGROUP}{path}/memory.max", f"{CGROUP}{path}/memory.current"
+        if "memory" in controllers.split(","):
+            base = f"{CGROUP}/memory{path}"
+            return f"{base}/memory.limit_in_bytes", f"{base}/memory.usage_in_bytes"
+    return None
 
 
 def memory_figures() -> MemoryFigures:
     import psutil  # only when a decision is needed: keeps a hot run's imports light
 
     vm = psutil.virtual_memory()
-    cgroup = _own_cgroup()
-    limit = _read_int(f"{cgroup}/memory.max")
+    files = _cgroup_files()
+    limit = _read_int(files[0]) if files else None  # "max" (v2) reads as None
+    limit = limit if limit is not None and limit < UNLIMITED else None
     available = vm.available
     if limit is not None:
-        usage = _read_int(f"{cgroup}/memory.current") or 0
+        usage = _read_int(files[1]) or 0
         available = min(available, max(limit - usage, 0))
     return MemoryFigures(vm.total, available, limit)
 

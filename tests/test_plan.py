@@ -1,0 +1,168 @@
+"""make_plan's invariants over random layouts, and its order on a real model file.
+
+The properties are computed here from first principles (byte intervals and page arithmetic),
+not with the plan module's helpers, so a bug there cannot hide behind the same bug here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from warmpool import Chunk, ModelFile, ModelLayout, Plan, Selection, TensorInfo, make_plan, read_layout
+from warmpool._plan import PAGE_SIZE
+
+P = PAGE_SIZE
+LAYER_NAMES = ("attn_q.weight", "attn_norm.weight", "ffn_gate_inp.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")
+OTHER_NAMES = ("token_embd.weight", "rope_freqs.weight", "output_norm.weight", "output.weight")
+
+
+def key_of(t: TensorInfo, n_layers: int) -> int:
+    if t.layer is not None:
+        return t.layer
+    return n_layers if t.name.startswith("output") else -1
+
+
+def merge(intervals: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, disjoint, non-touching intervals covering the same bytes."""
+    out: list[tuple[int, int]] = []
+    for start, end in sorted(i for i in intervals if i[1] > i[0]):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
+@st.composite
+def layouts(draw) -> ModelLayout:
+    """1-3 files of back-to-back tensors with random gaps, sizes and page-unaligned offsets."""
+    n_layers = draw(st.integers(1, 6))
+    names = [f"blk.{i}.{n}" for i in range(n_layers) for n in LAYER_NAMES] + list(OTHER_NAMES)
+    names = draw(st.lists(st.sampled_from(names), min_size=1, max_size=30, unique=True))
+    n_files = draw(st.integers(1, 3))
+    files: list[ModelFile] = []
+    tensors: list[TensorInfo] = []
+    for file in range(n_files):
+        share = names[file::n_files]
+        data_offset = draw(st.integers(0, 3 * P))
+        offset = data_offset
+        for name in share:
+            offset += draw(st.one_of(st.just(0), st.integers(0, 3 * P)))  # gap (0: neighbours share a page)
+            nbytes = draw(st.one_of(st.integers(0, 64), st.integers(1, 40 * P)))
+            layer = int(name.split(".")[1]) if name.startswith("blk.") else None
+            tensors.append(TensorInfo(name, file, offset, nbytes, 0, (nbytes,), layer))
+            offset += nbytes
+        size = offset + draw(st.integers(0, 2 * P))  # the last page may be partial
+        files.append(ModelFile(f"/model-{file}.gguf", size, data_offset))
+    return ModelLayout(tuple(files), tuple(tensors), "test", n_layers, 3, 32, {})
+
+
+selections = st.builds(
+    Selection,
+    n_gpu_layers=st.one_of(st.none(), st.integers(-1, 9)),
+    cpu_moe=st.booleans(),
+    n_cpu_moe=st.integers(0, 7),
+)
+chunk_sizes = st.one_of(st.integers(1, 64 * P), st.integers(1, 64).map(lambda k: k * P))
+
+
+@given(layouts(), selections, chunk_sizes)
+def test_plan_invariants(layout, selection, chunk_size):
+    plan = make_plan(layout, selection, chunk_size)
+    on_cpu = selection.cpu_filter(layout.n_layers)
+    assert plan.selected == tuple(t for t in layout.tensors if on_cpu(t.name, t.layer))
+    assert plan.chunk_size == max(P, chunk_size // P * P)
+
+    for c in plan.chunks:
+        size = layout.files[c.file].size
+        assert c.offset % P == 0
+        assert 0 < c.length <= plan.chunk_size
+        assert c.length % P == 0 or c.offset + c.length == size  # only a chunk at EOF is partial
+        assert c.offset + c.length <= size
+
+    for file in range(len(layout.files)):
+        chunks = sorted((c for c in plan.chunks if c.file == file), key=lambda c: c.offset)
+        for a, b in zip(chunks, chunks[1:]):
+            assert a.offset + a.length <= b.offset  # never overlap
+        # The chunks cover exactly the pages of the selected tensors, clipped at EOF.
+        size = layout.files[file].size
+        pages = [(t.offset // P * P, min(-(-(t.offset + t.nbytes) // P) * P, size))
+                 for t in plan.selected if t.file == file and t.nbytes]
+        assert merge((c.offset, c.offset + c.length) for c in chunks) == merge(pages)
+        assert_even_extents(chunks, plan.chunk_size)
+
+    assert list(plan.chunks) == sorted(plan.chunks, key=lambda c: (c.layer_lo, c.file, c.offset))
+    for c in plan.chunks:
+        keys = [key_of(t, layout.n_layers) for t in plan.selected
+                if t.file == c.file and t.nbytes and t.offset < c.offset + c.length and t.offset + t.nbytes > c.offset]
+        assert (c.layer_lo, c.layer_hi) == (min(keys), max(keys))
+    assert plan.bytes_planned == sum(c.length for c in plan.chunks)
+    assert plan.bytes_selected == sum(t.nbytes for t in plan.selected)
+
+
+def assert_even_extents(chunks: list[Chunk], chunk_size: int) -> None:
+    """Chunks of one extent (a run of touching chunks) differ by at most a page, and are as few
+    as chunk_size allows."""
+    runs: list[list[Chunk]] = []
+    for c in chunks:
+        if runs and runs[-1][-1].offset + runs[-1][-1].length == c.offset:
+            runs[-1].append(c)
+        else:
+            runs.append([c])
+    for run in runs:
+        pages = [-(-c.length // P) for c in run]
+        assert max(pages) - min(pages) <= 1, pages
+        extent_pages = sum(pages)
+        assert len(run) == -(-extent_pages * P // chunk_size)
+
+
+# --- examples on the synthetic qwen3moe ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def layout(test_model) -> ModelLayout:
+    return read_layout(test_model)
+
+
+def holding(plan: Plan, name: str) -> list[int]:
+    """Indexes (in plan order) of the chunks holding bytes of the tensor."""
+    t = next(t for t in plan.layout.tensors if t.name == name)
+    return [i for i, c in enumerate(plan.chunks) if c.offset < t.offset + t.nbytes and c.offset + c.length > t.offset]
+
+
+def test_embeddings_first_output_last(layout):
+    plan = make_plan(layout, chunk_size=256 << 10)
+    assert len(plan.chunks) > 20
+    assert holding(plan, "token_embd.weight")[0] == 0
+    assert plan.chunks[0].layer_lo == -1
+    assert holding(plan, "output.weight")[-1] == len(plan.chunks) - 1
+    assert plan.chunks[-1].layer_hi == layout.n_layers
+    firsts = [holding(plan, f"blk.{i}.attn_norm.weight")[0] for i in range(layout.n_layers)]
+    assert firsts == sorted(firsts)  # early layers are warmed first
+
+
+def test_whole_model_is_one_extent(layout):
+    """Every tensor selected: the chunks tile the data section, page aligned, to EOF."""
+    plan = make_plan(layout)
+    size, start = layout.files[0].size, layout.files[0].data_offset
+    spans = merge((c.offset, c.offset + c.length) for c in plan.chunks)
+    assert spans == [(start // P * P, size)]
+    assert plan.bytes_selected == layout.nbytes
+
+
+def test_offloaded_output_is_not_planned(layout):
+    plan = make_plan(layout, Selection(n_gpu_layers=1))
+    assert max(c.layer_hi for c in plan.chunks) == layout.n_layers - 1
+    assert not holding(plan, "output.weight") or all(
+        plan.chunks[i].layer_hi < layout.n_layers for i in holding(plan, "output.weight")
+    )
+
+
+def test_chunk_size_is_page_rounded(layout):
+    assert make_plan(layout, chunk_size=1).chunk_size == P
+    assert make_plan(layout, chunk_size=3 * P + 5).chunk_size == 3 * P
+    assert all(c.length <= 3 * P for c in make_plan(layout, chunk_size=3 * P + 5).chunks)

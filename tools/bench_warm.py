@@ -1,0 +1,316 @@
+"""Cold warm of a GGUF model: warmpool against the tools people use, side by side in one run.
+
+    python tools/bench_warm.py MODEL_OR_SIZE [--rounds N] [--latency-ms 1,2,5] [--latency-size 768M]
+        [--methods warmpool,vmtouch,...] [--json-out FILE] [--chart FILE] [--quick]
+
+MODEL_OR_SIZE is a GGUF file, or a size such as ``1.7G``: a synthetic MoE of about that size
+(``write_moe_gguf(shape_for_size(size))``) is generated once into ``~/.cache/warmpool/bench``.
+
+Each round runs every method once, in an order rotated from round to round; before each run
+the file is evicted and mincore must show it cold; after it, mincore shows what it left
+resident.  Medians and ratios are paired per round (``_bench_report``).  ``--latency-ms`` runs
+the same comparison through ``tools/latency_fs.py`` (a FUSE passthrough that sleeps per read)
+on a smaller synthetic model (``--latency-size``), whose source file is kept cached so only
+the latency shows.  Then: the hot run (``warmpool warm FILE`` when all is resident), Python's
+bare start-up here, and the peak RssAnon of warmpool plus its workers during a default warm.
+
+Needs vmtouch and fio (Debian packages) and, for ``--latency-ms``, fuse3 and mfusepy; whatever
+is missing is reported "unavailable (install X)" and skipped.  Nothing is installed at run time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import _bench_peers as peers
+import _bench_report as report
+
+QUICK_METHODS = "warmpool,w1,vmtouch,cat,fio,stride,madv-willneed,seed"
+TIMEOUT_S = 300.0  # one method run; vmtouch on 768 MB at 5 ms takes ~18 s
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    keys = [m.key for m in peers.catalogue()]
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model", metavar="MODEL_OR_SIZE", help="a GGUF file, or a size like 1.7G (synthetic MoE)")
+    p.add_argument("--rounds", type=int, help="paired rounds (default 3; --quick 1)")
+    p.add_argument("--latency-ms", default=None, help="comma list of FUSE latencies, e.g. 1,2,5 (--quick: 5)")
+    p.add_argument("--latency-size", default=None, help="synthetic model for the FUSE runs (default 768M; --quick 256M)")
+    p.add_argument("--methods", default=None, help=f"comma list of: {','.join(keys)} (default all; --quick a core set)")
+    p.add_argument("--hot-runs", type=int, default=5, help="runs of the hot `warmpool warm FILE` (median)")
+    p.add_argument("--json-out", help="write the JSON lines here too")
+    p.add_argument("--chart", help="write a PNG chart here (needs matplotlib)")
+    p.add_argument("--cache-dir", help="where synthetic models live (default ~/.cache/warmpool/bench)")
+    p.add_argument("--latency-only", action="store_true", help="skip the local-disk comparison")
+    p.add_argument("--quick", action="store_true", help="1 round, core methods, 5 ms only, 256M on FUSE")
+    args = p.parse_args(argv)
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.latency_ms = args.latency_ms if args.latency_ms is not None else ("5" if args.quick else "")
+    args.latency_size = args.latency_size or ("256M" if args.quick else "768M")
+    wanted = (args.methods or (QUICK_METHODS if args.quick else ",".join(keys))).split(",")
+    unknown = sorted(set(wanted) - set(keys))
+    if unknown:
+        p.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(keys)}")
+    args.methods = [m for m in peers.catalogue() if m.key in wanted]
+    args.latencies = [float(x) for x in args.latency_ms.split(",") if x.strip()]
+    return args
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# -- the model files ----------------------------------------------------------------------------
+
+
+def _bench_dir(cache_dir: str | None) -> Path:
+    from warmpool._example import _cache_dir
+
+    return Path(cache_dir) if cache_dir else _cache_dir(None) / "bench"
+
+
+def synthetic_model(size: str, cache_dir: str | None) -> Path:
+    """A synthetic MoE of about ``size`` bytes, in a directory of its own (FUSE serves that
+    directory); generated once, reused while its size matches."""
+    from warmpool._example import model_nbytes, shape_for_size, write_moe_gguf
+
+    shape = shape_for_size(size)
+    name = f"bench-moe-{shape.n_layers}L"
+    path = _bench_dir(cache_dir) / name / f"{name}.gguf"
+    if not path.exists() or path.stat().st_size != model_nbytes(shape):
+        log(f"generating {path} ({model_nbytes(shape) / 1e9:.2f} GB) ...")
+        write_moe_gguf(path, shape)
+    return path
+
+
+def resolve_model(arg: str, cache_dir: str | None) -> Path:
+    if os.path.isfile(arg):
+        return Path(arg).resolve()
+    if re.fullmatch(r"\s*(\d+(\.\d*)?|\.\d+)\s*[kmgt]?i?b?\s*", arg, re.IGNORECASE):
+        return synthetic_model(arg, cache_dir)
+    raise SystemExit(f"bench_warm: {arg}: neither a file nor a size like 1.7G")
+
+
+# -- the machine ----------------------------------------------------------------------------------
+
+
+def _first_line(path: str) -> str:
+    try:
+        return Path(path).read_text().strip().splitlines()[0]
+    except (OSError, IndexError):
+        return "?"
+
+
+def _disk_of(path: Path) -> str:
+    """Filesystem, device and its readahead for the file (from /proc/mounts and sysfs)."""
+    dev = os.stat(path).st_dev
+    fs = "?"
+    best = ""
+    for line in Path("/proc/mounts").read_text().splitlines():
+        source, target, kind = line.split()[:3]
+        if str(path).startswith(target) and len(target) >= len(best):
+            best, fs = target, f"{kind} on {source}"
+    node = f"{os.major(dev)}:{os.minor(dev)}"
+    ra = _first_line(f"/sys/dev/block/{node}/queue/read_ahead_kb")
+    rot = _first_line(f"/sys/dev/block/{node}/queue/rotational")
+    return f"{fs} (read_ahead_kb {ra}, rotational {rot})"
+
+
+def machine(model: Path) -> dict:
+    mem_kb = int(_first_line("/proc/meminfo").split()[1])
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {"record": "machine", "cores": os.cpu_count(), "cpu": cpu, "ram_gib": round(mem_kb / 2**20, 1),
+            "disk": _disk_of(model), "kernel": platform.release(), "python": platform.python_version(),
+            "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+            "date": time.strftime("%Y-%m-%d %H:%M %Z")}
+
+
+# -- one storage: rounds of every method ------------------------------------------------------------
+
+
+def _selection_fraction(path: Path):
+    """Residency of warmpool's default selection (every tensor), planned once: no header
+    re-read (which would itself fault pages in) between eviction and timing."""
+    import warmpool
+
+    plan = warmpool.plan_model(path)
+    return lambda: warmpool.residency(path, plan=plan).resident_fraction
+
+
+def run_storage(path: Path, storage: str, methods: list[peers.Method], rounds: int,
+                keep_warm: Path | None = None) -> list[report.Row]:
+    """``rounds`` rotated rounds of ``methods`` on ``path``; one Row per method."""
+    runnable, rows = [], {}
+    for m in methods:
+        why = peers.unavailable(m) or ("direct I/O: not on FUSE" if m.local_only and keep_warm else None)
+        if why:
+            rows[m.label] = report.summarize(m, storage, [], [], 1, why)
+        else:
+            runnable.append(m)
+    selection = _selection_fraction(path)
+    size = path.stat().st_size
+    samples: list[peers.Sample] = []
+    for r in range(rounds):
+        order = runnable[r % len(runnable):] + runnable[:r % len(runnable)] if runnable else []
+        for m in order:
+            if keep_warm is not None and peers.file_resident(keep_warm) < 0.99:
+                _warm_source(keep_warm)  # the backing file must not add disk time to FUSE runs
+            s = peers.run_method(m, str(path), storage, r, selection, TIMEOUT_S)
+            samples.append(s)
+            took = "failed: " + s.error if s.error else f"{s.seconds:.2f} s"
+            log(f"[{storage} {r + 1}/{rounds}] {m.label}: {took}, {s.file_resident:.1%} resident"
+                f" (cold before: {s.cold_before:.2%})")
+    for m in runnable:
+        rows[m.label] = report.summarize(m, storage, [s for s in samples if s.method == m.label], samples, size)
+    return [rows[m.label] for m in methods]
+
+
+def _warm_source(path: Path) -> None:
+    import warmpool
+
+    warmpool.warm(path, force=True)
+
+
+def run_latency(path: Path, latency_ms: float, methods: list[peers.Method], rounds: int) -> list[report.Row] | str:
+    from latency_fs import FuseUnavailable, mounted
+
+    storage = f"latency_fs {latency_ms:g} ms"
+    try:
+        with mounted(path.parent, latency_ms) as mnt:
+            _warm_source(path)
+            return run_storage(mnt / path.name, storage, methods, rounds, keep_warm=path)
+    except FuseUnavailable as exc:
+        return f"{storage}: {exc}"
+
+
+# -- hot run, start-up, memory ------------------------------------------------------------------------
+
+
+def _wall(argv: list[str]) -> float:
+    started = time.perf_counter()
+    subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    return time.perf_counter() - started
+
+
+def hot_run(path: Path, runs: int) -> dict:
+    """``warmpool warm FILE`` with everything resident: the whole CLI's wall time."""
+    argv = [*peers.warmpool_argv(), "warm", str(path)]
+    _warm_source(path)
+    seconds = [_wall(argv) for _ in range(runs)]
+    return {"record": "hot_run", "command": "warmpool warm FILE", "median_s": round(statistics.median(seconds), 4),
+            "seconds": [round(s, 4) for s in seconds], "file_resident_fraction": round(peers.file_resident(path), 5)}
+
+
+def _import_us(lines: list[str], module: str) -> int | None:
+    for line in lines:  # "import time: self [us] | cumulative | imported package"
+        parts = line.split("|")
+        if len(parts) == 3 and parts[2].strip() == module:
+            return int(parts[1])
+    return None
+
+
+def python_startup(runs: int) -> dict:
+    """Bare interpreter start-up here, for reference (this sandbox's site .pth imports certifi)."""
+    plain = [_wall([sys.executable, "-c", "pass"]) for _ in range(runs)]
+    isolated = [_wall([sys.executable, "-I", "-S", "-c", "pass"]) for _ in range(runs)]
+    lines = subprocess.run([sys.executable, "-X", "importtime", "-c", "pass"], capture_output=True,
+                           text=True, check=False).stderr.splitlines()
+    return {"record": "python_startup", "command": "python -c pass", "median_s": round(statistics.median(plain), 4),
+            "isolated_command": "python -I -S -c pass", "isolated_median_s": round(statistics.median(isolated), 4),
+            "importtime_site_us": _import_us(lines, "site"), "importtime_certifi_us": _import_us(lines, "certifi")}
+
+
+def memory_peak(path: Path, storage: str) -> dict:
+    """Peak RssAnon of the default CLI warm plus its workers (a separate, untimed run)."""
+    method = peers.catalogue()[0]
+    peers.evict_file(path)
+    peak, procs, seconds = peers.peak_rss_anon(method.command(path))
+    return {"record": "rss", "storage": storage, "command": method.shown(), "peak_rss_anon_bytes": peak,
+            "peak_rss_anon_mb": round(peak / 1e6, 1), "most_processes": procs, "seconds": round(seconds, 3)}
+
+
+# -- output ------------------------------------------------------------------------------------------
+
+
+def acceptance(rows: dict[str, list[report.Row]], extras: list[dict]) -> list[str]:
+    """The issue's figures in one place, each derived from the rows above."""
+    out = []
+    for storage, table in rows.items():
+        by = {r.method: r for r in table}
+        wp, vm = by.get("warmpool"), by.get(report.VMTOUCH)
+        if not wp or wp.median_s is None or not vm or vm.median_s is None:
+            continue
+        line = (f"{storage}: warmpool {wp.median_s:.2f} s vs vmtouch -t {vm.median_s:.2f} s, paired ratio "
+                f"{wp.ratio_vs_vmtouch:.2f}× ({1 / wp.ratio_vs_vmtouch:.2f}× faster), {wp.resident_fraction:.2%} resident")
+        if wp.fraction_of_fio is not None:
+            line += f", {wp.gbps:.2f} GB/s = {wp.fraction_of_fio:.0%} of fio"
+        out.append(line)
+    for e in extras:
+        if e["record"] == "hot_run":
+            out.append(f"hot run `{e['command']}`: median {e['median_s']:.3f} s of {len(e['seconds'])}")
+        elif e["record"] == "python_startup":
+            out.append(f"`python -c pass`: {e['median_s']:.3f} s; `python -I -S -c pass`: {e['isolated_median_s']:.3f} s; "
+                       f"importtime: site {e['importtime_site_us']} µs, certifi {e['importtime_certifi_us']} µs")
+        elif e["record"] == "rss":
+            out.append(f"{e['storage']}: peak RssAnon of warmpool + workers {e['peak_rss_anon_mb']} MB "
+                       f"({e['most_processes']} processes)")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = shlex.join(["python", "tools/bench_warm.py", *(sys.argv[1:] if argv is None else argv)])
+    started = time.perf_counter()
+    model = resolve_model(args.model, args.cache_dir)
+    info = machine(model) | {"command": command, "model": str(model), "model_bytes": model.stat().st_size}
+    log(f"{command}\n{json.dumps(info)}")
+    tables: dict[str, list[report.Row]] = {}
+    extras = []
+    if not args.latency_only:
+        tables["local disk"] = run_storage(model, "local disk", args.methods, args.rounds)
+        extras += [memory_peak(model, "local disk"), hot_run(model, args.hot_runs), python_startup(args.hot_runs)]
+    skipped = []
+    if args.latencies:
+        small = synthetic_model(args.latency_size, args.cache_dir)
+        info.update(latency_model=str(small), latency_model_bytes=small.stat().st_size)
+        for ms in args.latencies:
+            result = run_latency(small, ms, args.methods, args.rounds)
+            if isinstance(result, str):
+                skipped.append(result)
+                log(result)
+            else:
+                tables[result[0].storage] = result
+    if args.latencies and tables.keys() - {"local disk"}:
+        from latency_fs import mounted
+
+        with mounted(small.parent, max(args.latencies)) as mnt:
+            extras.append(memory_peak(mnt / small.name, f"latency_fs {max(args.latencies):g} ms"))
+    info.update(loadavg_end=[round(x, 2) for x in os.getloadavg()], duration_s=round(time.perf_counter() - started, 1))
+    records = [info, *({"record": "method"} | report.json_record(r) for t in tables.values() for r in t), *extras]
+    for storage, table in tables.items():
+        size = info["model_bytes"] if storage == "local disk" else info["latency_model_bytes"]
+        print(f"\n### {storage} ({size / 1e9:.2f} GB, {args.rounds} rounds)\n\n{report.markdown_table(table)}")
+    print("\n" + "\n".join(acceptance(tables, extras) + skipped) + "\n")
+    lines = [json.dumps(r, ensure_ascii=False) for r in records]
+    print("\n".join(lines))
+    if args.json_out:
+        Path(args.json_out).write_text("\n".join(lines) + "\n")
+    if args.chart:
+        why = report.chart(tables, args.chart, f"{command}  ·  {info['cores']} cores, {info['kernel']}")
+        log(why or f"chart: {args.chart}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

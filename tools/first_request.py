@@ -1,0 +1,318 @@
+"""The seed issue's scenario, measured: the first request after start-up, cold vs warmed.
+
+    python tools/first_request.py [--quick] [--rounds N] [--tokens N] [--no-llama] [--cache-dir DIR]
+
+Model: a synthetic qwen3moe GGUF of ~1.76 GB (``warmpool._example.BENCH``: 16 layers x 64
+experts, experts ~97% of the bytes), generated once into ``$WARMPOOL_CACHE/bench`` (else
+``~/.cache/warmpool/bench``) and reused.  Every measurement starts from an evicted file
+(posix_fadvise DONTNEED after fdatasync; /proc/sys/vm/drop_caches is not needed).
+
+Part A: a simulated CPU-MoE engine (tools/engine_sim.py: the access pattern of decoding with
+mmap'd experts and no pre-fault, no real inference).  One request = ``--tokens`` tokens, each
+routing top-k of E experts per layer with a seeded router.  Its first request after start-up:
+cold; after the seed's loop (first and last byte of each tensor); after ``warmpool warm``;
+and with ``engine_adapter.start_warmup`` started together with the engine, the engine
+calling ``wait_layer(k)`` before layer k of the first token (and, for comparison, not
+waiting: its faults then race the warm).  ``cat FILE`` before start-up shows the floor any
+page-cache warm can reach: a fresh mapping still takes minor faults (page-table setup) that
+the steady state does not; the major/minor fault counts of the request tell the two apart.  Each is compared with the
+steady state (the same request again in a warm engine).  Preparation time (the loop, the
+warm) is shown apart; "start->response" counts everything from start-up to the response.
+
+Part B: real llama.cpp (llama-cpp-python) on the same file: start-to-first-token after
+eviction, plain ``Llama()`` vs ``engine_adapter.llama_cpp.load`` vs ``warmpool.warm`` then
+``Llama()``; each trial in a fresh process, ``--rounds`` paired rounds in rotating order,
+medians.  llama.cpp maps the model with MAP_POPULATE, so it pays the cold read at load time.
+
+Prints a table and, last, one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import functools
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TOOLS = Path(__file__).resolve().parent
+ROOT = TOOLS.parent
+sys.path[:0] = [str(ROOT), str(TOOLS)]
+
+from warmpool import _platform  # noqa: E402
+from warmpool._example import BENCH, model_nbytes, write_moe_gguf  # noqa: E402
+
+BENCH_FILENAME = "first-request-qwen3moe-bench-v1.gguf"  # bump when BENCH changes
+PROMPT = "Once upon a time, in a small village by the sea,"
+LLAMA_KWARGS = dict(n_ctx=512, seed=1, verbose=False)
+VARIANTS = ("plain", "adapter", "warm-first")
+
+
+# --- model and page cache -----------------------------------------------------------------
+
+def bench_model(cache_dir: str | None) -> Path:
+    base = Path(cache_dir or os.environ.get("WARMPOOL_CACHE") or Path.home() / ".cache" / "warmpool") / "bench"
+    base.mkdir(parents=True, exist_ok=True)
+    path = base / BENCH_FILENAME
+    with open(base / (BENCH_FILENAME + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists() or path.stat().st_size != model_nbytes(BENCH):
+            print(f"generating {path} ({model_nbytes(BENCH) / 1e9:.2f} GB, once) ...", file=sys.stderr)
+            write_moe_gguf(path, BENCH)
+    return path
+
+
+def evict(path: Path) -> float:
+    """Drop the file's pages; return the fraction still resident (mapped pages stay)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        _platform.evict(fd, 0, 0)
+    finally:
+        os.close(fd)
+    left = resident(path)
+    if left > 0.02:
+        print(f"warning: {left:.1%} of {path.name} still resident after eviction", file=sys.stderr)
+    return left
+
+
+def resident(path: Path) -> float:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        vector = _platform.resident_pages(fd, 0, 0)
+    finally:
+        os.close(fd)
+    return vector.count(1) / max(len(vector), 1)
+
+
+# --- Part A: the simulated engine -------------------------------------------------------------
+
+def _faults() -> tuple[int, int]:
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # this process only: the engine's own faults
+    return usage.ru_minflt, usage.ru_majflt
+
+
+def _cat(path: Path) -> None:
+    with open(path, "rb") as f:
+        while f.readinto(_CAT_BUFFER):
+            pass
+
+
+def _warmpool_cli(path: Path) -> None:
+    subprocess.run([sys.executable, "-m", "warmpool", "warm", str(path), "--quiet", "--no-progress"], check=True, cwd=ROOT)
+
+
+_CAT_BUFFER = bytearray(8 << 20)
+
+
+def _scenario(path: Path, tokens: int, key: str, name: str, *, before_open=None, after_open=None,
+              warmup: bool = False, wait: bool = False, steady_runs: int = 0) -> dict:
+    """Evict, start the clock, prepare, open a fresh engine (a fresh mapping), run the request."""
+    from engine_adapter import start_warmup
+    from engine_sim import MoeEngine
+
+    evict(path)
+    waited = [0.0]
+    t0 = time.perf_counter()
+    if before_open:
+        before_open(path)
+    handle = start_warmup(path) if warmup else None
+    with MoeEngine(path) as engine:
+        if after_open:
+            after_open(engine)
+        prepared = time.perf_counter()
+        before = None if warmup else resident(path)  # not timed
+        t1 = time.perf_counter()
+
+        def wait_layer(k: int) -> None:
+            s = time.perf_counter()
+            handle.wait_layer(k)
+            waited[0] += time.perf_counter() - s
+
+        minor, major = _faults()
+        engine.request(tokens, before_layer=wait_layer if wait else None)
+        t2 = time.perf_counter()
+        minor, major = (now - then for now, then in zip(_faults(), (minor, major)))
+        steady = []
+        for _ in range(steady_runs):
+            s = time.perf_counter()
+            engine.request(tokens)
+            steady.append(time.perf_counter() - s)
+    out = dict(key=key, name=name, prepare_s=prepared - t0, request_s=t2 - t1,
+               start_to_response_s=t2 - t0 - (t1 - prepared), resident_before=before,
+               minor_faults=minor, major_faults=major)
+    if steady:
+        out["steady_runs_s"] = steady
+    if handle is not None:
+        result = handle.wait()
+        out.update(waited_s=waited[0], warm_summary=result.summary() if result else str(handle.error))
+    return out
+
+
+def part_a(path: Path, tokens: int) -> dict:
+    run = functools.partial(_scenario, path, tokens)
+    scenarios = [
+        run("cold", "cold (no pre-fault)", steady_runs=3),
+        run("seed_loop", "seed's loop (first+last byte/tensor)", after_open=lambda e: e.seed_prefault()),
+        run("cat", "after `cat FILE` (page-cache floor)", before_open=_cat),
+        run("warmpool", "after `warmpool warm`", before_open=_warmpool_cli),
+        run("start_warmup_wait", "start_warmup + wait_layer(k)", warmup=True, wait=True),
+        run("start_warmup_nowait", "start_warmup, engine not waiting", warmup=True),
+    ]
+    steady_runs = scenarios[0].pop("steady_runs_s")
+    steady = statistics.median(steady_runs)
+    for s in scenarios:
+        s["x_steady"] = s["request_s"] / steady
+    return dict(engine="simulated CPU-MoE engine, no real inference", tokens=tokens, steady_s=steady,
+                steady_runs_s=steady_runs, scenarios={s.pop("key"): s for s in scenarios})
+
+
+def print_part_a(a: dict) -> None:
+    print(f"\nPart A - {a['engine']} (access pattern only): first request of {a['tokens']} tokens")
+    print(f"steady state (same request, warm engine): {a['steady_s']:.3f} s (median of {len(a['steady_runs_s'])})")
+    head = (f"{'scenario':<38} {'resident':>8} {'prepare':>8} {'request':>8} {'x steady':>9} {'start->resp':>11}"
+            f" {'major flt':>9} {'minor flt':>9}")
+    print(head + "\n" + "-" * len(head))
+    for s in a["scenarios"].values():
+        res = "-" if s["resident_before"] is None else f"{s['resident_before']:.1%}"
+        print(f"{s['name']:<38} {res:>8} {s['prepare_s']:>7.3f}s {s['request_s']:>7.3f}s "
+              f"{s['x_steady']:>8.2f}x {s['start_to_response_s']:>10.3f}s {s['major_faults']:>9} {s['minor_faults']:>9}")
+    print("  prepare = the loop or the warm, before the request (start_warmup: 0, it runs beside the engine);")
+    print("  start->resp = from start-up (right after eviction) to the request's end, prepare included")
+    wait = a["scenarios"]["start_warmup_wait"]
+    print(f"  start_warmup + wait_layer: the engine waited {wait['waited_s']:.3f} s; {wait['warm_summary']}")
+
+
+# --- Part B: real llama.cpp, one trial per process --------------------------------------------
+
+def llama_child(variant: str, path: str, max_tokens: int) -> None:
+    import llama_cpp
+
+    t0 = time.perf_counter()
+    warm_s = None
+    if variant == "plain":
+        llm = llama_cpp.Llama(path, **LLAMA_KWARGS)
+    elif variant == "adapter":
+        from engine_adapter.llama_cpp import load
+
+        llm, warmup = load(path, **LLAMA_KWARGS)
+    else:
+        import warmpool
+
+        warmpool.warm(path)
+        warm_s = time.perf_counter() - t0
+        llm = llama_cpp.Llama(path, **LLAMA_KWARGS)
+    t_load = time.perf_counter()
+    first = None
+    for _ in llm.create_completion(PROMPT, max_tokens=max_tokens, temperature=0.0, stream=True):
+        first = first or time.perf_counter()
+    t_end = time.perf_counter()
+    out = dict(variant=variant, load_s=t_load - t0 - (warm_s or 0.0), warm_s=warm_s, first_token_s=first - t_load,
+               request_s=t_end - t_load, start_to_first_token_s=first - t0)
+    if variant == "adapter":
+        result = warmup.wait()
+        out.update(warm_s=result.seconds if result else None, warm_warmed_bytes=result.bytes_warmed if result else None,
+                   warm_error=str(warmup.error) if warmup.error else None)
+    llm.close()
+    print(json.dumps(out))
+
+
+def part_b(path: Path, rounds: int, max_tokens: int) -> dict:
+    try:
+        import llama_cpp
+    except ImportError as e:
+        return dict(skipped=f"llama-cpp-python not installed ({e}); pip install 'warmpool[llama]'")
+    trials: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    for r in range(rounds):
+        order = VARIANTS[r % 3:] + VARIANTS[:r % 3]  # rotate: no variant always runs first
+        for variant in order:
+            evict(path)
+            out = subprocess.run([sys.executable, __file__, "--llama-child", variant, str(path), str(max_tokens)],
+                                 capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+            if out.returncode != 0:
+                raise SystemExit(f"llama child {variant} failed:\n{out.stderr[-2000:]}")
+            trial = json.loads(out.stdout.strip().splitlines()[-1])
+            trial["resident_after"] = resident(path)
+            trials[variant].append(trial)
+    medians = {v: {k: statistics.median(t[k] for t in ts) for k in ("load_s", "first_token_s", "request_s",
+                                                                      "start_to_first_token_s")}
+               for v, ts in trials.items()}
+    for v in ("warm-first",):
+        medians[v]["warm_s"] = statistics.median(t["warm_s"] for t in trials[v])
+    plain = medians["plain"]["start_to_first_token_s"]
+    for v in VARIANTS:
+        medians[v]["x_plain"] = medians[v]["start_to_first_token_s"] / plain
+    paired = [a["start_to_first_token_s"] / p["start_to_first_token_s"] for a, p in zip(trials["adapter"], trials["plain"])]
+    return dict(engine=f"llama-cpp-python {llama_cpp.__version__}, {'GPU' if llama_cpp.llama_supports_gpu_offload() else 'CPU-only'} build",
+                rounds=rounds, max_tokens=max_tokens, medians=medians, adapter_over_plain_paired=paired, trials=trials)
+
+
+def print_part_b(b: dict) -> None:
+    if "skipped" in b:
+        print(f"\nPart B - real llama.cpp: SKIPPED: {b['skipped']}")
+        return
+    print(f"\nPart B - real llama.cpp ({b['engine']}): start to first token after eviction, "
+          f"median of {b['rounds']} paired rounds")
+    head = f"{'variant':<28} {'warm':>7} {'load':>7} {'1st token':>9} {'request':>8} {'start->1st tok':>14} {'x plain':>8}"
+    print(head + "\n" + "-" * len(head))
+    labels = {"plain": "plain Llama()", "adapter": "engine_adapter.llama_cpp.load",
+              "warm-first": "warmpool.warm, then Llama()"}
+    for v in VARIANTS:
+        m = b["medians"][v]
+        warm = f"{m['warm_s']:.3f}s" if "warm_s" in m else "bg" if v == "adapter" else "-"
+        print(f"{labels[v]:<28} {warm:>7} {m['load_s']:>6.3f}s {m['first_token_s']:>8.3f}s {m['request_s']:>7.3f}s "
+              f"{m['start_to_first_token_s']:>13.3f}s {m['x_plain']:>7.3f}x")
+    print("  adapter/plain per round: " + ", ".join(f"{x:.3f}" for x in b["adapter_over_plain_paired"]))
+
+
+# --- main ---------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="3 llama rounds, 8-token requests")
+    parser.add_argument("--rounds", type=int, default=5, help="paired llama.cpp rounds (default 5)")
+    parser.add_argument("--tokens", type=int, default=16, help="tokens per simulated request (default 16)")
+    parser.add_argument("--max-tokens", type=int, default=8, help="tokens llama.cpp generates (default 8)")
+    parser.add_argument("--no-llama", action="store_true", help="skip Part B")
+    parser.add_argument("--cache-dir", help="where the bench model lives (default $WARMPOOL_CACHE or ~/.cache/warmpool)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.tokens = min(args.rounds, 3), min(args.tokens, 8)
+    path = bench_model(args.cache_dir)
+    load_before = os.getloadavg()
+    print(f"model: {path} ({path.stat().st_size / 1e9:.2f} GB, synthetic qwen3moe: {BENCH.n_layers} layers x "
+          f"{BENCH.n_experts} experts, top-{BENCH.n_experts_used}); cpus {os.cpu_count()}; "
+          f"load average {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}")
+    a = part_a(path, args.tokens)
+    print_part_a(a)
+    b = dict(skipped="--no-llama") if args.no_llama else part_b(path, args.rounds, args.max_tokens)
+    print_part_b(b)
+    load_after = os.getloadavg()
+    after_warmpool = a["scenarios"]["warmpool"]["x_steady"]
+    targets = {"part_a_after_warmpool_x_steady<=1.2": after_warmpool <= 1.2}
+    if "medians" in b:
+        targets["part_b_adapter_x_plain<=1.05"] = b["medians"]["adapter"]["x_plain"] <= 1.05
+    print(f"\nload average after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
+    for name, ok in targets.items():
+        print(f"target {name}: {'met' if ok else 'NOT met'}")
+    for trials in b.get("trials", {}).values():
+        for t in trials:
+            t.pop("variant", None)
+    print(json.dumps(dict(tool="first_request", model=dict(path=str(path), bytes=path.stat().st_size),
+                          cpus=os.cpu_count(), load_avg_before=load_before, load_avg_after=load_after,
+                          part_a=a, part_b=b, targets=targets)))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--llama-child":
+        llama_child(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    else:
+        sys.exit(main())
