@@ -1,25 +1,50 @@
-"""warmpool's logger: loguru, imported on first use and disabled until an application asks.
+"""warmpool's logger: loguru, imported only when a message will actually be shown.
 
-A library should not print into its host's stderr unasked (loguru's own advice for
-libraries), so ``warmpool`` logs are disabled at first use; the CLI enables them, and an
-engine can with ``loguru.logger.enable("warmpool")``.  Importing loguru costs tens of ms, so it
-is deferred until something is logged: ``read_layout`` at engine start never pays it.
+Importing loguru costs ~80 ms here (it pulls in asyncio), more than everything else a warm of
+an already-resident model does, so:
+
+* In the CLI, messages below the chosen level (INFO without ``-v``) are dropped before loguru
+  is imported; a warning, or ``-v``, imports and configures it.
+* In a library host (an engine), warmpool logs through loguru, disabled for "warmpool" at
+  first use as loguru advises for libraries; enable with ``loguru.logger.enable("warmpool")``.
 """
 
 from __future__ import annotations
 
+import sys
+
 __all__ = ["enable_cli_logging", "logger"]
+
+_LEVELS = {"trace": 5, "debug": 10, "info": 20, "success": 25, "warning": 30, "error": 40, "critical": 50}
+_cli_threshold: int | None = None  # set by the CLI; None in a library host
+
+
+def _loguru():
+    from loguru import logger as real
+
+    if not getattr(real, "_warmpool_configured", False):
+        if _cli_threshold is None:
+            real.disable("warmpool")
+        else:
+            real.remove()
+            level = "INFO" if _cli_threshold <= _LEVELS["info"] else "WARNING"
+            real.add(sys.stderr, level=level, format="warmpool: {message}")
+            real.enable("warmpool")
+        real._warmpool_configured = True
+    return real
+
+
+def _drop(*args, **kwargs) -> None:
+    return None
 
 
 class _LazyLogger:
-    def __getattr__(self, name: str):
-        from loguru import logger as real
+    """Stands in for loguru's logger until a message needs it."""
 
-        if not getattr(real, "_warmpool_configured", False):
-            real.disable("warmpool")
-            real._warmpool_configured = True
-        globals()["logger"] = real  # later lookups through the module get loguru directly
-        return getattr(real, name)
+    def __getattr__(self, name: str):
+        if _cli_threshold is not None and _LEVELS.get(name, 100) < _cli_threshold:
+            return _drop
+        return getattr(_loguru(), name)
 
 
 logger = _LazyLogger()
@@ -27,11 +52,7 @@ logger = _LazyLogger()
 
 def enable_cli_logging(verbose: bool) -> None:
     """Decisions and fallbacks to stderr: INFO with -v, warnings otherwise."""
-    import sys
-
-    from loguru import logger as real
-
-    real.remove()
-    real.add(sys.stderr, level="INFO" if verbose else "WARNING", format="warmpool: {message}")
-    real.enable("warmpool")
-    real._warmpool_configured = True
+    global _cli_threshold
+    _cli_threshold = _LEVELS["info"] if verbose else _LEVELS["warning"]
+    if verbose:
+        _loguru()

@@ -395,7 +395,7 @@ def supports_cachestat() -> bool:
 def platform_notes() -> list[str]:
     """What this OS lacks, one line each, for the coordinator to say once."""
     notes = ["no MADV_POPULATE_READ on this OS: warm windows by touching or reading them",
-             "no cachestat(2) on this OS: residency is measured with mincore(2)",
+             "no cachestat(2) on this OS: cached_bytes() says None, use resident_bytes()",
              "no per-device readahead size known: WILLNEED steps are 128 KiB"]
     if not hasattr(os, "posix_fadvise"):
         notes.append("no posix_fadvise on this OS: evict, prefetch and advise_random do nothing")

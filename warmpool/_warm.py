@@ -99,9 +99,19 @@ class _OpenFiles:
             if now != before:
                 raise FileChangedError("the file was replaced or modified while it was being warmed", path)
 
-    def resident(self, plan: Plan) -> list[int]:
-        """Resident bytes of each chunk (page granular)."""
-        return [_platform.resident_bytes(self.fds[c.file], c.offset, c.length) for c in plan.chunks]
+    def resident(self, plan: Plan, *, quick: bool = False) -> list[int]:
+        """Resident bytes of each chunk (page granular).
+
+        ``quick`` uses cachestat where the kernel has it: one syscall per chunk and no mapping,
+        ~1000x cheaper than mincore (11.7 ms per 512 MiB here), which is what keeps a warm of an
+        already-resident model fast.  It also counts pages whose read is still in flight, so the
+        verdict after a warm uses mincore, which counts only pages that have arrived.
+        """
+        sizes = []
+        for c in plan.chunks:
+            cached = _platform.cached_bytes(self.fds[c.file], c.offset, c.length) if quick else None
+            sizes.append(cached if cached is not None else _platform.resident_bytes(self.fds[c.file], c.offset, c.length))
+        return sizes
 
     def close(self) -> None:
         for fd in self.fds:
@@ -146,7 +156,7 @@ def warm(path: str | os.PathLike[str], *, workers: int | None = None, strategy: 
     plan = plan or plan_model(path, chunk_size=chunk_size, **selection)
     started = time.perf_counter()
     with _OpenFiles(plan) as files:
-        before = files.resident(plan)
+        before = files.resident(plan, quick=True)
         cold = [c.length - r for c, r in zip(plan.chunks, before)]
         decision = decide(cold, env=env, force=force, budget=budget, memory=memory)
         logger.info("{}: {}", plan.files[0].path, decision.reason)
@@ -165,7 +175,10 @@ def warm(path: str | os.PathLike[str], *, workers: int | None = None, strategy: 
         after = files.resident(plan)
     resident = sum(after)
     result.update(seconds=time.perf_counter() - started, workers=outcome.workers)
-    return WarmResult(**result, bytes_warmed=outcome.faulted, bytes_left_cold=plan.bytes_planned - resident,
+    # What this warm made resident: a worker's own faults plus what readahead from a neighbouring
+    # chunk brought in first (the worker then finds those pages resident and skips them).
+    warmed = max(resident - sum(before), 0)
+    return WarmResult(**result, bytes_warmed=warmed, bytes_left_cold=plan.bytes_planned - resident,
                       strategy=strategy, resident_fraction=resident / (plan.bytes_planned or 1), skipped=False)
 
 
