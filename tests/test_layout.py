@@ -72,6 +72,21 @@ def test_accepts_str_and_pathlike(tiny_model):
     assert read_layout(str(tiny_model)) == read_layout(tiny_model)
 
 
+@pytest.mark.parametrize("read_ahead", [1, 8, 13, 100, 300])
+def test_any_read_size_parses_the_same(tiny_model, monkeypatch, read_ahead):
+    """Tiny preads end the buffer anywhere, inside strings and string groups: the walk's
+    refill path must resume exactly where it stopped."""
+    from warmpool import _header
+
+    expected = read_layout(tiny_model)
+    monkeypatch.setattr(_header, "MAX_READ_AHEAD", read_ahead)
+    reads = []
+    real_pread = os.pread
+    monkeypatch.setattr(_header.os, "pread", lambda fd, n, offset: reads.append(n) or real_pread(fd, n, offset))
+    assert read_layout(tiny_model) == expected
+    assert len(reads) > 40  # the buffer really ran out many times
+
+
 def test_version_2_reads_the_same(tiny_model, tmp_path):
     data = bytearray(tiny_model.read_bytes())
     assert struct.unpack_from("<I", data, 4) == (3,)

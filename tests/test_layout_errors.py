@@ -17,12 +17,11 @@ import sys
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pytest
 
-from warmpool import LayoutError, read_layout
-from warmpool._cli import main
+from warmpool import LayoutError, main, read_layout
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from fuzz_layout import Span, find_span, map_fields, write_small_gguf  # noqa: E402
@@ -160,9 +159,21 @@ def split_count_as_string(tmp: Path, shards: list[Path]) -> tuple[Path, Path]:
 EXPERTS_31 = ("tensor:blk.0.ffn_up_exps.weight/dims[0]", 31, *((f"tensor:blk.0.ffn_up_exps.weight/dims[{k}]", 1) for k in (1, 2)))
 
 
+# (tmp dir, the base file or the split model's shards) -> (path read, path the error must name)
+Builder = Callable[[Path, Any], tuple[Path, Path]]
+
+
+def set_field(what: str, value: int, *more: tuple[str, int]) -> Builder:
+    return lambda tmp, base: patched(tmp, base, what, value, *more)
+
+
+def set_bytes(what: str, new: bytes) -> Builder:
+    return lambda tmp, base: replaced(tmp, base, what, new)
+
+
 class Case(NamedTuple):
     id: str
-    build: Callable[[Path, Base], tuple[Path, Path]]  # -> (path read, path the error names)
+    build: Builder
     message: str  # regex searched in LayoutError.message
 
 
@@ -173,31 +184,31 @@ CASES = [
     Case("nul-in-path", lambda t, b: (Path(f"{t}/a\0b.gguf"), Path(f"{t}/a\0b.gguf")), r"invalid path"),
     Case("empty", lambda t, b: write(t / "empty.gguf", b""), r"^empty file$"),
     Case("wrong-magic", lambda t, b: write(t / "bad.gguf", b"GGML" + b.data[4:]), r"not a GGUF file"),
-    Case("version-1", lambda t, b: patched(t, b, "GGUF.version/value", 1), r"unsupported GGUF version 1 "),
-    Case("version-4", lambda t, b: patched(t, b, "GGUF.version/value", 4), r"unsupported GGUF version 4 "),
-    Case("tensor-count", lambda t, b: patched(t, b, "GGUF.tensor_count/value", HUGE), rf"absurd tensor count {HUGE}"),
-    Case("kv-count", lambda t, b: patched(t, b, "GGUF.kv_count/value", HUGE), rf"absurd metadata count {HUGE}"),
-    Case("key-length", lambda t, b: patched(t, b, "general.architecture/key_len", HUGE), r"absurd metadata key length"),
-    Case("string-length", lambda t, b: patched(t, b, "general.name/value_len", HUGE), r"absurd string value length"),
-    Case("string-array-length", lambda t, b: patched(t, b, "tokenizer.ggml.tokens/array_len", HUGE), r"absurd string array length"),
-    Case("array-length", lambda t, b: patched(t, b, "tokenizer.ggml.scores/array_len", HUGE), rf"absurd array length {HUGE}"),
-    Case("nested-array-length", lambda t, b: patched(t, b, "warmpool.test.nested/array_len", HUGE), r"absurd array length"),
-    Case("tensor-name-length", lambda t, b: patched(t, b, "tensor:output.weight/name_len", HUGE), r"absurd tensor name length"),
+    Case("version-1", set_field("GGUF.version/value", 1), r"unsupported GGUF version 1 "),
+    Case("version-4", set_field("GGUF.version/value", 4), r"unsupported GGUF version 4 "),
+    Case("tensor-count", set_field("GGUF.tensor_count/value", HUGE), rf"absurd tensor count {HUGE}"),
+    Case("kv-count", set_field("GGUF.kv_count/value", HUGE), rf"absurd metadata count {HUGE}"),
+    Case("key-length", set_field("general.architecture/key_len", HUGE), r"absurd metadata key length"),
+    Case("string-length", set_field("general.name/value_len", HUGE), r"absurd string value length"),
+    Case("string-array-length", set_field("tokenizer.ggml.tokens/array_len", HUGE), r"absurd string array length"),
+    Case("array-length", set_field("tokenizer.ggml.scores/array_len", HUGE), rf"absurd array length {HUGE}"),
+    Case("nested-array-length", set_field("warmpool.test.nested/array_len", HUGE), r"absurd array length"),
+    Case("tensor-name-length", set_field("tensor:output.weight/name_len", HUGE), r"absurd tensor name length"),
     # 2^63 - 1 once pushed the string walk's offset past ssize_t: an OverflowError escaped.
-    Case("array-item-length", lambda t, b: patched(t, b, "tokenizer.ggml.tokens/item_len", 2**63 - 1), r"string array"),
-    Case("value-type", lambda t, b: patched(t, b, "general.name/type", 99), r"unknown value type 99 at offset \d+"),
-    Case("array-type", lambda t, b: patched(t, b, "tokenizer.ggml.scores/array_type", 99), r"unknown array element type 99"),
-    Case("key-not-utf8", lambda t, b: replaced(t, b, "general.name/key_bytes", b"\xff" * 12), r"metadata key at offset \d+ is not UTF-8"),
-    Case("five-dims", lambda t, b: patched(t, b, "tensor:blk.0.attn_q.weight/n_dims", 5), r"'blk.0.attn_q.weight' has 5 dimensions"),
-    Case("ggml-type", lambda t, b: patched(t, b, "tensor:blk.0.attn_q.weight/type", 999), r"'blk.0.attn_q.weight' has unknown ggml type 999"),
-    Case("partial-block", lambda t, b: patched(t, b, *EXPERTS_31), r"31 elements are not whole Q8_0 blocks of 32"),
-    Case("shape-too-big", lambda t, b: patched(t, b, "tensor:token_embd.weight/dims[1]", 2**40), r"'token_embd.weight' of shape .* cannot fit"),
-    Case("misaligned", lambda t, b: patched(t, b, "tensor:blk.0.attn_q.weight/offset", 4096 + 1), rf"not a multiple of the alignment {ALIGNMENT}"),
+    Case("array-item-length", set_field("tokenizer.ggml.tokens/item_len", 2**63 - 1), r"string array"),
+    Case("value-type", set_field("general.name/type", 99), r"unknown value type 99 at offset \d+"),
+    Case("array-type", set_field("tokenizer.ggml.scores/array_type", 99), r"unknown array element type 99"),
+    Case("key-not-utf8", set_bytes("general.name/key_bytes", b"\xff" * 12), r"metadata key at offset \d+ is not UTF-8"),
+    Case("five-dims", set_field("tensor:blk.0.attn_q.weight/n_dims", 5), r"'blk.0.attn_q.weight' has 5 dimensions"),
+    Case("ggml-type", set_field("tensor:blk.0.attn_q.weight/type", 999), r"'blk.0.attn_q.weight' has unknown ggml type 999"),
+    Case("partial-block", set_field(*EXPERTS_31), r"31 elements are not whole Q8_0 blocks of 32"),
+    Case("shape-too-big", set_field("tensor:token_embd.weight/dims[1]", 2**40), r"'token_embd.weight' of shape .* cannot fit"),
+    Case("misaligned", set_field("tensor:blk.0.attn_q.weight/offset", 4096 + 1), rf"not a multiple of the alignment {ALIGNMENT}"),
     Case("data-past-eof", tensor_past_eof, r"'output.weight' data ends at byte \d+, past the end of the file"),
     Case("data-cut", tensor_cut, r"past the end of the file"),
-    Case("duplicate-name", lambda t, b: replaced(t, b, "tensor:blk.1.attn_q.weight/name_bytes", b"blk.0.attn_q.weight"), r"duplicate tensor name 'blk.0.attn_q.weight'"),
-    Case("alignment-48", lambda t, b: patched(t, b, "general.alignment/value", 48), r"general.alignment 48 is not a power of two"),
-    Case("alignment-0", lambda t, b: patched(t, b, "general.alignment/value", 0), r"general.alignment 0 is not a power of two"),
+    Case("duplicate-name", set_bytes("tensor:blk.1.attn_q.weight/name_bytes", b"blk.0.attn_q.weight"), r"duplicate tensor name 'blk.0.attn_q.weight'"),
+    Case("alignment-48", set_field("general.alignment/value", 48), r"general.alignment 48 is not a power of two"),
+    Case("alignment-0", set_field("general.alignment/value", 0), r"general.alignment 0 is not a power of two"),
 ]
 
 # Split models: built from the session's 3-shard TINY model.

@@ -37,27 +37,33 @@ def merge(intervals: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
+MAX_LAYERS = 6
+ALL_NAMES = [f"blk.{i}.{n}" for i in range(MAX_LAYERS) for n in LAYER_NAMES] + list(OTHER_NAMES)
+# Built once: constructing strategies inside the composite is most of a draw's cost.
+NAMES = st.lists(st.sampled_from(ALL_NAMES), min_size=1, max_size=24, unique=True)
+GAP = st.integers(0, 3 * P)  # under a page: neighbours share their boundary page
+NBYTES = st.one_of(st.integers(0, 64), st.integers(1, 40 * P))
+TAIL = st.integers(0, 2 * P)  # the last page of a file may be partial
+DATA_OFFSET = st.integers(0, 3 * P)
+
+
 @st.composite
 def layouts(draw) -> ModelLayout:
     """1-3 files of back-to-back tensors with random gaps, sizes and page-unaligned offsets."""
-    n_layers = draw(st.integers(1, 6))
-    names = [f"blk.{i}.{n}" for i in range(n_layers) for n in LAYER_NAMES] + list(OTHER_NAMES)
-    names = draw(st.lists(st.sampled_from(names), min_size=1, max_size=30, unique=True))
+    names = draw(NAMES)
+    layers = [int(name.split(".")[1]) if name.startswith("blk.") else None for name in names]
+    n_layers = draw(st.integers(max((x for x in layers if x is not None), default=0) + 1, MAX_LAYERS + 1))
     n_files = draw(st.integers(1, 3))
     files: list[ModelFile] = []
     tensors: list[TensorInfo] = []
     for file in range(n_files):
-        share = names[file::n_files]
-        data_offset = draw(st.integers(0, 3 * P))
-        offset = data_offset
-        for name in share:
-            offset += draw(st.one_of(st.just(0), st.integers(0, 3 * P)))  # gap (0: neighbours share a page)
-            nbytes = draw(st.one_of(st.integers(0, 64), st.integers(1, 40 * P)))
-            layer = int(name.split(".")[1]) if name.startswith("blk.") else None
+        offset = data_offset = draw(DATA_OFFSET)
+        for name, layer in list(zip(names, layers))[file::n_files]:
+            offset += draw(GAP)
+            nbytes = draw(NBYTES)
             tensors.append(TensorInfo(name, file, offset, nbytes, 0, (nbytes,), layer))
             offset += nbytes
-        size = offset + draw(st.integers(0, 2 * P))  # the last page may be partial
-        files.append(ModelFile(f"/model-{file}.gguf", size, data_offset))
+        files.append(ModelFile(f"/model-{file}.gguf", offset + draw(TAIL), data_offset))
     return ModelLayout(tuple(files), tuple(tensors), "test", n_layers, 3, 32, {})
 
 
@@ -66,6 +72,7 @@ selections = st.builds(
     n_gpu_layers=st.one_of(st.none(), st.integers(-1, 9)),
     cpu_moe=st.booleans(),
     n_cpu_moe=st.integers(0, 7),
+    overrides=st.just(()),
 )
 chunk_sizes = st.one_of(st.integers(1, 64 * P), st.integers(1, 64).map(lambda k: k * P))
 

@@ -14,8 +14,8 @@ from typing import NamedTuple
 
 import pytest
 
-from warmpool import Selection, SelectionError, make_plan, read_layout
-from warmpool._cli import build_parser, main, selection_from
+from warmpool import Selection, SelectionError, main, make_plan, read_layout
+from warmpool._cli import build_parser, selection_from
 from warmpool._example import TEST
 
 N = TEST.n_layers  # 8
@@ -167,6 +167,12 @@ def test_layer_slots(ngl, n_layers, expected):
     assert sum(on_cpu(name, layer) for name, layer in slots) == expected
 
 
+def _empty_layout():
+    from warmpool import ModelLayout
+
+    return ModelLayout((), (), None, 0, 3, 32, {})
+
+
 @pytest.mark.parametrize(
     "selection, message",
     [
@@ -180,12 +186,6 @@ def test_invalid_selection_raises(selection, message):
         selection.validate()
     with pytest.raises(SelectionError, match=message):
         make_plan(_empty_layout(), selection)  # make_plan checks too, before any tensor
-
-
-def _empty_layout():
-    from warmpool import ModelLayout
-
-    return ModelLayout((), (), None, 0, 3, 32, {})
 
 
 @pytest.mark.parametrize("value", ["attn_q", "=CPU", "attn_q=", "a=CPU,,b=CPU"])

@@ -233,7 +233,8 @@ def _on_alarm(signum, frame):
 
 def _message_class(message: str) -> str:
     """A LayoutError's message with the numbers and names taken out: its kind of defect."""
-    return re.sub(r"\d+", "N", re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", message))
+    unquoted = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", message)
+    return re.sub(r"(?<![\w-])\d+(?!\w)", "N", unquoted)  # numbers, not the 8 of UTF-8 or 0000K
 
 
 def parse_outcome(path: str, limit_s: float = 5.0) -> str:
