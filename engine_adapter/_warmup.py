@@ -25,7 +25,7 @@ import weakref
 from typing import NamedTuple
 
 import warmpool
-from warmpool import CancelledError, WarmError, WarmpoolError, WarmResult
+from warmpool import CancelledError, ProgressError, WarmError, WarmpoolError, WarmResult
 from warmpool._progress import ProgressView
 
 __all__ = ["Warmup", "WarmupProgress", "start_warmup"]
@@ -65,6 +65,7 @@ class Warmup:
         self.shm_name: str | None = None
         self.result: WarmResult | None = None
         self.error: WarmpoolError | None = None
+        self.n_layers: int | None = None  # block count, once the layout is read
         self._selection, self._workers, self._strategy = selection, workers, strategy
         self._raise_errors, self._warm_kwargs = raise_errors, warm_kwargs
         self._view: ProgressView | None = None
@@ -87,6 +88,7 @@ class Warmup:
                 raise CancelledError("warm cancelled before it started", self.model)
             chunk_size = self._warm_kwargs.get("chunk_size", warmpool.DEFAULT_CHUNK_SIZE)
             plan = warmpool.plan_model(self.model, chunk_size=chunk_size, **self._selection)
+            self.n_layers = plan.n_layers
             self.result = warmpool.warm(self.model, plan=plan, workers=self._workers, strategy=self._strategy,
                                         on_start=self._on_start, should_stop=self._stop, **self._warm_kwargs)
         except WarmpoolError as e:
@@ -138,8 +140,10 @@ class Warmup:
 
         A layer this warm does not cover (offloaded to a GPU) is ready.  After a policy skip,
         a partial warm (budget), a failure or a cancel, a layer left cold stays not ready
-        for good.
+        for good.  A key outside -1..n_layers raises ProgressError once the layout is read.
         """
+        if self.n_layers is not None and not -1 <= layer <= self.n_layers:
+            raise ProgressError(f"layer key {layer} outside -1..{self.n_layers}", self.model)
         if self._view is not None:
             return self._view.layer_ready(layer)
         r = self.result

@@ -109,6 +109,9 @@ def test_wait_layer_returns_once_the_layer_is_ready(cold_model):
         assert warmup.layer_ready(0)
         assert warmup.wait_layer(7, timeout=30) and warmup.layer_ready(7)
     assert warmup.wait_layer(8, timeout=0)  # ended: answers at once, never hangs
+    assert warmup.n_layers == 8
+    with pytest.raises(warmpool.ProgressError, match="outside -1..8"):
+        warmup.layer_ready(9)
 
 
 def test_cli_in_another_process_sees_the_same_totals(cold_model):

@@ -131,7 +131,7 @@ def test_c_reader_agrees_with_python_during_a_live_warm(cold_model, progress_rea
 
 
 def test_c_reader_after_the_end(cold_model, progress_reader):
-    warmup = start_warmup(cold_model, workers=1, linger=1.0)  # keeps the name 1 s after the end
+    warmup = start_warmup(cold_model, workers=1, linger=2.0)  # keeps the name 2 s after the end
     assert warmup.wait_started(10) and warmup.shm_name
     while warmup.progress().state == "running":
         time.sleep(0.005)

@@ -14,6 +14,8 @@ import pytest
 import warmpool
 from conftest import evict_file
 from warmpool import _platform
+from warmpool._plan import contiguous_runs
+from warmpool._worker import FAULT_READAHEAD_MIN
 from warmpool._progress import ProgressView
 
 pytestmark = [pytest.mark.pagecache, pytest.mark.xdist_group("pagecache")]
@@ -155,3 +157,29 @@ def test_evict_drops_the_selection(pagecache_model):
     # DONTNEED keeps whole large folios that straddle the selection's first/last page
     assert left <= 0.02 * warmpool.plan_model(pagecache_model).bytes_planned
     assert warmpool.residency(pagecache_model).resident_fraction <= 0.02
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4])
+@pytest.mark.parametrize("strategy", ["populate", "touch"])
+def test_long_extent_faults_stay_inside_the_selection(pagecache_model, strategy, workers):
+    """-ngl 3 keeps blk.0-5 on the CPU: one extent of ~29 MB followed by unselected layers.
+
+    Where readahead is large (>= 1 MiB), the worker lets faults read an extent's inside and
+    hints only its edges (``_worker.Guards``); the readahead those faults start must still stop
+    at the selection's end.
+    """
+    selection = dict(n_gpu_layers=3)
+    plan = warmpool.plan_model(pagecache_model, **selection)
+    fd = os.open(pagecache_model, os.O_RDONLY)
+    try:
+        readahead = _platform.readahead_size(fd)
+    finally:
+        os.close(fd)
+    longest = max(end - start for runs in contiguous_runs(plan.chunks).values() for start, end in runs)
+    if readahead >= FAULT_READAHEAD_MIN:
+        assert longest > 3 * readahead, "the model no longer exercises the guarded path"
+    selected, unselected = page_sets(plan)
+    evict_file(pagecache_model)
+    warmpool.warm(pagecache_model, strategy=strategy, workers=workers, **selection)
+    assert residency_of(pagecache_model, selected) >= 0.99
+    assert residency_of(pagecache_model, unselected) <= 0.01

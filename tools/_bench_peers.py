@@ -16,6 +16,7 @@ Module level imports only the stdlib: a child pays for numpy or warmpool only if
 
 from __future__ import annotations
 
+import functools
 import json
 import mmap
 import os
@@ -29,7 +30,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-__all__ = ["Method", "Sample", "catalogue", "evict_file", "peak_rss_anon", "run_method", "warmpool_argv"]
+__all__ = [
+    "Method",
+    "Sample",
+    "catalogue",
+    "evict_file",
+    "file_resident",
+    "peak_rss_anon",
+    "run_method",
+    "unavailable",
+    "warmpool_argv",
+]
 
 HERE = Path(__file__).resolve().parent
 FILE = "{file}"  # placeholder in a method's argv
@@ -63,7 +74,7 @@ class Method(NamedTuple):
 class Sample(NamedTuple):
     method: str
     storage: str
-    round: int
+    round_no: int
     seconds: float | None  # None: the run failed (see error)
     selection_resident: float  # fraction of the warmpool selection (whole model by default)
     file_resident: float  # fraction of the whole file
@@ -91,7 +102,8 @@ def _fio_engine() -> str:
     return "libaio" if "libaio" in engines.split() else "psync"
 
 
-def catalogue() -> list[Method]:
+@functools.cache
+def catalogue() -> tuple[Method, ...]:
     """Every method, in the order tables list them."""
     wp = [*warmpool_argv(), "warm", FILE, "--no-progress", "--json"]
     py = [sys.executable, str(HERE / "_bench_peers.py")]
@@ -113,7 +125,7 @@ def catalogue() -> list[Method]:
         Method("madv-willneed", "whole-file WILLNEED", "hint", (*py, "willneed", FILE), settle_s=SETTLE_S),
         Method("seed", "seed loop", "hint", (*py, "seed", FILE)),
     ]
-    return methods
+    return tuple(methods)
 
 
 def unavailable(method: Method) -> str | None:

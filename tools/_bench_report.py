@@ -13,6 +13,7 @@ Definitions (README "Performance" repeats them):
 from __future__ import annotations
 
 import statistics
+import textwrap
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
@@ -54,8 +55,8 @@ def _gbps(sample: Sample, size: int) -> float | None:
 
 
 def _paired_ratio(samples: Sequence[Sample], vmtouch: dict[int, float | None]) -> float | None:
-    return _median(s.seconds / vmtouch[s.round] for s in samples
-                   if s.seconds is not None and vmtouch.get(s.round))
+    return _median(s.seconds / vmtouch[s.round_no] for s in samples
+                   if s.seconds is not None and vmtouch.get(s.round_no))
 
 
 def summarize(method: Method, storage: str, samples: Sequence[Sample], everything: Sequence[Sample],
@@ -67,7 +68,7 @@ def summarize(method: Method, storage: str, samples: Sequence[Sample], everythin
         note = "; ".join(filter(None, [note, *errors]))
     if method.settle_s and not note:
         note = f"residency {method.settle_s:.0f} s after the call"
-    vmtouch = {s.round: s.seconds for s in everything if s.method == VMTOUCH}
+    vmtouch = {s.round_no: s.seconds for s in everything if s.method == VMTOUCH}
     gbps = _median(_gbps(s, size) for s in ok)
     fio = _median(_gbps(s, size) for s in everything if s.method == FIO and s.seconds is not None)
     return Row(method.label, storage, method.family, method.shown(), _median(s.seconds for s in ok), gbps,
@@ -131,7 +132,7 @@ def chart(rows_by_storage: dict[str, Sequence[Row]], path: str, title: str) -> s
 
     storages = list(rows_by_storage)
     height = max(len(rows) for rows in rows_by_storage.values()) * 0.32 + 1.2
-    fig, axes = plt.subplots(1, len(storages), figsize=(5.2 * len(storages), height), squeeze=False)
+    fig, axes = plt.subplots(1, len(storages), figsize=(max(5.2 * len(storages), 7), height + 0.6), squeeze=False)
     for ax, storage in zip(axes[0], storages):
         rows = [r for r in rows_by_storage[storage] if r.gbps is not None][::-1]
         values = [r.gbps for r in rows]
@@ -139,11 +140,14 @@ def chart(rows_by_storage: dict[str, Sequence[Row]], path: str, title: str) -> s
         for y, r in enumerate(rows):
             label = f" {r.gbps:.2f}" + ("" if r.family == "limit" else f" · {r.file_resident_fraction:.0%}")
             ax.text(r.gbps, y, label, va="center", fontsize=7)
-        ax.set_xlim(0, max(values) * 1.35 if values else 1)
+        ax.set_xlim(0, max(values) * 1.4 if values else 1)
+        fio = [r.gbps for r in rows if r.family == "limit"]
+        if fio:
+            ax.axvline(fio[0], color=_COLOURS["limit"], linestyle="--", linewidth=0.8)
         ax.set_title(storage, fontsize=10)
         ax.set_xlabel("GB/s made resident (fio: device read)", fontsize=8)
         ax.tick_params(labelsize=7)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, 40 * len(storages)), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)

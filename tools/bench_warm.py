@@ -1,7 +1,8 @@
 """Cold warm of a GGUF model: warmpool against the tools people use, side by side in one run.
 
-    python tools/bench_warm.py MODEL_OR_SIZE [--rounds N] [--latency-ms 1,2,5] [--latency-size 768M]
-        [--methods warmpool,vmtouch,...] [--json-out FILE] [--chart FILE] [--quick]
+    python tools/bench_warm.py MODEL_OR_SIZE [--rounds N] [--latency-ms 1,2,5] [--latency-size 512M]
+        [--methods warmpool,vmtouch,...] [--json-out FILE] [--chart FILE] [--quick] [--latency-only]
+        [--hot-runs N] [--cache-dir DIR]
 
 MODEL_OR_SIZE is a GGUF file, or a size such as ``1.7G``: a synthetic MoE of about that size
 (``write_moe_gguf(shape_for_size(size))``) is generated once into ``~/.cache/warmpool/bench``.
@@ -35,8 +36,11 @@ from pathlib import Path
 import _bench_peers as peers
 import _bench_report as report
 
+__all__ = ["main"]
+
 QUICK_METHODS = "warmpool,w1,vmtouch,cat,fio,stride,madv-willneed,seed"
-TIMEOUT_S = 300.0  # one method run; vmtouch on 768 MB at 5 ms takes ~18 s
+LOAD_1M: dict[str, list[float]] = {}  # 1-minute load average before each timed run, per storage
+TIMEOUT_S = 300.0  # one method run; vmtouch -t on 0.55 GB at 5 ms takes ~15 s
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -45,7 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("model", metavar="MODEL_OR_SIZE", help="a GGUF file, or a size like 1.7G (synthetic MoE)")
     p.add_argument("--rounds", type=int, help="paired rounds (default 3; --quick 1)")
     p.add_argument("--latency-ms", default=None, help="comma list of FUSE latencies, e.g. 1,2,5 (--quick: 5)")
-    p.add_argument("--latency-size", default=None, help="synthetic model for the FUSE runs (default 768M; --quick 256M)")
+    p.add_argument("--latency-size", default=None, help="synthetic model for the FUSE runs (default 512M; --quick 256M)")
     p.add_argument("--methods", default=None, help=f"comma list of: {','.join(keys)} (default all; --quick a core set)")
     p.add_argument("--hot-runs", type=int, default=5, help="runs of the hot `warmpool warm FILE` (median)")
     p.add_argument("--json-out", help="write the JSON lines here too")
@@ -54,15 +58,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--latency-only", action="store_true", help="skip the local-disk comparison")
     p.add_argument("--quick", action="store_true", help="1 round, core methods, 5 ms only, 256M on FUSE")
     args = p.parse_args(argv)
-    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
     args.latency_ms = args.latency_ms if args.latency_ms is not None else ("5" if args.quick else "")
-    args.latency_size = args.latency_size or ("256M" if args.quick else "768M")
+    args.latency_size = args.latency_size or ("256M" if args.quick else "512M")
     wanted = (args.methods or (QUICK_METHODS if args.quick else ",".join(keys))).split(",")
     unknown = sorted(set(wanted) - set(keys))
     if unknown:
         p.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(keys)}")
     args.methods = [m for m in peers.catalogue() if m.key in wanted]
-    args.latencies = [float(x) for x in args.latency_ms.split(",") if x.strip()]
+    try:
+        args.latencies = [float(x) for x in args.latency_ms.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--latency-ms takes milliseconds like 1,2,5, not {args.latency_ms!r}")
+    if args.rounds < 1 or args.hot_runs < 1:
+        p.error("--rounds and --hot-runs must be at least 1")
     return args
 
 
@@ -161,11 +170,13 @@ def run_storage(path: Path, storage: str, methods: list[peers.Method], rounds: i
     selection = _selection_fraction(path)
     size = path.stat().st_size
     samples: list[peers.Sample] = []
+    loads = LOAD_1M.setdefault(storage, [])
     for r in range(rounds):
         order = runnable[r % len(runnable):] + runnable[:r % len(runnable)] if runnable else []
         for m in order:
             if keep_warm is not None and peers.file_resident(keep_warm) < 0.99:
                 _warm_source(keep_warm)  # the backing file must not add disk time to FUSE runs
+            loads.append(os.getloadavg()[0])
             s = peers.run_method(m, str(path), storage, r, selection, TIMEOUT_S)
             samples.append(s)
             took = "failed: " + s.error if s.error else f"{s.seconds:.2f} s"
@@ -296,12 +307,15 @@ def main(argv: list[str] | None = None) -> int:
 
         with mounted(small.parent, max(args.latencies)) as mnt:
             extras.append(memory_peak(mnt / small.name, f"latency_fs {max(args.latencies):g} ms"))
-    info.update(loadavg_end=[round(x, 2) for x in os.getloadavg()], duration_s=round(time.perf_counter() - started, 1))
+    info.update(loadavg_end=[round(x, 2) for x in os.getloadavg()], duration_s=round(time.perf_counter() - started, 1),
+                load_1m_min_median_max={k: [round(min(v), 2), round(statistics.median(v), 2), round(max(v), 2)]
+                                        for k, v in LOAD_1M.items() if v})
     records = [info, *({"record": "method"} | report.json_record(r) for t in tables.values() for r in t), *extras]
     for storage, table in tables.items():
         size = info["model_bytes"] if storage == "local disk" else info["latency_model_bytes"]
         print(f"\n### {storage} ({size / 1e9:.2f} GB, {args.rounds} rounds)\n\n{report.markdown_table(table)}")
-    print("\n" + "\n".join(acceptance(tables, extras) + skipped) + "\n")
+    loads = [f"{k}: 1-min load {v[0]}-{v[2]} (median {v[1]})" for k, v in info["load_1m_min_median_max"].items()]
+    print("\n" + "\n".join(acceptance(tables, extras) + skipped + loads) + "\n")
     lines = [json.dumps(r, ensure_ascii=False) for r in records]
     print("\n".join(lines))
     if args.json_out:

@@ -17,7 +17,7 @@ from typing import NamedTuple
 from ._layout import ModelFile, ModelLayout, TensorInfo
 from ._select import Selection
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "PAGE_SIZE", "Chunk", "Plan", "layer_key", "make_plan"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "PAGE_SIZE", "Chunk", "Plan", "contiguous_runs", "layer_key", "make_plan"]
 
 PAGE_SIZE = mmap.PAGESIZE
 # 16 MiB: two 8 MiB readahead windows per chunk and ~0.2 ms of per-chunk overhead (IPC, mmap,
@@ -106,6 +106,19 @@ def _split(file: int, pieces: list[tuple[int, int, int]], chunk_size: int) -> li
         keys = [k for s, e, k in pieces if s < hi and e > lo]
         chunks.append(Chunk(file, lo, hi - lo, min(keys), max(keys)))
     return chunks
+
+
+def contiguous_runs(chunks) -> dict[int, list[tuple[int, int]]]:
+    """Per file, the (start, end) byte runs that chunks (file, offset, length, ...) cover,
+    merged where they touch or overlap."""
+    runs: dict[int, list[list[int]]] = {}
+    for file, offset, length, *_ in sorted(chunks, key=lambda c: (c[0], c[1])):
+        file_runs = runs.setdefault(file, [])
+        if file_runs and offset <= file_runs[-1][1]:
+            file_runs[-1][1] = max(file_runs[-1][1], offset + length)
+        else:
+            file_runs.append([offset, offset + length])
+    return {file: [(a, b) for a, b in r] for file, r in runs.items()}
 
 
 def make_plan(layout: ModelLayout, selection: Selection = Selection(), chunk_size: int = DEFAULT_CHUNK_SIZE) -> Plan:

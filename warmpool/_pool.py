@@ -44,9 +44,22 @@ from ._progress import ProgressSegment
 
 __all__ = ["AUTO_MAX", "AUTO_START", "PoolResult", "run_pool"]
 
-AUTO_START, AUTO_MAX = 4, 32
+# Measured on the 2-core VM, paired A/B runs of pool variants (tools/bench_warm.py protocol): a
+# worker costs ~0.1 s of CPU to start there (fresh interpreter + imports) and ~7.7 MB RssAnon.
+# One worker already keeps 64 requests in flight on latency_fs (its stepped WILLNEED hints), and
+# on the local disk fault readahead keeps the device busy, so the pool starts with one and
+# doubles only while that pays.  1.65 GB on the local disk, median of 4 paired rounds: start 1
+# (ends at 2 workers) 2.38 s and 1.0 s CPU, start 2 (ends at 4) 2.73 s and 1.6 s, start 4 (ends
+# at 8) 3.07 s and 2.3 s, vmtouch -t 2.92 s; the old start 4 / max 32 grew to 16-32 workers,
+# 4.23 s and 3.4-5.5 s CPU.  224 MB on latency_fs at 5 ms (median of 3): 1 worker 1.89 s,
+# 4 workers 2.14 s, 8 workers 2.15 s, vmtouch -t 6.02 s.  Peak RssAnon of the CLI plus its
+# workers, 1.65 GB warm: 20 MB with 1 worker, 135 MB with 16, 258 MB with 32, over issue 3's
+# 200 MB bound: hence the cap of 16.
+AUTO_START, AUTO_MAX = 1, 16
 AUTO_GAIN = 1.15  # grow again only while a doubling bought at least 15% more throughput
-AUTO_WINDOW = 64 * 1024 * 1024  # bytes completed between two throughput measurements
+# A measurement window spans at least 64 MiB and 16 MiB (one default chunk) per worker, and at
+# least 0.25 s: 64 MiB alone is ~40 ms at 1.5 GB/s, mostly scheduling noise on a busy machine.
+AUTO_WINDOW, AUTO_WINDOW_PER_WORKER, AUTO_WINDOW_S = 64 * 1024 * 1024, 16 * 1024 * 1024, 0.25
 POLL = 0.1  # seconds between checks of the stop flag: Ctrl-C/cancel answer well within 2 s
 
 
@@ -67,7 +80,8 @@ class _Worker(NamedTuple):
 
 
 def _launch(slot: int, job: tuple) -> _Worker:
-    """Start one worker and send it its job (files, chunk table, segment, slot, strategy)."""
+    """Start one worker and send it its job (files, chunk table, segment, slot, strategy, the
+    indices of the chunks this warm will fault)."""
     ours, theirs = _socketpair()
     try:
         process = subprocess.Popen(
@@ -78,7 +92,7 @@ def _launch(slot: int, job: tuple) -> _Worker:
     finally:
         os.close(theirs)
     conn = Connection(ours)
-    conn.send((*job[:3], slot, job[3]))
+    conn.send((*job[:3], slot, *job[3:]))
     return _Worker(process, conn, slot)
 
 
@@ -103,13 +117,22 @@ class _Growth:
         self.limit = min(fixed or AUTO_MAX, max(n_chunks, 1))
         self.target = self.limit if fixed else min(AUTO_START, self.limit)
         self.growing = fixed is None and self.target < self.limit
-        self.mark_bytes, self.mark_time, self.last_rate = 0, time.monotonic(), 0.0
+        self.mark_bytes, self.mark_time, self.last_rate = 0, None, 0.0
 
     def update(self, done_bytes: int) -> None:
-        if not self.growing or done_bytes - self.mark_bytes < AUTO_WINDOW * self.target / AUTO_START:
+        if not self.growing:
             return
         now = time.monotonic()
-        rate = (done_bytes - self.mark_bytes) / max(now - self.mark_time, 1e-6)
+        if self.mark_time is None:
+            # The first window opens when the first chunk is done, not when the pool starts:
+            # measured from the start it included the workers' start-up, so the first rate
+            # came out low and the first doubling always looked like a gain.
+            self.mark_bytes, self.mark_time = done_bytes, now
+            return
+        window = max(AUTO_WINDOW, AUTO_WINDOW_PER_WORKER * self.target)
+        if done_bytes - self.mark_bytes < window or now - self.mark_time < AUTO_WINDOW_S:
+            return
+        rate = (done_bytes - self.mark_bytes) / (now - self.mark_time)
         if self.last_rate and rate < self.last_rate * AUTO_GAIN:
             self.growing = False  # the last doubling did not pay: keep what we have
         else:
@@ -123,6 +146,7 @@ class _Coordinator:
         self.paths = list(paths)
         self.chunks = [(c.file, c.offset, c.length) for c in chunks]
         self.plan_chunks = chunks
+        self.order = tuple(order)
         self.queue = list(reversed(order))  # pop() from the end = plan order
         self.strategy, self.segment, self.should_stop = strategy, segment, should_stop
         self.growth = _Growth(workers, len(order))
@@ -132,7 +156,9 @@ class _Coordinator:
         self.peak = 0
 
     def _start_worker(self) -> None:
-        job = (self.paths, self.chunks, self.segment.name, self.strategy)
+        # The chunks to be warmed travel with the job: a worker keeps fault readahead out of the
+        # rest (over the budget, or already resident), see _worker.Guards.
+        job = (self.paths, self.chunks, self.segment.name, self.strategy, self.order)
         self.workers.append(_launch(len(self.workers), job))
         self.peak = max(self.peak, len(self.workers))
         self._dispatch(self.workers[-1])

@@ -17,7 +17,7 @@ from . import _platform
 from ._errors import FileChangedError
 from ._layout import read_layout
 from ._log import logger
-from ._plan import DEFAULT_CHUNK_SIZE, Plan, layer_key, make_plan
+from ._plan import DEFAULT_CHUNK_SIZE, Plan, contiguous_runs, layer_key, make_plan
 from ._select import Selection
 
 __all__ = ["LayerResidency", "Residency", "WarmResult", "evict", "plan_model", "residency", "resolve_strategy", "warm"]
@@ -198,17 +198,6 @@ def residency(path: str | os.PathLike[str], *, plan: Plan | None = None, **selec
     return Residency(plan.files[0].path, plan.bytes_planned, resident, resident / (plan.bytes_planned or 1), layers)
 
 
-def _runs(plan: Plan) -> list[tuple[int, int, int]]:
-    """The plan's chunks merged into maximal contiguous (file, offset, length) runs."""
-    runs: list[list[int]] = []
-    for c in sorted(plan.chunks, key=lambda c: (c.file, c.offset)):
-        if runs and runs[-1][0] == c.file and runs[-1][1] + runs[-1][2] == c.offset:
-            runs[-1][2] += c.length
-        else:
-            runs.append([c.file, c.offset, c.length])
-    return [tuple(r) for r in runs]
-
-
 def evict(path: str | os.PathLike[str], *, plan: Plan | None = None, **selection) -> int:
     """Drop the selection's pages from the page cache (POSIX_FADV_DONTNEED).
 
@@ -222,6 +211,7 @@ def evict(path: str | os.PathLike[str], *, plan: Plan | None = None, **selection
             os.fdatasync(fd)
         # One call per run of adjacent chunks: DONTNEED keeps a large folio that straddles the
         # range's edge, so evicting chunk by chunk would keep one folio per chunk boundary.
-        for file, offset, length in _runs(plan):
-            _platform.evict(files.fds[file], offset, length)
+        for file, runs in contiguous_runs(plan.chunks).items():
+            for start, end in runs:
+                _platform.evict(files.fds[file], start, end - start)
         return sum(files.resident(plan))
