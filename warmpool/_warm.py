@@ -45,8 +45,9 @@ class WarmResult(NamedTuple):
             head = (f"warmed {self.bytes_warmed / gib:.2f} GiB of {self.bytes_selected / gib:.2f} GiB selected "
                     f"({self.bytes_already_resident / gib:.2f} GiB already resident) in {self.seconds:.2f} s, "
                     f"{rate:.2f} GB/s, {self.workers} workers, {self.strategy}")
-            if self.bytes_left_cold:
-                head += f"; {self.bytes_left_cold / gib:.2f} GiB left cold ({self.reason})"
+            if self.bytes_left_cold >= self.bytes_selected / 1000:  # not a few stray pages
+                why = f" ({self.reason})" if "left cold" in self.reason else ""
+                head += f"; {self.bytes_left_cold / gib:.2f} GiB left cold{why}"
         return f"{head}; {self.resident_fraction:.1%} resident"
 
 
