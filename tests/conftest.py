@@ -93,14 +93,7 @@ def private_model(test_model, tmp_path) -> Path:
     return path
 
 
-def evict_file(path: os.PathLike[str]) -> None:
-    """Evict every page of the file (a freshly written file is dirty: flush it first)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fdatasync(fd)
-        _platform.evict(fd, 0, 0)
-    finally:
-        os.close(fd)
+evict_file = _platform.evict_file
 
 
 def resident_fraction(path: os.PathLike[str], offset: int = 0, length: int = 0) -> float:

@@ -301,6 +301,17 @@ def test_truncated_anywhere(tiny_model, tmp_path):
     assert len(kinds) >= 3  # truncated fields, absurd counts, and missing tensor data were all hit
 
 
+def peak_bytes_of_failing_parse(path) -> int:
+    """Peak Python allocation of a read_layout that must raise LayoutError."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(LayoutError):
+            read_layout(path)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 @pytest.mark.parametrize(
     "what",
     ["GGUF.tensor_count/value", "GGUF.kv_count/value", "general.name/value_len", "tokenizer.ggml.tokens/array_len",
@@ -308,14 +319,7 @@ def test_truncated_anywhere(tiny_model, tmp_path):
 )
 def test_absurd_counts_allocate_nothing(base, tmp_path, what):
     path, _ = patched(tmp_path, base, what, HUGE)
-    tracemalloc.start()
-    try:
-        with pytest.raises(LayoutError):
-            read_layout(path)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < 10 << 20
+    assert peak_bytes_of_failing_parse(path) < 10 << 20
 
 
 @pytest.mark.parametrize("what, min_bytes", [("GGUF.tensor_count/value", 8 + 4 + 4 + 8), ("GGUF.kv_count/value", 8 + 4 + 1)])
@@ -329,11 +333,4 @@ def test_plausible_counts_do_not_read_the_file(test_model, tmp_path, what, min_b
     _, spans = map_fields(test_model)
     span = find_span(spans, what)
     path, _ = write(tmp_path / "plausible.gguf", patch(data, span, (len(data) - span.offset - 8) // min_bytes))
-    tracemalloc.start()
-    try:
-        with pytest.raises(LayoutError):
-            read_layout(path)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < 10 << 20
+    assert peak_bytes_of_failing_parse(path) < 10 << 20

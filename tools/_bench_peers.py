@@ -161,21 +161,15 @@ def evict_file(path: str | os.PathLike[str]) -> float:
     fdatasync first: DONTNEED skips dirty pages (a freshly written model is all dirty).  FUSE
     may not implement fsync; its pages are clean anyway.
     """
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        try:
-            os.fdatasync(fd)
-        except OSError:
-            pass
-        for _ in range(10):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            left = file_resident(path)
-            if left <= COLD:
-                break
-            time.sleep(0.2)  # pages under read-in or still mapped by an exiting child
-        return left
-    finally:
-        os.close(fd)
+    from warmpool import _platform
+
+    for _ in range(10):
+        _platform.evict_file(path)
+        left = file_resident(path)
+        if left <= COLD:
+            break
+        time.sleep(0.2)  # pages under read-in or still mapped by an exiting child
+    return left
 
 
 # -- running one method -----------------------------------------------------------------------

@@ -74,12 +74,7 @@ def bench_model(cache_dir: str | None) -> Path:
 
 def evict(path: Path) -> float:
     """Drop the file's pages; return the fraction still resident (mapped pages stay)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fdatasync(fd)
-        _platform.evict(fd, 0, 0)
-    finally:
-        os.close(fd)
+    _platform.evict_file(path)
     left = resident(path)
     if left > 0.02:
         print(f"warning: {left:.1%} of {path.name} still resident after eviction", file=sys.stderr)

@@ -31,6 +31,7 @@ __all__ = [
     "advise_random",
     "cached_bytes",
     "evict",
+    "evict_file",
     "platform_notes",
     "prefetch",
     "read_range",
@@ -54,3 +55,23 @@ resident_bytes = _backend.resident_bytes
 resident_pages = _backend.resident_pages
 supports_cachestat = _backend.supports_cachestat
 supports_populate = _backend.supports_populate
+
+
+def evict_file(path) -> None:
+    """Drop a whole file's pages from the page cache.
+
+    fdatasync first: POSIX_FADV_DONTNEED skips dirty pages, so a freshly written or copied model
+    would otherwise stay resident (fdatasync works on a read-only fd; a file system without
+    fsync, such as some FUSE servers, has clean pages anyway).
+    """
+    import os
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            os.fdatasync(fd)
+        except OSError:
+            pass
+        evict(fd, 0, 0)
+    finally:
+        os.close(fd)
