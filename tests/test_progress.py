@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from warmpool import _progress
+from warmpool import _progress, _shm
 from warmpool._errors import ProgressError
 from warmpool._progress import ProgressSegment, ProgressView, WorkerCounter
 
@@ -446,7 +446,7 @@ def test_mode_is_0600_whatever_the_umask():
 
 def test_posixshmem_fallback(monkeypatch):
     pytest.importorskip("_posixshmem")
-    monkeypatch.setattr(_progress, "_SHM_DIR", "/nonexistent-shm-dir")
+    monkeypatch.setattr(_shm, "_SHM_DIR", "/nonexistent-shm-dir")
     with ProgressSegment.create(5, 1, CHUNKS, 4) as seg:
         counter = WorkerCounter.attach(seg.name, 0)
         counter.add(5)
@@ -458,7 +458,7 @@ def test_posixshmem_fallback(monkeypatch):
 
 
 def test_no_shared_memory_at_all(monkeypatch):
-    monkeypatch.setattr(_progress, "_SHM_DIR", "/nonexistent-shm-dir")
+    monkeypatch.setattr(_shm, "_SHM_DIR", "/nonexistent-shm-dir")
     monkeypatch.setitem(sys.modules, "_posixshmem", None)
     with pytest.raises(ProgressError, match="no POSIX shared memory"):
         ProgressSegment.create(1, 1, (), 0)

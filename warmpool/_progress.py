@@ -5,9 +5,7 @@ store their running byte totals in it; any process in any language maps it read-
 follow the warm.  The layout is a wire format (docs/progress-protocol.md, which also says
 why no locks are needed); the ``struct`` formats below are its one source in Python.
 
-Not ``multiprocessing.shared_memory``: before Python 3.13 it registers even *attached*
-segments with the resource tracker, so a worker or reader would unlink the segment (or
-warn about a leak) when it exits.
+The object itself (naming, creation, mapping, unlinking) is ``_shm``'s.
 """
 
 from __future__ import annotations
@@ -20,6 +18,7 @@ import time
 from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 from warmpool._errors import ProgressError
+from warmpool._shm import create_object, map_object, os_error, posix_name, unlink_object
 
 if TYPE_CHECKING:  # any object with these fields will do
     from warmpool._plan import Chunk
@@ -50,8 +49,6 @@ _TERMINAL = frozenset(_RUN_STATES[2:])
 _READY_CODES = frozenset((_CHUNK_STATES.index("done"), _CHUNK_STATES.index("skipped")))
 
 _LITTLE = sys.byteorder == "little"
-_SHM_DIR = "/dev/shm"
-_NAME_TRIES = 8
 
 
 class ProgressSnapshot(NamedTuple):
@@ -78,84 +75,6 @@ class _Layout(NamedTuple):
     n_layers: int
 
 
-def _posix_name(name: str) -> str:
-    """``/warmpool-...`` from a name given with or without its leading slash."""
-    bare = name[1:] if name.startswith("/") else name
-    if not bare or "/" in bare or "\0" in bare or bare in (".", ".."):
-        raise ProgressError("not a shared-memory object name (one path component)", name)
-    return "/" + bare
-
-
-def _posixshmem(name: str):  # noqa: ANN202 - a module
-    try:
-        import _posixshmem  # CPython's shm_open/shm_unlink wrapper; absent on some builds
-    except ImportError:
-        msg = f"no {_SHM_DIR} and no _posixshmem: this system offers no POSIX shared memory"
-        raise ProgressError(msg, name) from None
-    return _posixshmem
-
-
-def _open_object(name: str, flags: int, mode: int = 0o600) -> int:
-    if os.path.isdir(_SHM_DIR):
-        # glibc's shm_open(3) is exactly this open(2) under /dev/shm.
-        return os.open(_SHM_DIR + name, flags | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
-    return _posixshmem(name).shm_open(name, flags, mode)
-
-
-def _unlink_object(name: str) -> None:
-    if os.path.isdir(_SHM_DIR):
-        os.unlink(_SHM_DIR + name)
-    else:
-        _posixshmem(name).shm_unlink(name)
-
-
-def _os_error(name: str, action: str, error: OSError) -> ProgressError:
-    if isinstance(error, FileNotFoundError):
-        return ProgressError("not found (finished or never started)", name)
-    return ProgressError(f"cannot {action}: {error.strerror or error}", name)
-
-
-def _create_object(size: int) -> tuple[str, mmap.mmap]:
-    """A fresh object of ``size`` zero bytes, mode 0600, mapped read-write."""
-    for _ in range(_NAME_TRIES):
-        name = f"/warmpool-{os.getpid()}-{os.urandom(4).hex()}"  # <= 31 chars: macOS limit
-        try:
-            fd = _open_object(name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-        except FileExistsError:
-            continue
-        except OSError as e:
-            raise _os_error(name, "create", e) from None
-        try:
-            if os.path.isdir(_SHM_DIR):
-                os.fchmod(fd, 0o600)  # a umask could have taken the owner's bits
-            os.ftruncate(fd, size)
-            return name, mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except OSError as e:
-            _unlink_object(name)
-            raise _os_error(name, "create", e) from None
-        finally:
-            os.close(fd)
-    raise ProgressError(f"no unused name after {_NAME_TRIES} tries", _SHM_DIR)
-
-
-def _map_object(name: str, writable: bool) -> mmap.mmap:
-    """Map an existing object whole; the fd is closed (the mapping outlives it)."""
-    try:
-        fd = _open_object(name, os.O_RDWR if writable else os.O_RDONLY)
-    except OSError as e:
-        raise _os_error(name, "open", e) from None
-    try:
-        size = os.fstat(fd).st_size
-        if size < _HEADER.size:
-            raise ProgressError(f"truncated: {size} bytes, less than a header", name)
-        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-        return mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
-    except OSError as e:
-        raise _os_error(name, "map", e) from None
-    finally:
-        os.close(fd)
-
-
 def _read_layout(mm: mmap.mmap, name: str) -> _Layout:
     """Validate magic, version and sizes, so a foreign or truncated object never crashes us."""
     magic, version, header_size, _, n_workers, n_chunks, n_layers, *_ = _HEADER.unpack_from(mm)
@@ -173,8 +92,8 @@ def _read_layout(mm: mmap.mmap, name: str) -> _Layout:
 
 
 def _attach(name: str, writable: bool) -> tuple[str, mmap.mmap, _Layout]:
-    name = _posix_name(name)
-    mm = _map_object(name, writable)
+    name = posix_name(name)
+    mm = map_object(name, writable, _HEADER.size)
     try:
         return name, mm, _read_layout(mm, name)
     except BaseException:
@@ -343,7 +262,7 @@ class ProgressSegment(_Mapped):
         cls, total_bytes: int, n_workers: int, chunks: Sequence[Chunk], n_layers: int
     ) -> ProgressSegment:
         image = _pack_image(total_bytes, n_workers, tuple(chunks), n_layers)
-        name, mm = _create_object(len(image))
+        name, mm = create_object(len(image))
         mm[:] = image
         # Magic last: a reader that lists /dev/shm early sees "not initialised", never junk.
         mm[: len(_MAGIC)] = _MAGIC
@@ -373,11 +292,11 @@ class ProgressSegment(_Mapped):
         if self._unlinked:
             return
         try:
-            _unlink_object(self._name)
+            unlink_object(self._name)
         except FileNotFoundError:
             pass
         except OSError as e:
-            raise _os_error(self._name, "unlink", e) from None
+            raise os_error(self._name, "unlink", e) from None
         self._unlinked = True
 
     def __enter__(self) -> ProgressSegment:
