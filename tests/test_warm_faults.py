@@ -83,6 +83,15 @@ def test_ctrl_c_stops_within_two_seconds(private_model):
     assert fingerprint(private_model) == before
 
 
+def test_sigterm_cleans_up(private_model):
+    proc = start_warm(private_model)
+    wait_for_workers(proc)
+    proc.terminate()
+    proc.communicate(timeout=10)
+    assert proc.returncode == 143
+    assert_nothing_left(proc)
+
+
 def test_killed_worker_is_noticed_and_named(private_model):
     before = fingerprint(private_model)
     proc = start_warm(private_model)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 import traceback
 from collections.abc import Sequence
 
@@ -23,6 +24,7 @@ from ._units import format_bytes, parse_size
 __all__ = ["main"]
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_READY, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a process it terminated
 
 
 class _OrderedRule(argparse.Action):
@@ -168,7 +170,20 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     return parser, commands
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM's default action skips every ``finally``: a killed warm would leave its workers
+    and its /dev/shm segment behind.  As an exception it unwinds like Ctrl-C does."""
+    import signal
+
+    def terminate(signum, frame):
+        raise SystemExit(EXIT_TERMINATED)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, terminate)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _exit_on_sigterm()
     parser, commands = build_parser()
     try:
         args = parser.parse_args(argv)
