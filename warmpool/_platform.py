@@ -18,6 +18,7 @@ Conventions shared by every function:
 
 from __future__ import annotations
 
+import os
 import sys
 
 if sys.platform.startswith("linux"):
@@ -64,8 +65,6 @@ def evict_file(path) -> None:
     would otherwise stay resident (fdatasync works on a read-only fd; a file system without
     fsync, such as some FUSE servers, has clean pages anyway).
     """
-    import os
-
     fd = os.open(path, os.O_RDONLY)
     try:
         try:

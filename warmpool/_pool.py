@@ -64,8 +64,6 @@ POLL = 0.1  # seconds between checks of the stop flag: Ctrl-C/cancel answer well
 
 
 class PoolResult(NamedTuple):
-    faulted: int  # bytes this warm read in
-    already: int  # bytes it found resident
     workers: int  # most workers that ran at once
 
 
@@ -152,7 +150,7 @@ class _Coordinator:
         self.growth = _Growth(workers, len(order))
         self.workers: list[_Worker] = []
         self.busy: dict[int, int] = {}  # slot -> chunk index
-        self.faulted = self.already = self.completed_bytes = 0
+        self.completed_bytes = 0
         self.peak = 0
 
     def _start_worker(self) -> None:
@@ -183,9 +181,6 @@ class _Coordinator:
         if report[0] == "error":
             self.segment.set_chunk_state(index, "failed")
             raise report[2]
-        _, _, faulted, already = report
-        self.faulted += faulted
-        self.already += already
         self.completed_bytes += self.chunks[index][2]
         self.segment.set_chunk_state(index, "done")
         self.growth.update(self.completed_bytes)
@@ -218,7 +213,7 @@ class _Coordinator:
             for worker in live:
                 if worker.conn in ready:  # a report, or EOF when the worker died
                     self._on_report(worker)
-        return PoolResult(self.faulted, self.already, self.peak)
+        return PoolResult(self.peak)
 
     def shutdown(self) -> None:
         """Stop every worker, politely if it is idle, by force otherwise; never leave one."""

@@ -8,6 +8,7 @@ psutil and the progress bar are imported only when there is something to read.
 
 from __future__ import annotations
 
+import bisect
 import os
 import time
 from collections.abc import Callable
@@ -183,20 +184,46 @@ def warm(path: str | os.PathLike[str], *, workers: int | None = None, strategy: 
                       strategy=strategy, resident_fraction=resident / (plan.bytes_planned or 1), skipped=False)
 
 
+class _ResidentPages:
+    """One mincore pass over a plan's chunks, then queried by byte range (no more syscalls)."""
+
+    def __init__(self, files: _OpenFiles, plan: Plan) -> None:
+        self.page = _platform.PAGE_SIZE
+        self.chunks: dict[int, list[tuple[int, bytes]]] = {}
+        self.total = 0  # bytes; the page holding EOF counts only its real bytes, like resident_bytes
+        for c in sorted(plan.chunks, key=lambda c: (c.file, c.offset)):
+            vector = _platform.resident_pages(files.fds[c.file], c.offset, c.length)
+            self.chunks.setdefault(c.file, []).append((c.offset, vector))
+            past_eof = len(vector) * self.page - c.length if vector[-1:] == b"\x01" else 0
+            self.total += vector.count(1) * self.page - past_eof
+        self.starts = {file: [offset for offset, _ in chunks] for file, chunks in self.chunks.items()}
+
+    def pages(self, file: int, start: int, end: int) -> int:
+        """Resident pages in [start, end); the chunks cover every selected page."""
+        chunks, count = self.chunks.get(file, []), 0
+        for offset, vector in chunks[max(bisect.bisect_right(self.starts.get(file, []), start) - 1, 0):]:
+            if offset >= end:
+                break
+            lo, hi = max(start, offset) - offset, min(end, offset + len(vector) * self.page) - offset
+            if hi > lo:
+                count += vector[lo // self.page : -(-hi // self.page)].count(1)
+        return count
+
+
 def residency(path: str | os.PathLike[str], *, plan: Plan | None = None, **selection) -> Residency:
     """How much of the selection is resident now, in total and per layer (no data is read)."""
     plan = plan or plan_model(path, **selection)
+    page = _platform.PAGE_SIZE
     per_layer: dict[int, list[int]] = {}
     with _OpenFiles(plan) as files:
-        for t in plan.selected:
-            start = t.offset - t.offset % _platform.PAGE_SIZE
-            length = t.offset + t.nbytes - start
-            row = per_layer.setdefault(layer_key(t, plan.n_layers), [0, 0])
-            row[0] += -(-length // _platform.PAGE_SIZE) * _platform.PAGE_SIZE
-            row[1] += _platform.resident_bytes(files.fds[t.file], start, length)
-        resident = sum(files.resident(plan))
+        resident = _ResidentPages(files, plan)
+    for t in plan.selected:
+        first, end = t.offset // page, -(-(t.offset + t.nbytes) // page)
+        row = per_layer.setdefault(layer_key(t, plan.n_layers), [0, 0])
+        row[0] += (end - first) * page
+        row[1] += resident.pages(t.file, first * page, end * page) * page
     layers = tuple(LayerResidency(k, s, r) for k, (s, r) in sorted(per_layer.items()))
-    return Residency(plan.files[0].path, plan.bytes_planned, resident, resident / (plan.bytes_planned or 1), layers)
+    return Residency(plan.files[0].path, plan.bytes_planned, resident.total, resident.total / (plan.bytes_planned or 1), layers)
 
 
 def evict(path: str | os.PathLike[str], *, plan: Plan | None = None, **selection) -> int:

@@ -91,18 +91,15 @@ class _ChunkWarmer:
         self.buffer = bytearray(STEP) if strategy == "read" else None
         self.page = _platform.PAGE_SIZE
 
-    def warm(self, fd: int, file: int, offset: int, length: int) -> tuple[int, int]:
-        """Warm [offset, offset+length); return (bytes faulted in, bytes already resident)."""
+    def warm(self, fd: int, file: int, offset: int, length: int) -> None:
+        """Warm [offset, offset+length); resident pages count as done at once."""
         with _platform.FileWindow(fd, offset, length) as window:
             vector = window.resident()
             runs = [(s * self.page, min(e * self.page, length)) for s, e in nonresident_runs(vector)]
-            cold = sum(end - start for start, end in runs)
-            already = length - cold
-            self.counter.add(already)
+            self.counter.add(length - sum(end - start for start, end in runs))
             hint_runs = self._hint_edges(fd, file, offset, length) if runs else False
             for start, end in runs:
                 self._warm_run(fd, window, start, end, hint_runs)
-        return cold, already
 
     def _hint_edges(self, fd: int, file: int, offset: int, length: int) -> bool:
         """Where fault readahead pays, hint the extent edges within reach and return False
@@ -150,7 +147,7 @@ def worker_main(paths: Sequence[str], chunks: Sequence[tuple[int, int, int]], sh
 
     ``warmed``: indices of the chunks this warm faults (default: all); reads stay inside them.
 
-    Reports: ("done", index, faulted, already) or ("error", index, WarmpoolError).
+    Reports: ("done", index) or ("error", index, WarmpoolError).
     """
     # Ctrl-C reaches the whole process group; the coordinator decides how to stop, so a worker
     # must not die half-way through a report with a KeyboardInterrupt traceback.
@@ -166,12 +163,12 @@ def worker_main(paths: Sequence[str], chunks: Sequence[tuple[int, int, int]], sh
         while (index := conn.recv()) is not None:
             file, offset, length = chunks[index]
             try:
-                faulted, already = warmer.warm(fds[file], file, offset, length)
+                warmer.warm(fds[file], file, offset, length)
             except WarmpoolError as e:
                 e.path = e.path or paths[file]
                 conn.send(("error", index, e))
                 return
-            conn.send(("done", index, faulted, already))
+            conn.send(("done", index))
     except (EOFError, BrokenPipeError):
         pass  # the coordinator went away: nothing left to report to
     finally:
