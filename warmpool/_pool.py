@@ -166,7 +166,10 @@ class _Coordinator:
             index = self.queue.pop()
             self.busy[worker.slot] = index
             self.segment.set_chunk_state(index, "running")
-            worker.conn.send(index)
+            try:
+                worker.conn.send(index)
+            except OSError:  # it died after its last report: a death, like EOF on receive
+                self._on_death(worker)
 
     def _describe(self, index: int) -> str:
         c = self.plan_chunks[index]
