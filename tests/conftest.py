@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from warmpool import _platform
-from warmpool._example import TEST, TINY, write_moe_gguf
+from warmpool.example import TEST, TINY, write_moe_gguf
 
 settings.register_profile("ci", max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", max_examples=200, deadline=None)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from warmpool import _example
+from warmpool import example as _example
 from warmpool._errors import WarmpoolError
-from warmpool._example import TINY, example_model, model_nbytes, shape_for_size, write_moe_gguf
+from warmpool.example import TINY, example_model, model_nbytes, shape_for_size, write_moe_gguf
 
 gguf = pytest.importorskip("gguf")
 np = pytest.importorskip("numpy")
@@ -252,7 +252,7 @@ def test_shape_for_size_scales_the_layer_count() -> None:
 
 
 def test_module_import_is_stdlib_only() -> None:
-    code = "import sys, warmpool._example; sys.exit(bool({'numpy', 'gguf'} & set(sys.modules)))"
+    code = "import sys, warmpool.example; sys.exit(bool({'numpy', 'gguf'} & set(sys.modules)))"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
 
 

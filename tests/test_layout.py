@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from warmpool import ModelFile, TensorInfo, read_layout
-from warmpool._example import TEST, TINY
+from warmpool.example import TEST, TINY
 from warmpool._platform import PAGE_SIZE, resident_pages
 
 from conftest import evict_file

@@ -15,8 +15,9 @@ from typing import NamedTuple
 import pytest
 
 from warmpool import Selection, SelectionError, main, make_plan, read_layout
-from warmpool._cli import build_parser, selection_from
-from warmpool._example import TEST
+from warmpool.commands import build_parser
+from warmpool.commands._common import selection_from
+from warmpool.example import TEST
 
 N = TEST.n_layers  # 8
 EXPERTS = re.compile(r"\.ffn_(up|down|gate)_exps\.")

@@ -83,7 +83,7 @@ def log(message: str) -> None:
 
 
 def _bench_dir(cache_dir: str | None) -> Path:
-    from warmpool._example import _cache_dir
+    from warmpool.example import _cache_dir
 
     return Path(cache_dir) if cache_dir else _cache_dir(None) / "bench"
 
@@ -91,7 +91,7 @@ def _bench_dir(cache_dir: str | None) -> Path:
 def synthetic_model(size: str, cache_dir: str | None) -> Path:
     """A synthetic MoE of about ``size`` bytes, in a directory of its own (FUSE serves that
     directory); generated once, reused while its size matches."""
-    from warmpool._example import model_nbytes, shape_for_size, write_moe_gguf
+    from warmpool.example import model_nbytes, shape_for_size, write_moe_gguf
 
     shape = shape_for_size(size)
     name = f"bench-moe-{shape.n_layers}L"

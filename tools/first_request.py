@@ -2,7 +2,7 @@
 
     python tools/first_request.py [--quick] [--rounds N] [--rounds-a N] [--tokens N] [--no-llama] [--cache-dir DIR]
 
-Model: a synthetic qwen3moe GGUF of ~1.76 GB (``warmpool._example.BENCH``: 16 layers x 64
+Model: a synthetic qwen3moe GGUF of ~1.76 GB (``warmpool.example.BENCH``: 16 layers x 64
 experts, experts ~97% of the bytes), generated once into ``$WARMPOOL_CACHE/bench`` (else
 ``~/.cache/warmpool/bench``) and reused.  Every measurement starts from an evicted file
 (posix_fadvise DONTNEED after fdatasync; /proc/sys/vm/drop_caches is not needed).
@@ -48,7 +48,7 @@ ROOT = TOOLS.parent
 sys.path[:0] = [str(ROOT), str(TOOLS)]
 
 from warmpool import _platform  # noqa: E402
-from warmpool._example import BENCH, model_nbytes, write_moe_gguf  # noqa: E402
+from warmpool.example import BENCH, model_nbytes, write_moe_gguf  # noqa: E402
 
 BENCH_FILENAME = "first-request-qwen3moe-bench-v1.gguf"  # bump when BENCH changes
 PROMPT = "Hello"  # short: start-to-first-token is then mostly load, not prompt compute

@@ -3,7 +3,7 @@
 Pipeline, one module each: ``_layout`` (tensor table, via ``_header``) -> ``_select``
 (llama.cpp's placement rules) -> ``_plan`` (page-aligned, byte-balanced chunks) -> ``_policy``
 (RAM budget) -> ``_pool``/``_worker`` (processes faulting pages in, through ``_platform``) ->
-``_progress`` (shared-memory counters) -> ``_cli``.
+``_progress`` (shared-memory counters) -> ``commands``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from ._errors import (
 # worker process (which imports ``warmpool._worker``, and so this package) would otherwise pay
 # for the CLI, the policy and the warm engine they never use (~20-40 ms per process here).
 _LAZY = {
-    "main": "._cli",
+    "main": ".commands",
     "ModelFile": "._layout", "ModelLayout": "._layout", "TensorInfo": "._layout", "read_layout": "._layout",
     "DEFAULT_CHUNK_SIZE": "._plan", "Chunk": "._plan", "Plan": "._plan", "make_plan": "._plan",
     "Selection": "._select",
@@ -35,11 +35,19 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
-    from ._cli import main
     from ._layout import ModelFile, ModelLayout, TensorInfo, read_layout
     from ._plan import DEFAULT_CHUNK_SIZE, Chunk, Plan, make_plan
     from ._select import Selection
-    from ._warm import LayerResidency, Residency, WarmResult, evict, plan_model, residency, warm
+    from ._warm import (
+        LayerResidency,
+        Residency,
+        WarmResult,
+        evict,
+        plan_model,
+        residency,
+        warm,
+    )
+    from .commands import main
 
 
 def __getattr__(name: str):

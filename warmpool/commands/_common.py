@@ -1,0 +1,169 @@
+"""What the subcommands share: exit codes, the model and selection arguments, the plan they
+name, sizes and budgets, and the progress bar drawn from the shared-memory counters."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+
+from .._errors import WarmpoolError
+from .._layout import read_layout
+from .._plan import DEFAULT_CHUNK_SIZE, Plan, make_plan
+from .._select import CATEGORIES, Selection, category, moe_overrides, parse_overrides
+from .._units import parse_size
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_READY, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a process it terminated
+
+
+class _OrderedRule(argparse.Action):
+    """Collect -ot / --cpu-moe / --n-cpu-moe in command-line order, as llama.cpp applies them."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        rules = list(getattr(namespace, "rules", None) or [])
+        try:
+            if self.dest == "override_tensor":
+                rules += parse_overrides([values])
+            elif self.dest == "cpu_moe":
+                rules += moe_overrides(cpu_moe=True)
+            else:
+                rules += moe_overrides(n_cpu_moe=values)
+        except WarmpoolError as e:
+            parser.error(str(e))
+        namespace.rules = rules
+        setattr(namespace, self.dest, True if self.dest == "cpu_moe" else values)
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("selection (llama.cpp's flags; default: every tensor, a CPU-only engine)")
+    group.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", type=int, metavar="N", help="layers offloaded to the GPU")
+    group.add_argument("--cpu-moe", nargs=0, action=_OrderedRule, help="keep every MoE expert tensor on the CPU")
+    group.add_argument("--n-cpu-moe", type=int, metavar="N", action=_OrderedRule, help="keep the experts of the first N layers on the CPU")
+    group.add_argument("-ot", "--override-tensor", metavar="PATTERN=BUFT[,...]", action=_OrderedRule, help="regex=buffer type; CPU keeps, any other moves off (repeatable)")
+    parser.set_defaults(rules=[], cpu_moe=False, n_cpu_moe=None, override_tensor=None)
+
+
+def selection_from(args: argparse.Namespace) -> Selection:
+    # With only the MoE shortcuts, keep them as flags (readable in output); with -ot too, the
+    # ordered rule list reproduces llama.cpp's first-match-wins over the command-line order.
+    if args.override_tensor is None:
+        return Selection(args.n_gpu_layers, bool(args.cpu_moe), args.n_cpu_moe or 0).validate()
+    return Selection(args.n_gpu_layers, overrides=tuple(args.rules)).validate()
+
+
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", help="a GGUF file (any shard of a split model)")
+    parser.add_argument("--example", action="store_true", help="use the built-in example MoE model (generated once)")
+    parser.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK_SIZE, metavar="SIZE", help="largest chunk a worker takes (default 16M)")
+    add_selection_arguments(parser)
+
+
+def model_path(args: argparse.Namespace) -> str:
+    if args.example:
+        from ..example import example_model
+
+        return str(example_model())
+    if not args.model:
+        raise WarmpoolError("no model given: pass a GGUF path or --example")
+    return args.model
+
+
+def plan_from(args: argparse.Namespace) -> Plan:
+    selection = selection_from(args)  # a bad flag is reported before the file is read
+    return make_plan(read_layout(model_path(args)), selection, args.chunk_size)
+
+
+def plan_summary(plan: Plan) -> dict:
+    """The machine-readable description of a plan, shared by ``plan --json`` and others."""
+    layout = plan.layout
+    by_category = {c: {"tensors_total": 0, "tensors_selected": 0, "bytes_total": 0, "bytes_selected": 0} for c in CATEGORIES}
+    selected = {t.name for t in plan.selected}
+    for t in layout.tensors:
+        row = by_category[category(t.name)]
+        row["tensors_total"] += 1
+        row["bytes_total"] += t.nbytes
+        if t.name in selected:
+            row["tensors_selected"] += 1
+            row["bytes_selected"] += t.nbytes
+    return {
+        "files": [{"path": f.path, "size": f.size} for f in layout.files],
+        "architecture": layout.architecture,
+        "n_layers": layout.n_layers,
+        "selection": plan.selection.describe(),
+        "tensors_total": len(layout.tensors),
+        "tensors_selected": len(plan.selected),
+        "bytes_total": layout.nbytes,
+        "bytes_selected": plan.bytes_selected,
+        "bytes_planned": plan.bytes_planned,
+        "chunk_size": plan.chunk_size,
+        "chunks": len(plan.chunks),
+        "categories": by_category,
+    }
+
+
+POLL = 0.1  # seconds between progress-bar refreshes
+
+
+class Bar:
+    """A tqdm bar fed from the shared-memory counters, as any other process could read them."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.stopped = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def start(self, segment_name: str) -> None:
+        if not self.enabled:
+            return
+        from .._progress import ProgressView
+
+        view = ProgressView.attach(segment_name)  # before the unlink: the mapping outlives it
+        self.thread = threading.Thread(target=self._draw, args=(view,), daemon=True)
+        self.thread.start()
+
+    def _draw(self, view) -> None:
+        from tqdm import tqdm
+
+        with view, tqdm(total=view.snapshot().total_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+                        desc="warming", file=sys.stderr, leave=False) as bar:
+            while True:
+                finished = self.stopped.wait(POLL)
+                snap = view.snapshot()
+                bar.update(snap.done_bytes - bar.n)
+                if finished or snap.finished:
+                    return
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if self.thread:
+            self.thread.join()
+
+
+def budget_syntax(text: str) -> str:
+    """Check --budget at parse time (a usage error, exit 2); resolve percentages later."""
+    try:
+        parse_size(text, total=100)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def resolve_budget(text: str | None) -> int | None:
+    if text is None:
+        return None
+    if text.strip().endswith("%"):
+        from .._policy import memory_figures
+
+        m = memory_figures()
+        return parse_size(text, total=min(m.total, m.cgroup_limit or m.total))
+    return parse_size(text)
+
+

@@ -1,0 +1,127 @@
+"""``warmpool warm``: fault the selection in with worker processes, then verify."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+from .._errors import WarmpoolError
+from .._units import format_bytes
+from ._common import (
+    EXIT_OK,
+    Bar,
+    add_model_argument,
+    budget_syntax,
+    model_path,
+    plan_from,
+    resolve_budget,
+    selection_from,
+)
+
+STRATEGY_CHOICES = ("auto", "populate", "touch", "read", "willneed")
+
+
+class Command:
+    """Fault the selected tensors into the page cache with worker processes, then verify.
+
+    Honours WARMPOOL_PREFAULT (0 skips, 1 forces) and a RAM budget (80% of RAM or the cgroup
+    limit, within what is available); what does not fit stays cold and is reported.
+    """
+
+    name = "warm"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        add_model_argument(parser)
+        parser.add_argument("--workers", type=int, metavar="N", help="worker processes (default: grow while throughput rises)")
+        parser.add_argument("--strategy", choices=STRATEGY_CHOICES, default="auto", help="how pages are faulted in (default auto: populate where the kernel has it)")
+        parser.add_argument("--budget", type=budget_syntax, metavar="SIZE|PCT", help="most bytes to read, e.g. 8G or 50%%")
+        parser.add_argument("--force", action="store_true", help="ignore the memory budget")
+        parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+        parser.add_argument("--json", action="store_true", help="print one JSON object")
+        parser.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+        parser.add_argument("--detach", action="store_true", help="warm in the background; print the progress segment's name")
+        parser.add_argument("--linger", type=float, default=0.0, help=argparse.SUPPRESS)
+        parser.add_argument("--report-segment", action="store_true", help=argparse.SUPPRESS)
+
+    def run(self, args: argparse.Namespace) -> int:
+        from .._log import enable_cli_logging
+        from .._warm import warm
+
+        if args.workers is not None and args.workers < 1:
+            raise WarmpoolError(f"--workers must be at least 1, got {args.workers}")
+        if args.detach:
+            return _detach(args)
+        enable_cli_logging(getattr(args, "verbose", False))
+        budget = resolve_budget(args.budget) if args.budget else None
+        plan = plan_from(args)
+        if args.example:
+            _show_cold_start(plan)
+        bar = Bar(not (args.no_progress or args.json or args.quiet or args.report_segment) and sys.stderr.isatty())
+
+        def on_start(name: str) -> None:
+            if args.report_segment:  # tell the detaching parent, then go quiet
+                _report_to_parent(name)
+            bar.start(name)
+
+        try:
+            result = warm(plan.files[0].path, plan=plan, workers=args.workers, strategy=args.strategy,
+                          budget=budget, force=args.force, on_start=on_start, linger=args.linger)
+        finally:
+            bar.stop()
+        if args.report_segment:
+            _report_to_parent(f"- {result.reason}")
+        if args.json:
+            print(json.dumps(result._asdict()))
+        elif not args.quiet:
+            print(result.summary())
+        return EXIT_OK
+
+
+def _show_cold_start(plan) -> None:
+    """The built-in example starts from a cold cache so the warm has something to show."""
+    from .._warm import evict, residency
+
+    evict(plan.files[0].path, plan=plan)
+    before = residency(plan.files[0].path, plan=plan)
+    print(f"example    {plan.files[0].path}")
+    print(f"           evicted; {before.resident_fraction:.1%} of {format_bytes(before.bytes_selected)} selected resident before the warm")
+
+
+def _report_to_parent(line: str) -> None:
+    """The detached child's one line to its parent; later output goes nowhere."""
+    try:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        pass
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+
+
+def _detach(args: argparse.Namespace) -> int:
+    """Start the same warm in a new session and print its segment name when it has one."""
+    selection = selection_from(args)
+    argv = ["warm", os.path.abspath(model_path(args)), "--chunk-size", str(args.chunk_size), "--strategy", args.strategy]
+    if selection.n_gpu_layers is not None:
+        argv += ["-ngl", str(selection.n_gpu_layers)]
+    argv += [f"--override-tensor={pattern}={buft}" for pattern, buft in selection.rules]  # order kept
+    argv += ["--workers", str(args.workers)] if args.workers else []
+    argv += ["--budget", args.budget] if args.budget else []
+    argv += ["--force"] if args.force else []
+    cmd = [sys.executable, "-m", "warmpool", *argv, "--no-progress", "--quiet", "--report-segment", "--linger", "10"]
+    child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             start_new_session=True, text=True)
+    line = child.stdout.readline().strip()
+    child.stdout.close()
+    if not line:
+        code = child.wait()
+        raise WarmpoolError(f"the detached warm exited with status {code} before starting (run it without --detach to see why)")
+    if line.startswith("- "):
+        print(f"nothing to warm in the background: {line[2:]}", file=sys.stderr)
+        return EXIT_OK
+    print(line)
+    return EXIT_OK
