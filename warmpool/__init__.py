@@ -30,12 +30,14 @@ _LAZY = {
     "ModelFile": "._layout", "ModelLayout": "._layout", "TensorInfo": "._layout", "read_layout": "._layout",
     "DEFAULT_CHUNK_SIZE": "._plan", "Chunk": "._plan", "Plan": "._plan", "make_plan": "._plan",
     "Selection": "._select",
+    "Keeper": "._keep",
     "LayerResidency": "._warm", "Residency": "._warm", "WarmResult": "._warm", "evict": "._warm",
     "plan_model": "._warm", "residency": "._warm", "warm": "._warm",
 }
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from ._layout import ModelFile, ModelLayout, TensorInfo, read_layout
+    from ._keep import Keeper
     from ._plan import DEFAULT_CHUNK_SIZE, Chunk, Plan, make_plan
     from ._select import Selection
     from ._warm import (
@@ -70,6 +72,7 @@ __all__ = [
     "Chunk",
     "DEFAULT_CHUNK_SIZE",
     "FileChangedError",
+    "Keeper",
     "LayerResidency",
     "LayoutError",
     "ModelFile",

@@ -23,7 +23,7 @@ __all__ = ["build_parser", "main"]
 
 
 # In the order ``warmpool --help`` lists them; each module has a ``Command`` class.
-COMMANDS = ("plan", "warm", "status", "evict", "progress")
+COMMANDS = ("plan", "warm", "status", "evict", "progress", "keep")
 
 
 def _commands() -> list:

@@ -59,8 +59,11 @@ def selection_from(args: argparse.Namespace) -> Selection:
     return Selection(args.n_gpu_layers, overrides=tuple(args.rules)).validate()
 
 
-def add_model_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", nargs="?", help="a GGUF file (any shard of a split model)")
+def add_model_argument(parser: argparse.ArgumentParser, *, many: bool = False) -> None:
+    if many:  # keep: several models (args.model is a list)
+        parser.add_argument("model", nargs="*", help="GGUF files (any shard of a split model)")
+    else:
+        parser.add_argument("model", nargs="?", help="a GGUF file (any shard of a split model)")
     parser.add_argument("--example", action="store_true", help="use the built-in example MoE model (generated once)")
     parser.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK_SIZE, metavar="SIZE", help="largest chunk a worker takes (default 16M)")
     add_selection_arguments(parser)
@@ -145,6 +148,17 @@ class Bar:
         self.stopped.set()
         if self.thread:
             self.thread.join()
+
+
+STRATEGY_CHOICES = ("auto", "populate", "touch", "read", "willneed")
+
+
+def add_warm_arguments(parser: argparse.ArgumentParser) -> None:
+    """How a warm reads (warm, keep): workers, strategy, budget, force."""
+    parser.add_argument("--workers", type=int, metavar="N", help="worker processes (default: grow while throughput rises)")
+    parser.add_argument("--strategy", choices=STRATEGY_CHOICES, default="auto", help="how pages are faulted in (default auto: populate where the kernel has it)")
+    parser.add_argument("--budget", type=budget_syntax, metavar="SIZE|PCT", help="most bytes to read, e.g. 8G or 50%%")
+    parser.add_argument("--force", action="store_true", help="ignore the memory budget")
 
 
 def budget_syntax(text: str) -> str:
