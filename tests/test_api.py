@@ -17,6 +17,7 @@ PUBLIC = [
     "Chunk",
     "DEFAULT_CHUNK_SIZE",
     "FileChangedError",
+    "FileResidency",
     "LayerResidency",
     "LayoutError",
     "ModelFile",
@@ -38,6 +39,7 @@ PUBLIC = [
     "plan_model",
     "read_layout",
     "residency",
+    "residency_hidden",
     "warm",
 ]
 

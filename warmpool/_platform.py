@@ -39,6 +39,7 @@ __all__ = [
     "readahead_size",
     "resident_bytes",
     "resident_pages",
+    "residency_hidden",
     "supports_cachestat",
     "supports_populate",
 ]
@@ -54,6 +55,7 @@ read_range = _backend.read_range
 readahead_size = _backend.readahead_size
 resident_bytes = _backend.resident_bytes
 resident_pages = _backend.resident_pages
+residency_hidden = _backend.residency_hidden
 supports_cachestat = _backend.supports_cachestat
 supports_populate = _backend.supports_populate
 

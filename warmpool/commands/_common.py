@@ -14,6 +14,7 @@ from .._select import CATEGORIES, Selection, category, moe_overrides, parse_over
 from .._units import parse_size
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_READY, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_HIDDEN = 4  # ``status``: the kernel hides residency for a file of the model
 EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a process it terminated
 
 
