@@ -111,14 +111,14 @@ def _create_named(size: int) -> SharedObject:
         except FileExistsError:
             continue
         except OSError as e:
-            raise _create_error(name, e) from None
+            raise _create_error(e) from None
         try:
             if os.path.isdir(_SHM_DIR):
                 os.fchmod(fd, 0o600)  # a umask could have taken the owner's bits
             return SharedObject(name, _allocate_and_map(fd, size), None)
         except OSError as e:
             unlink_object(name)
-            raise _create_error(name, e) from None
+            raise _create_error(e) from None
         finally:
             os.close(fd)
     raise ProgressError(f"no unused name after {_NAME_TRIES} tries", _SHM_DIR)
@@ -131,8 +131,8 @@ def _allocate_and_map(fd: int, size: int) -> mmap.mmap:
     return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
 
 
-def _create_error(name: str, error: OSError) -> ProgressError:
-    return ProgressError(f"cannot create a named shared-memory object ({name}): {error.strerror or error}", _SHM_DIR)
+def _create_error(error: OSError) -> ProgressError:
+    return ProgressError(f"cannot create a named shared-memory object: {error.strerror or error}", _SHM_DIR)
 
 
 def map_object(name: str, writable: bool, min_size: int) -> mmap.mmap:
