@@ -10,7 +10,6 @@ namespace first, so the warm really starts workers and writes to its segment.
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import shutil
 import subprocess

@@ -12,7 +12,7 @@ import pytest
 
 import warmpool
 from conftest import evict_file
-from warmpool import FileChangedError, WarmError, WorkerDiedError, _pool
+from warmpool import WarmError, WorkerDiedError, _pool
 from warmpool._progress import ProgressSegment
 
 
