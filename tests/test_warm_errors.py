@@ -4,6 +4,7 @@ a worker process that cannot be started, and one that dies before it has its job
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -78,4 +79,5 @@ def test_worker_dead_before_its_job_is_reaped_and_named(tiny_model, monkeypatch)
         with pytest.raises(WorkerDiedError, match="exit status 3") as caught:
             _pool.run_pool([str(tiny_model)], chunks, [0], "read", segment, workers=1)
     assert "chunk 0" in str(caught.value)
-    assert not psutil.Process().children(), "a worker was left unreaped"
+    pid = int(re.search(r"pid (\d+)", str(caught.value)).group(1))
+    assert not psutil.pid_exists(pid), "the worker was left unreaped (a zombie)"

@@ -36,9 +36,9 @@ __all__ = [
     "prefetch",
     "read_range",
     "readahead_size",
+    "residency_hidden",
     "resident_bytes",
     "resident_pages",
-    "residency_hidden",
     "supports_cachestat",
     "supports_populate",
 ]
