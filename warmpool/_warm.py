@@ -96,10 +96,6 @@ class Residency(NamedTuple):
     residency_hidden: bool = False
     files: tuple[FileResidency, ...] = ()
 
-    def to_dict(self) -> dict:
-        """The fields as JSON-ready values (``layers`` and ``files`` as objects)."""
-        return {**self._asdict(), "layers": [r._asdict() for r in self.layers], "files": [f._asdict() for f in self.files]}
-
 
 def plan_model(path: str | os.PathLike[str], *, n_gpu_layers: int | None = None, cpu_moe: bool = False,
                n_cpu_moe: int = 0, overrides: tuple[tuple[str, str], ...] = (),

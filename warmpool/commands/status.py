@@ -30,9 +30,8 @@ class Command:
         verbose = getattr(args, "verbose", False)
         if args.json:
             out = {"path": r.path, "bytes_selected": r.bytes_selected, "bytes_resident": r.bytes_resident,
-                   "resident_fraction": r.resident_fraction, "residency_hidden": r.residency_hidden}
-            if r.residency_hidden or len(r.files) > 1:
-                out["files"] = [f._asdict() for f in r.files]
+                   "resident_fraction": r.resident_fraction, "residency_hidden": r.residency_hidden,
+                   "files": [f._asdict() for f in r.files]}
             if verbose:
                 out["layers"] = [layer._asdict() for layer in r.layers]
             print(json.dumps(out))
