@@ -41,7 +41,7 @@ from typing import NamedTuple
 from ._errors import CancelledError, FileChangedError, WarmError, WorkerDiedError
 from ._plan import Chunk
 from ._progress import ProgressSegment
-from ._worker import STRATEGIES
+from ._strategy import check_strategy
 
 __all__ = ["AUTO_MAX", "AUTO_START", "PoolResult", "run_pool"]
 
@@ -257,8 +257,7 @@ def run_pool(paths: Sequence[str], chunks: Sequence[Chunk], order: Sequence[int]
     """Warm ``chunks[i]`` for i in ``order`` (plan order); raise WarmError on any failure."""
     if workers is not None and workers < 1:
         raise WarmError(f"workers must be at least 1, got {workers}")
-    if strategy not in STRATEGIES:  # a worker would otherwise fall through to its last branch
-        raise WarmError(f"unknown strategy {strategy!r}: expected one of {', '.join(STRATEGIES)}")
+    check_strategy(strategy, allow_auto=False)  # a worker would otherwise fall through to its last branch
     stop = should_stop.is_set if isinstance(should_stop, threading.Event) else (should_stop or (lambda: False))
     coordinator = _Coordinator(paths, chunks, order, strategy, segment, workers, stop)
     try:

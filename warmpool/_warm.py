@@ -15,14 +15,15 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from . import _platform
-from ._errors import FileChangedError, WarmError
+from ._errors import FileChangedError
 from ._layout import read_layout
 from ._log import logger
 from ._plan import DEFAULT_CHUNK_SIZE, Plan, contiguous_runs, layer_key, make_plan
 from ._select import Selection
+from ._strategy import check_strategy
 
-__all__ = ["FileResidency", "LayerResidency", "Residency", "WarmResult", "check_strategy", "evict", "plan_model",
-           "residency", "residency_hidden", "resolve_strategy", "warm"]
+__all__ = ["FileResidency", "LayerResidency", "Residency", "WarmResult", "evict", "plan_model", "residency",
+           "residency_hidden", "resolve_strategy", "warm"]
 
 
 # What a reader is told when the kernel hides a file's residency (docs/design.md).
@@ -252,15 +253,6 @@ def warm(path: str | os.PathLike[str], *, workers: int | None = None, strategy: 
 
 def _fraction(resident: int, plan: Plan, hidden: bool) -> float | None:
     return None if hidden else resident / (plan.bytes_planned or 1)
-
-
-def check_strategy(strategy: str, *, allow_auto: bool) -> None:
-    """Raise WarmError unless ``strategy`` names one a worker runs (or ``auto``)."""
-    from ._worker import STRATEGIES
-
-    if strategy not in STRATEGIES and not (allow_auto and strategy == "auto"):
-        names = ", ".join(("auto", *STRATEGIES) if allow_auto else STRATEGIES)
-        raise WarmError(f"unknown strategy {strategy!r}: expected one of {names}")
 
 
 def residency_hidden(path: str | os.PathLike[str]) -> bool:

@@ -21,11 +21,11 @@ from . import _platform
 from ._errors import FileChangedError, WarmpoolError
 from ._plan import contiguous_runs
 from ._progress import WorkerCounter
+from ._strategy import STRATEGIES  # re-exported: the names _ChunkWarmer implements
 
 __all__ = ["FAULT_READAHEAD_MIN", "STEP", "STRATEGIES", "Guards", "nonresident_runs", "serve", "worker_main"]
 
 STEP = 8 * 1024 * 1024  # progress grain, and the most one populate/touch/pread call covers
-STRATEGIES = ("populate", "touch", "read", "willneed")
 # From this readahead size up, populate/touch let the kernel's fault readahead read the inside
 # of an extent and hint (WILLNEED) only its edges (see Guards).  A WILLNEED hint reads in 2 MiB
 # pieces of 4 KiB folios (force_page_cache_ra); faults read ahead in large folios.  On this

@@ -21,7 +21,7 @@ from ._common import (
     selection_from,
 )
 
-from .._worker import STRATEGIES
+from .._strategy import STRATEGIES
 
 STRATEGY_CHOICES = ("auto", *STRATEGIES)
 
