@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 from .._errors import WarmpoolError
+from .._strategy import STRATEGIES
 from .._units import format_bytes
 from ._common import (
     EXIT_OK,
@@ -20,8 +21,6 @@ from ._common import (
     resolve_budget,
     selection_from,
 )
-
-from .._strategy import STRATEGIES
 
 STRATEGY_CHOICES = ("auto", *STRATEGIES)
 
