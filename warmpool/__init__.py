@@ -31,7 +31,7 @@ _LAZY = {
     "DEFAULT_CHUNK_SIZE": "._plan", "Chunk": "._plan", "Plan": "._plan", "make_plan": "._plan",
     "Selection": "._select",
     "Keeper": "._keep",
-    "LayerResidency": "._warm", "Residency": "._warm", "WarmResult": "._warm", "evict": "._warm",
+    "FileResidency": "._warm", "LayerResidency": "._warm", "Residency": "._warm", "residency_hidden": "._warm", "WarmResult": "._warm", "evict": "._warm",
     "plan_model": "._warm", "residency": "._warm", "warm": "._warm",
 }
 
@@ -41,12 +41,14 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from ._plan import DEFAULT_CHUNK_SIZE, Chunk, Plan, make_plan
     from ._select import Selection
     from ._warm import (
+        FileResidency,
         LayerResidency,
         Residency,
         WarmResult,
         evict,
         plan_model,
         residency,
+        residency_hidden,
         warm,
     )
     from .commands import main
@@ -72,6 +74,7 @@ __all__ = [
     "Chunk",
     "DEFAULT_CHUNK_SIZE",
     "FileChangedError",
+    "FileResidency",
     "Keeper",
     "LayerResidency",
     "LayoutError",
@@ -94,6 +97,7 @@ __all__ = [
     "plan_model",
     "read_layout",
     "residency",
+    "residency_hidden",
     "warm",
 ]
 
