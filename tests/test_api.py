@@ -17,6 +17,8 @@ PUBLIC = [
     "Chunk",
     "DEFAULT_CHUNK_SIZE",
     "FileChangedError",
+    "FileResidency",
+    "Keeper",
     "LayerResidency",
     "LayoutError",
     "ModelFile",
@@ -38,6 +40,7 @@ PUBLIC = [
     "plan_model",
     "read_layout",
     "residency",
+    "residency_hidden",
     "warm",
 ]
 

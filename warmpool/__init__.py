@@ -30,21 +30,25 @@ _LAZY = {
     "ModelFile": "._layout", "ModelLayout": "._layout", "TensorInfo": "._layout", "read_layout": "._layout",
     "DEFAULT_CHUNK_SIZE": "._plan", "Chunk": "._plan", "Plan": "._plan", "make_plan": "._plan",
     "Selection": "._select",
-    "LayerResidency": "._warm", "Residency": "._warm", "WarmResult": "._warm", "evict": "._warm",
+    "Keeper": "._keep",
+    "FileResidency": "._warm", "LayerResidency": "._warm", "Residency": "._warm", "residency_hidden": "._warm", "WarmResult": "._warm", "evict": "._warm",
     "plan_model": "._warm", "residency": "._warm", "warm": "._warm",
 }
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from ._layout import ModelFile, ModelLayout, TensorInfo, read_layout
+    from ._keep import Keeper
     from ._plan import DEFAULT_CHUNK_SIZE, Chunk, Plan, make_plan
     from ._select import Selection
     from ._warm import (
+        FileResidency,
         LayerResidency,
         Residency,
         WarmResult,
         evict,
         plan_model,
         residency,
+        residency_hidden,
         warm,
     )
     from .commands import main
@@ -70,6 +74,8 @@ __all__ = [
     "Chunk",
     "DEFAULT_CHUNK_SIZE",
     "FileChangedError",
+    "FileResidency",
+    "Keeper",
     "LayerResidency",
     "LayoutError",
     "ModelFile",
@@ -91,6 +97,7 @@ __all__ = [
     "plan_model",
     "read_layout",
     "residency",
+    "residency_hidden",
     "warm",
 ]
 

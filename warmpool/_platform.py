@@ -28,15 +28,21 @@ else:
 
 __all__ = [
     "FileWindow",
+    "HeldMapping",
     "PAGE_SIZE",
     "advise_random",
     "cached_bytes",
     "evict",
     "evict_file",
+    "locked_bytes",
+    "memlock_limit",
+    "memory_pressure",
+    "pid_alive",
     "platform_notes",
     "prefetch",
     "read_range",
     "readahead_size",
+    "residency_hidden",
     "resident_bytes",
     "resident_pages",
     "supports_cachestat",
@@ -54,8 +60,11 @@ read_range = _backend.read_range
 readahead_size = _backend.readahead_size
 resident_bytes = _backend.resident_bytes
 resident_pages = _backend.resident_pages
+residency_hidden = _backend.residency_hidden
 supports_cachestat = _backend.supports_cachestat
 supports_populate = _backend.supports_populate
+# A keeper's calls (held mappings, mlock, PSI), POSIX with Linux's /proc where it exists.
+from warmpool._platform_hold import HeldMapping, locked_bytes, memlock_limit, memory_pressure, pid_alive  # noqa: E402
 
 
 def evict_file(path) -> None:

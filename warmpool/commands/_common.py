@@ -11,9 +11,11 @@ from .._errors import WarmpoolError
 from .._layout import read_layout
 from .._plan import DEFAULT_CHUNK_SIZE, Plan, make_plan
 from .._select import CATEGORIES, Selection, category, moe_overrides, parse_overrides
+from .._strategy import STRATEGIES
 from .._units import parse_size
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_READY, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_HIDDEN = 4  # ``status``: the kernel hides residency for a file of the model
 EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a process it terminated
 
 
@@ -59,8 +61,11 @@ def selection_from(args: argparse.Namespace) -> Selection:
     return Selection(args.n_gpu_layers, overrides=tuple(args.rules)).validate()
 
 
-def add_model_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", nargs="?", help="a GGUF file (any shard of a split model)")
+def add_model_argument(parser: argparse.ArgumentParser, *, many: bool = False) -> None:
+    if many:  # keep: several models (args.model is a list)
+        parser.add_argument("model", nargs="*", help="GGUF files (any shard of a split model)")
+    else:
+        parser.add_argument("model", nargs="?", help="a GGUF file (any shard of a split model)")
     parser.add_argument("--example", action="store_true", help="use the built-in example MoE model (generated once)")
     parser.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK_SIZE, metavar="SIZE", help="largest chunk a worker takes (default 16M)")
     add_selection_arguments(parser)
@@ -145,6 +150,17 @@ class Bar:
         self.stopped.set()
         if self.thread:
             self.thread.join()
+
+
+STRATEGY_CHOICES = ("auto", *STRATEGIES)
+
+
+def add_warm_arguments(parser: argparse.ArgumentParser) -> None:
+    """How a warm reads (warm, keep): workers, strategy, budget, force."""
+    parser.add_argument("--workers", type=int, metavar="N", help="worker processes (default: grow while throughput rises)")
+    parser.add_argument("--strategy", choices=STRATEGY_CHOICES, default="auto", help="how pages are faulted in (default auto: populate where the kernel has it)")
+    parser.add_argument("--budget", type=budget_syntax, metavar="SIZE|PCT", help="most bytes to read, e.g. 8G or 50%%")
+    parser.add_argument("--force", action="store_true", help="ignore the memory budget")
 
 
 def budget_syntax(text: str) -> str:
