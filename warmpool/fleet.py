@@ -200,10 +200,9 @@ def _on_node(op: str, model: str, selection: dict) -> dict:
     try:
         if op == "warm":
             r = warmpool.warm(model, **selection)
-            left = getattr(r, "bytes_left_cold", None)
-            hidden = r.resident_fraction is None or left is None
+            hidden = r.resident_fraction is None  # the kernel hides residency: unknown, not 0
             answer.update(bytes_selected=r.bytes_selected, bytes_warmed=r.bytes_warmed,
-                          bytes_resident=None if hidden else r.bytes_selected - left,
+                          bytes_resident=None if hidden else r.bytes_selected - r.bytes_left_cold,
                           resident_fraction=r.resident_fraction)
         elif op == "status":
             r = warmpool.residency(model, **selection)
