@@ -111,6 +111,21 @@ def test_unreachable_address_fails_fast():
     assert len(proc.stderr.strip().splitlines()) == 1 and "cannot connect to the Ray cluster" in proc.stderr
 
 
+def test_hidden_residency_is_unknown_not_a_number():
+    """A node whose kernel hides residency answers None: shown as unknown / null, and it can
+    never pass --min-resident (the hiding itself is tested with real capabilities in
+    test_hidden_residency.py; fleet only passes None through)."""
+    from warmpool.commands.fleet import _table
+
+    hidden = fleet.NodeResult("a" * 56, "10.0.0.1", 4096, None, None, 0.5, None, 4096)
+    assert fleet._checked(hidden, None) == hidden
+    failing = fleet._checked(hidden, 0.5)
+    assert not failing.ok and failing.error.startswith("residency unknown")
+    row = _table([hidden]).splitlines()[1].split()
+    assert row[:5] == ["a" * 12, "10.0.0.1", "4.00", "KiB", "unknown"]
+    assert json.loads(json.dumps(hidden._asdict()))["resident_fraction"] is None
+
+
 def test_warm_status_evict_on_every_node(cluster):
     files = cluster.files()
     plan = warmpool.plan_model(next(iter(files.values())))

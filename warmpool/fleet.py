@@ -115,10 +115,12 @@ def _run(op: str, model, address, timeout, min_resident, selection: dict) -> lis
         refs = [task.options(name=f"warmpool-fleet-{op}",
                              scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
                 .remote(op, model, dict(selection)) for _, node_id in nodes]
-        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
-        for ref in pending:  # a hung or dead node: stop its task, report it, move on
-            with contextlib.suppress(Exception):
-                ray.cancel(ref, force=True)
+        try:
+            ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        except BaseException:  # Ctrl-C, SIGTERM: stop every node's task, not only ours
+            _cancel(ray, refs)
+            raise
+        _cancel(ray, pending)  # a hung or dead node: stop its task, report it, move on
         done = set(ready)
         rows = []
         for (ip, node_id), ref in zip(nodes, refs):
@@ -137,6 +139,14 @@ def _run(op: str, model, address, timeout, min_resident, selection: dict) -> lis
                 row = row._replace(error=f"the task ran on node {ran_on}, not on this one")
             rows.append(_checked(row, min_resident))
     return rows
+
+
+def _cancel(ray, refs) -> None:
+    """Ask the tasks to stop.  Not forced: a running warm gets KeyboardInterrupt and cleans up
+    its workers and progress segment; what still runs when this driver disconnects, Ray kills."""
+    for ref in refs:
+        with contextlib.suppress(Exception):
+            ray.cancel(ref)
 
 
 @contextlib.contextmanager
