@@ -12,7 +12,7 @@ reads the tensors into its own buffers instead, and those reads then hit the pag
 Which tensors the warm selects, from the keyword arguments ``Llama`` takes:
 
 * ``n_gpu_layers`` (llama-cpp-python's default 0: all on the CPU; -1: every layer offloaded,
-  only ``token_embd`` stays) with llama.cpp's own placement rule (``warmpool._select``).
+  only ``token_embd`` stays) with llama.cpp's own placement rule (``warmpool.Selection``).
 * **No GPU backend, no offload**: a llama.cpp built without one (the PyPI sdist's default
   build) accepts ``n_gpu_layers > 0`` and keeps every tensor on the CPU anyway.  When
   ``llama_supports_gpu_offload()`` is False we therefore warm every tensor, whatever
@@ -33,7 +33,7 @@ import os
 import warnings
 from collections.abc import Iterable
 
-from warmpool._select import parse_overrides
+from warmpool import parse_overrides
 
 from ._warmup import Warmup, start_warmup
 

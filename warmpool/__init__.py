@@ -29,7 +29,8 @@ _LAZY = {
     "main": ".commands",
     "ModelFile": "._layout", "ModelLayout": "._layout", "TensorInfo": "._layout", "read_layout": "._layout",
     "DEFAULT_CHUNK_SIZE": "._plan", "Chunk": "._plan", "Plan": "._plan", "make_plan": "._plan",
-    "Selection": "._select",
+    "ProgressView": "._progress",
+    "Selection": "._select", "parse_overrides": "._select",
     "LayerResidency": "._warm", "Residency": "._warm", "WarmResult": "._warm", "evict": "._warm",
     "plan_model": "._warm", "residency": "._warm", "warm": "._warm",
 }
@@ -37,7 +38,8 @@ _LAZY = {
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from ._layout import ModelFile, ModelLayout, TensorInfo, read_layout
     from ._plan import DEFAULT_CHUNK_SIZE, Chunk, Plan, make_plan
-    from ._select import Selection
+    from ._progress import ProgressView
+    from ._select import Selection, parse_overrides
     from ._warm import (
         LayerResidency,
         Residency,
@@ -77,6 +79,7 @@ __all__ = [
     "Plan",
     "PlatformError",
     "ProgressError",
+    "ProgressView",
     "Residency",
     "Selection",
     "SelectionError",
@@ -88,6 +91,7 @@ __all__ = [
     "evict",
     "main",
     "make_plan",
+    "parse_overrides",
     "plan_model",
     "read_layout",
     "residency",

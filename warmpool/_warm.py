@@ -161,7 +161,7 @@ def warm(path: str | os.PathLike[str], *, workers: int | None = None, strategy: 
         before = files.resident(plan, quick=True)
         cold = [c.length - r for c, r in zip(plan.chunks, before)]
         decision = decide(cold, env=env, force=force, budget=budget, memory=memory)
-        logger.info("{}: {}", plan.files[0].path, decision.reason)
+        logger.info("%s: %s", plan.files[0].path, decision.reason)
         result = dict(path=plan.files[0].path, bytes_selected=plan.bytes_planned,
                       bytes_already_resident=sum(before), seconds=0.0, workers=0, reason=decision.reason)
         if not decision.chunks:
