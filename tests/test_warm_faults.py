@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 from conftest import evict_file
+from warmpool import ProgressView
 
 pytestmark = pytest.mark.pagecache
 
@@ -69,10 +70,19 @@ def assert_nothing_left(proc):
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(prefix)], "the segment was not unlinked"
 
 
+def final_state(view):
+    """The state a reader attached mid-warm is left with (its mapping outlives the unlink)."""
+    try:
+        return view.snapshot().state
+    finally:
+        view.close()
+
+
 def test_ctrl_c_stops_within_two_seconds(private_model):
     before = fingerprint(private_model)
     proc = start_warm(private_model)
-    wait_for_workers(proc)
+    name, _ = wait_for_workers(proc)
+    view = ProgressView.attach(name)
     sent = time.monotonic()
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=10)
@@ -81,21 +91,26 @@ def test_ctrl_c_stops_within_two_seconds(private_model):
     assert "Traceback" not in err
     assert_nothing_left(proc)
     assert fingerprint(private_model) == before
+    assert final_state(view) == "cancelled"
 
 
-def test_sigterm_cleans_up(private_model):
+def test_sigterm_cleans_up_and_reads_as_cancelled(private_model):
+    """SIGTERM is a stop someone asked for: readers see "cancelled", as after Ctrl-C."""
     proc = start_warm(private_model)
-    wait_for_workers(proc)
+    name, _ = wait_for_workers(proc)
+    view = ProgressView.attach(name)
     proc.terminate()
     proc.communicate(timeout=10)
     assert proc.returncode == 143
     assert_nothing_left(proc)
+    assert final_state(view) == "cancelled"
 
 
 def test_killed_worker_is_noticed_and_named(private_model):
     before = fingerprint(private_model)
     proc = start_warm(private_model)
-    _, workers = wait_for_workers(proc)
+    name, workers = wait_for_workers(proc)
+    view = ProgressView.attach(name)
     killed = time.monotonic()
     workers[0].kill()
     out, err = proc.communicate(timeout=10)
@@ -105,6 +120,7 @@ def test_killed_worker_is_noticed_and_named(private_model):
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert_nothing_left(proc)
     assert fingerprint(private_model) == before
+    assert final_state(view) == "failed"
 
 
 @pytest.mark.parametrize("strategy", ["populate", "touch", "read"])
