@@ -376,7 +376,7 @@ def test_posix_fallback_reports_what_it_lacks(cold: ColdFile) -> None:
         assert posix.resident_bytes(cold.fd, 0, 0) == MiB
 
 
-FACADE_ONLY = {"evict_file"}  # composed in the facade from backend calls
+FACADE_ONLY = {"evict_file", "evict_ranges"}  # composed in the facade from backend calls
 
 
 def test_facade_exports_the_same_names_as_each_backend() -> None:

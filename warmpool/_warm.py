@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from . import _platform
-from ._errors import FileChangedError
+from ._errors import FileChangedError, PlatformError
 from ._layout import read_layout
 from ._log import logger
 from ._plan import DEFAULT_CHUNK_SIZE, Plan, contiguous_runs, layer_key, make_plan
@@ -229,17 +229,19 @@ def residency(path: str | os.PathLike[str], *, plan: Plan | None = None, **selec
 def evict(path: str | os.PathLike[str], *, plan: Plan | None = None, **selection) -> int:
     """Drop the selection's pages from the page cache (POSIX_FADV_DONTNEED).
 
-    DONTNEED skips dirty pages, so the files are flushed first (fdatasync works on a read-only
-    fd: a freshly copied or downloaded model is otherwise all dirty and nothing is evicted).
-    Pages that a live process maps or locks stay.  Returns the bytes still resident afterwards.
+    ``_platform.evict_ranges`` does it (flush, then DONTNEED; a file system that cannot write
+    back is fine).  Pages that a live process maps or locks stay.  Returns the bytes still
+    resident afterwards.
     """
     plan = plan or plan_model(path, **selection)
+    # One call per run of adjacent chunks: DONTNEED keeps a large folio that straddles the
+    # range's edge, so evicting chunk by chunk would keep one folio per chunk boundary.
+    runs = contiguous_runs(plan.chunks)
     with _OpenFiles(plan) as files:
-        for fd in files.fds:
-            os.fdatasync(fd)
-        # One call per run of adjacent chunks: DONTNEED keeps a large folio that straddles the
-        # range's edge, so evicting chunk by chunk would keep one folio per chunk boundary.
-        for file, runs in contiguous_runs(plan.chunks).items():
-            for start, end in runs:
-                _platform.evict(files.fds[file], start, end - start)
+        for file, fd in enumerate(files.fds):
+            try:
+                _platform.evict_ranges(fd, [(start, end - start) for start, end in runs.get(file, [])])
+            except PlatformError as e:
+                e.path = e.path or files.paths[file]
+                raise
         return sum(files.resident(plan))
