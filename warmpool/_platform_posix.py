@@ -26,20 +26,9 @@ if TYPE_CHECKING:
     from typing import Callable
 
 __all__ = [
-    "DEFAULT_READAHEAD",
-    "FileWindow",
-    "PAGE_SIZE",
-    "advise_random",
-    "cached_bytes",
-    "evict",
-    "platform_notes",
-    "prefetch",
-    "read_range",
-    "readahead_size",
-    "resident_bytes",
-    "resident_pages",
-    "supports_cachestat",
-    "supports_populate",
+    "DEFAULT_READAHEAD", "FileWindow", "PAGE_SIZE", "advise_random", "cached_bytes", "evict",
+    "platform_notes", "prefetch", "read_range", "readahead_size", "resident_bytes", "resident_pages",
+    "supports_cachestat", "supports_populate",
 ]
 
 PAGE_SIZE: int = mmap.PAGESIZE
