@@ -200,11 +200,30 @@ def test_prefetch_to_eof_on_a_random_fd(cold: ColdFile) -> None:
     assert bytes_read_by(lambda: prefetch(cold.fd, 0, 0)) in (None, SIZE)
 
 
+def willneed_cap(fd: int) -> int:
+    """What one WILLNEED reads at most: max(bdi io_pages, ra_pages) (force_page_cache_ra in
+    mm/readahead.c); io_pages is the device's max_sectors_kb, where sysfs has one."""
+    dev = os.fstat(fd).st_dev
+    node = f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"
+    io_bytes = 0
+    for queue in (f"{node}/queue", f"{node}/../queue"):
+        try:
+            io_bytes = int(Path(queue, "max_sectors_kb").read_text()) * 1024
+            break
+        except (OSError, ValueError):
+            continue
+    return max(readahead_size(fd), io_bytes)
+
+
 @pytest.mark.pagecache
-def test_willneed_is_only_a_hint(cold: ColdFile) -> None:
-    with FileWindow(cold.fd, 0, SIZE) as window:
-        window.willneed(0, SIZE)
-    assert 0 <= resident_bytes(cold.fd, 0, SIZE) <= SIZE  # how much: the kernel's choice
+@pytest.mark.parametrize(("offset", "length"), [(4 * MiB, MiB), (0, SIZE), (3 * MiB, 12 * MiB)])
+def test_willneed_reads_exactly_the_range_up_to_the_cap(cold: ColdFile, offset: int, length: int) -> None:
+    # A hint, and a capped one: it reads exactly [offset, offset + min(length, cap)), nothing else.
+    want = min(length, willneed_cap(cold.fd))
+    with FileWindow(cold.fd, offset, length) as window:
+        assert bytes_read_by(lambda: window.willneed(0, length)) in (None, want)
+    assert wait_until_resident(cold.fd, offset, want, want * 9 // 10)  # less: reclaim
+    assert outside(cold.fd, offset, offset + want, SIZE) == 0
 
 
 # -- measurement ---------------------------------------------------------------------

@@ -147,17 +147,29 @@ def test_replaced_file_is_reported(private_model, tmp_path):
     assert_nothing_left(proc)
 
 
+def model_fds(process, path):
+    """(fd, flags) of each descriptor the process has open on the model."""
+    return [(f.fd, f.flags) for f in process.open_files() if f.path == str(path)]
+
+
 def test_model_is_never_opened_for_writing(private_model):
+    """The coordinator and every worker hold exactly one descriptor on the model, read-only."""
     before = fingerprint(private_model)
     proc = start_warm(private_model)
     _, workers = wait_for_workers(proc)
-    for p in [psutil.Process(proc.pid), *workers]:
-        try:
-            for f in p.open_files():
-                if f.path == str(private_model):
-                    assert f.mode == "r", f
-        except psutil.NoSuchProcess:
-            pass
+    processes = [psutil.Process(proc.pid), *workers]
+    seen: dict[int, list] = {}
+    deadline = time.monotonic() + 10
+    while len(seen) < len(processes) and time.monotonic() < deadline:  # a worker opens after it starts
+        for p in processes:
+            if p.pid not in seen and (fds := model_fds(p, private_model)):
+                seen[p.pid] = fds
+        time.sleep(0.01)
+    assert set(seen) == {p.pid for p in processes}, f"model never seen open by {set(p.pid for p in processes) - set(seen)}"
+    for pid, fds in seen.items():
+        assert len(fds) == 1, (pid, fds)
+        (fd, flags), = fds
+        assert flags & os.O_ACCMODE == os.O_RDONLY, (pid, fd, oct(flags))
     proc.communicate(timeout=60)
     assert proc.returncode == 0
     assert fingerprint(private_model) == before
