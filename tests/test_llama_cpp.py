@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import glob
 import os
+import threading
 
+import psutil
 import pytest
 
 import warmpool
+from warmpool import ProgressView
 from conftest import evict_file, resident_fraction
 from engine_adapter.llama_cpp import load, selection_for
 
@@ -42,7 +45,7 @@ def test_overrides_are_modelled_only_when_llama_applies_them():
 @pytest.mark.slow
 @pytest.mark.pagecache
 def test_load_generates_text_with_the_selection_resident(private_model):
-    llama_cpp = pytest.importorskip("llama_cpp")  # a guard only: the test extra installs it
+    import llama_cpp  # the test extra installs it
     evict_file(private_model)
     assert resident_fraction(private_model) < 0.05
     llm, warmup = load(private_model, n_ctx=256, seed=1, verbose=False, warmup_options={"raise_errors": True})
@@ -60,11 +63,46 @@ def test_load_generates_text_with_the_selection_resident(private_model):
     assert warmpool.residency(private_model, **expected).resident_fraction >= 0.99
 
 
+def watch_segment(found: list, stop: threading.Event) -> None:
+    """Attach to this process's progress segment as soon as it appears in /dev/shm."""
+    prefix = f"warmpool-{os.getpid()}-"
+    while not stop.is_set() and not found:
+        for name in os.listdir("/dev/shm"):
+            if name.startswith(prefix):
+                try:
+                    found.append(ProgressView.attach(name))
+                except warmpool.ProgressError:  # not initialised yet, or gone: look again
+                    continue
+                return
+        stop.wait(0.001)
+
+
 @pytest.mark.slow
-def test_a_failing_constructor_cancels_the_warm(tmp_path):
-    pytest.importorskip("llama_cpp")
-    junk = tmp_path / "junk.gguf"
-    junk.write_bytes(os.urandom(1 << 20))
-    with pytest.raises(ValueError):  # llama-cpp-python's own error propagates unchanged
-        load(junk, verbose=False)
+@pytest.mark.pagecache
+def test_a_failing_constructor_cancels_the_warm_mid_way(gemma_model):
+    """Llama() loads the real, evicted Gemma model (reading all 253 MB) and then fails to
+    create its context (a quantized V cache without flash attention, which llama.cpp refuses)
+    while the warm is still running: load() cancels it, the engine's own error propagates,
+    and nothing is left (segment, workers).  Reading 253 MB takes longer than the warm's start,
+    and the warm in 64 KiB chunks with one worker takes longer than the load; the test checks
+    that it did catch the warm mid-way."""
+    evict_file(gemma_model)
+    found, stop = [], threading.Event()
+    watcher = threading.Thread(target=watch_segment, args=(found, stop), daemon=True)
+    watcher.start()
+    slow = {"chunk_size": 64 << 10, "workers": 1}  # ~3,900 chunks: longer than the model load
+    try:
+        with pytest.raises(ValueError, match="llama_context"):  # llama-cpp-python's own error, unchanged
+            load(gemma_model, n_ctx=256, verbose=False, type_v=8, flash_attn=False,  # 8: GGML_TYPE_Q8_0
+                 warmup_options=slow)
+    finally:
+        stop.set()
+        watcher.join()
+    assert found, "the warm never created its progress segment: the constructor failed before the warm started"
+    view = found[0]
+    snap = view.snapshot()
+    view.close()
+    assert snap.state == "cancelled" and snap.done_bytes < snap.total_bytes, snap  # stopped mid-warm
     assert glob.glob(f"/dev/shm/warmpool-{os.getpid()}-*") == []
+    workers = [p for p in psutil.Process().children(recursive=True) if "warmpool._worker" in " ".join(p.cmdline())]
+    assert workers == []
