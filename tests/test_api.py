@@ -78,7 +78,7 @@ def test_errors_pickle_with_message_and_path(cls, path):
 
 
 def test_layout_parse_imports_nothing_heavy(tiny_model):
-    """read_layout is on every engine's start-up path: stdlib only (REFERENCE §7)."""
+    """read_layout is on every engine's start-up path: stdlib only (docs/design.md, "Import cost")."""
     code = ("import sys, warmpool; warmpool.read_layout(sys.argv[1]); "
             "print(sorted(m for m in ('numpy', 'gguf', 'loguru', 'tqdm', 'psutil') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code, str(tiny_model)], capture_output=True, text=True, timeout=60,

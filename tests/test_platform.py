@@ -160,7 +160,7 @@ def test_touch_makes_window_resident(cold: ColdFile) -> None:
 
 @pytest.mark.pagecache
 def test_random_read_range_reads_exactly_the_range(cold: ColdFile) -> None:
-    # REFERENCE §7: plain pread also read 12 MiB past the range; FADV_RANDOM stops it.
+    # Plain pread reads ahead past its range; FADV_RANDOM stops it (docs/design.md).
     advise_random(cold.fd)
     got = bytes_read_by(lambda: read_range(cold.fd, 12 * MiB, 8 * MiB, bytearray(MiB)))
     assert got in (None, 8 * MiB)

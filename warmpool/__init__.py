@@ -24,7 +24,7 @@ from ._errors import (
 
 # The rest is imported on first use (PEP 562): an engine's first ``read_layout`` and every
 # worker process (which imports ``warmpool._worker``, and so this package) would otherwise pay
-# for the CLI, the policy and the warm engine they never use (~20-40 ms per process here).
+# for the CLI, the policy and the warm engine they never use (docs/bench/pool.md).
 _LAZY = {
     "main": ".commands",
     "ModelFile": "._layout", "ModelLayout": "._layout", "TensorInfo": "._layout", "read_layout": "._layout",

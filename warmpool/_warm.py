@@ -105,8 +105,8 @@ class _OpenFiles:
         """Resident bytes of each chunk (page granular).
 
         ``quick`` uses cachestat where the kernel has it: one syscall per chunk and no mapping,
-        ~1000x cheaper than mincore (11.7 ms per 512 MiB here), which is what keeps a warm of an
-        already-resident model fast.  It also counts pages whose read is still in flight, so the
+        orders of magnitude cheaper than mincore (docs/bench/platform.md), which is what keeps a
+        warm of an already-resident model fast.  It also counts pages whose read is still in flight, so the
         verdict after a warm uses mincore, which counts only pages that have arrived.
         """
         sizes = []
