@@ -133,7 +133,6 @@ def test_evict_leaves_nothing_resident(cold: ColdFile) -> None:
 
 @pytest.mark.pagecache
 def test_evict_of_a_range_widens_to_whole_pages(cold: ColdFile) -> None:
-    first = MiB // PAGE_SIZE
     # Pin the two neighbours (mapped pages survive DONTNEED); their read-around warms
     # the four pages between, which are not mapped.
     with pinned(cold.fd, MiB - PAGE_SIZE, PAGE_SIZE), pinned(cold.fd, MiB + 4 * PAGE_SIZE, PAGE_SIZE):
