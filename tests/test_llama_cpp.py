@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import glob
 import os
-import threading
+import time
 
 import psutil
 import pytest
@@ -63,46 +63,49 @@ def test_load_generates_text_with_the_selection_resident(private_model):
     assert warmpool.residency(private_model, **expected).resident_fraction >= 0.99
 
 
-def watch_segment(found: list, stop: threading.Event) -> None:
-    """Attach to this process's progress segment as soon as it appears in /dev/shm."""
-    prefix = f"warmpool-{os.getpid()}-"
-    while not stop.is_set() and not found:
-        for name in os.listdir("/dev/shm"):
-            if name.startswith(prefix):
-                try:
-                    found.append(ProgressView.attach(name))
-                except warmpool.ProgressError:  # not initialised yet, or gone: look again
-                    continue
-                return
-        stop.wait(0.001)
+class WaitsForTheWarm(dict):
+    """An empty ``Llama(kv_overrides=...)``: llama-cpp-python reads its items before it loads
+    the model.  They wait until the warm is seen running mid-way, so the model load (which reads
+    the whole file) and the constructor's failure after it land mid-warm whatever the
+    machine's load; the failure itself is llama.cpp's."""
+
+    view = None
+    mid_warm = None  # the snapshot that showed the warm running, not done
+
+    def items(self):
+        prefix, deadline = f"warmpool-{os.getpid()}-", time.monotonic() + 30
+        while time.monotonic() < deadline and self.mid_warm is None:
+            if self.view is None:
+                for name in os.listdir("/dev/shm"):
+                    if name.startswith(prefix):
+                        try:
+                            self.view = ProgressView.attach(name)
+                        except warmpool.ProgressError:  # not initialised yet: look again
+                            pass
+            if self.view is not None:
+                snap = self.view.snapshot()
+                if snap.state == "running" and 0 < snap.done_bytes < snap.total_bytes:
+                    self.mid_warm = snap
+            time.sleep(0.001)
+        return super().items()
 
 
 @pytest.mark.slow
 @pytest.mark.pagecache
-def test_a_failing_constructor_cancels_the_warm_mid_way(gemma_model):
-    """Llama() loads the real, evicted Gemma model (reading all 253 MB) and then fails to
-    create its context (a quantized V cache without flash attention, which llama.cpp refuses)
-    while the warm is still running: load() cancels it, the engine's own error propagates,
-    and nothing is left (segment, workers).  Reading 253 MB takes longer than the warm's start,
-    and the warm in 64 KiB chunks with one worker takes longer than the load; the test checks
-    that it did catch the warm mid-way."""
-    evict_file(gemma_model)
-    found, stop = [], threading.Event()
-    watcher = threading.Thread(target=watch_segment, args=(found, stop), daemon=True)
-    watcher.start()
-    slow = {"chunk_size": 64 << 10, "workers": 1}  # ~3,900 chunks: longer than the model load
-    try:
-        with pytest.raises(ValueError, match="llama_context"):  # llama-cpp-python's own error, unchanged
-            load(gemma_model, n_ctx=256, verbose=False, type_v=8, flash_attn=False,  # 8: GGML_TYPE_Q8_0
-                 warmup_options=slow)
-    finally:
-        stop.set()
-        watcher.join()
-    assert found, "the warm never created its progress segment: the constructor failed before the warm started"
-    view = found[0]
-    snap = view.snapshot()
-    view.close()
-    assert snap.state == "cancelled" and snap.done_bytes < snap.total_bytes, snap  # stopped mid-warm
+def test_a_failing_constructor_cancels_the_warm_mid_way(private_model):
+    """Llama() loads the real model, then fails to create its context (a quantized V cache
+    without flash attention, which llama.cpp refuses) while the warm is running: load()
+    cancels the warm, llama-cpp-python's own error propagates, and nothing is left (segment,
+    workers).  The warm reads the evicted model in 16 KiB chunks with one worker: seconds."""
+    evict_file(private_model)
+    hook = WaitsForTheWarm()
+    with pytest.raises(ValueError, match="llama_context"):  # llama-cpp-python's own error, unchanged
+        load(private_model, n_ctx=256, verbose=False, type_v=8, flash_attn=False, kv_overrides=hook,  # 8: Q8_0
+             warmup_options={"chunk_size": 16 << 10, "workers": 1})
+    assert hook.mid_warm is not None, "the warm was never seen running mid-way"
+    final = hook.view.snapshot()
+    hook.view.close()
+    assert final.state == "cancelled" and final.done_bytes < final.total_bytes, final
     assert glob.glob(f"/dev/shm/warmpool-{os.getpid()}-*") == []
     workers = [p for p in psutil.Process().children(recursive=True) if "warmpool._worker" in " ".join(p.cmdline())]
     assert workers == []
