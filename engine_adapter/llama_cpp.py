@@ -4,9 +4,9 @@
     llm, warmup = load("model.gguf", n_gpu_layers=20, n_ctx=4096)
 
 Why the warm starts first: on Linux llama.cpp maps the whole file with MAP_POPULATE
-(docs/design.md, "What llama.cpp keeps on the CPU"), which faults the file in from one thread while ``Llama()`` blocks; the
-workers started a moment earlier read the CPU-resident tensors in parallel, in layer order,
-so the populate sweep finds pages already arriving.  With ``use_mmap=False`` llama.cpp
+(docs/design.md, "What llama.cpp keeps on the CPU"), which faults the file in from one
+thread while ``Llama()`` blocks; the workers started a moment earlier read the CPU-resident
+tensors in parallel, in layer order, so the populate sweep finds pages already arriving.  With ``use_mmap=False`` llama.cpp
 reads the tensors into its own buffers instead, and those reads then hit the page cache.
 
 Which tensors the warm selects, from the keyword arguments ``Llama`` takes:

@@ -4,7 +4,8 @@
         [--methods warmpool,vmtouch,...] [--json-out FILE] [--chart FILE] [--quick] [--latency-only]
         [--hot-runs N] [--cache-dir DIR]
 
-MODEL_OR_SIZE is a GGUF file, or a size such as ``1.7GB`` (``_units.parse_size``: 1.7e9 bytes; ``1.7G`` is 1.7 GiB): a synthetic MoE of about that size
+MODEL_OR_SIZE is a GGUF file, or a size such as ``1.7GB`` (``_units.parse_size``: 1.7e9 bytes;
+``1.7G`` is 1.7 GiB): a synthetic MoE of about that size
 (``write_moe_gguf(shape_for_size(size))``) is generated once into ``~/.cache/warmpool/bench``.
 
 Each round runs every method once, in an order rotated from round to round; before each run

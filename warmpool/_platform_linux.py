@@ -100,12 +100,14 @@ def prefetch(fd: int, offset: int, length: int) -> None:
     """Queue reads of exactly the range (``length == 0``: to EOF).
 
     One POSIX_FADV_WILLNEED reads at most max(bdi io_pages, ra_pages) pages
-    (force_page_cache_ra in mm/readahead.c), the readahead size on most disks.  Requests of readahead-size steps are each read in full, and read nothing
-    outside the range, unlike faulting or plain reads (docs/design.md).
+    (force_page_cache_ra in mm/readahead.c), the readahead size on most disks.
+    Requests of readahead-size steps are each read in full, and read nothing outside
+    the range, unlike faulting or plain reads (docs/design.md).
 
     Mostly asynchronous: the pages enter the cache locked and are read behind the
-    caller's back, but a call blocks once the device queue is full (docs/bench/platform.md).  Prefetch a
-    chunk or two ahead, then ``FileWindow.populate`` waits for what is still in flight.
+    caller's back, but a call blocks once the device queue is full
+    (docs/bench/platform.md).  Prefetch a chunk or two ahead, then
+    ``FileWindow.populate`` waits for what is still in flight.
     """
     _posix._stepped_willneed(fd, offset, length, readahead_size(fd))
 

@@ -16,14 +16,16 @@ terminal's Ctrl-C goes to the coordinator alone, which then stops the workers it
 Each worker has its own pair of pipes, wrapped in ``multiprocessing.connection.Connection``;
 a worker that dies without a word (SIGKILL, the OOM killer, SIGBUS from a truncated file
 under ``touch``) closes its end, so the coordinator sees EOF at once and names the chunk it
-held, rather than hanging the way ``multiprocessing.Pool`` does (docs/design.md, "Worker processes").  The coordinator is the only writer of chunk
-states in the progress segment; each worker writes only its own byte counter.
+held, rather than hanging the way ``multiprocessing.Pool`` does (docs/design.md, "Worker
+processes").  The coordinator is the only writer of chunk states in the progress segment; each
+worker writes only its own byte counter.
 
 Worker count: ``workers=None`` grows the pool while it pays.  It starts with
 ``AUTO_START`` workers and doubles, up to ``AUTO_MAX``, each time a measurement window shows
 the throughput still rising by ``AUTO_GAIN``: on a local disk one reader already saturates the
 device and the pool stays small; on latency-bound storage (network block devices, NFS, FUSE)
-throughput keeps rising with concurrency and the pool grows (docs/design.md; figures: docs/bench/pool.md).
+throughput keeps rising with concurrency and the pool grows (docs/design.md; figures:
+docs/bench/pool.md).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ __all__ = ["AUTO_MAX", "AUTO_START", "PoolResult", "run_pool"]
 AUTO_START, AUTO_MAX = 1, 16
 AUTO_GAIN = 1.15  # grow again only while a doubling bought at least 15% more throughput
 # A measurement window spans at least 64 MiB and 16 MiB (one default chunk) per worker, and at
-# least 0.25 s: 64 MiB alone passes in a few tens of ms, mostly scheduling noise on a busy machine.
+# least 0.25 s: 64 MiB alone passes in tens of ms, mostly scheduling noise on a busy machine.
 AUTO_WINDOW, AUTO_WINDOW_PER_WORKER, AUTO_WINDOW_S = 64 * 1024 * 1024, 16 * 1024 * 1024, 0.25
 POLL = 0.1  # seconds between checks of the stop flag: Ctrl-C/cancel answer well within 2 s
 

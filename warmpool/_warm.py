@@ -106,8 +106,8 @@ class _OpenFiles:
 
         ``quick`` uses cachestat where the kernel has it: one syscall per chunk and no mapping,
         orders of magnitude cheaper than mincore (docs/bench/platform.md), which is what keeps a
-        warm of an already-resident model fast.  It also counts pages whose read is still in flight, so the
-        verdict after a warm uses mincore, which counts only pages that have arrived.
+        warm of an already-resident model fast.  It also counts pages whose read is still in
+        flight, so the verdict after a warm uses mincore, which counts only pages that have arrived.
         """
         sizes = []
         for c in plan.chunks:
