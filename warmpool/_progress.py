@@ -23,12 +23,7 @@ from warmpool._shm import create_object, map_object, os_error, posix_name, unlin
 if TYPE_CHECKING:  # any object with these fields will do
     from warmpool._plan import Chunk
 
-__all__ = [
-    "ProgressSegment",
-    "ProgressSnapshot",
-    "ProgressView",
-    "WorkerCounter",
-]
+__all__ = ["ProgressSegment", "ProgressSnapshot", "ProgressView", "WorkerCounter"]
 
 _MAGIC = b"WARMPOOL"
 _VERSION = 1
