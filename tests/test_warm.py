@@ -186,7 +186,7 @@ def test_warm_of_resident_selection_reads_nothing(pagecache_model):
 def test_partially_resident_warm_reads_only_the_cold_part(pagecache_model):
     """Half the selection resident first; the disk bytes read by the warm (the workers' reads,
     counted by the kernel per process) must be the cold half, not the whole selection."""
-    plan = warmpool.plan_model(pagecache_model, **SELECTION)
+    plan = warmpool.plan_model(pagecache_model, chunk_size=1 << 20, **SELECTION)
     selected, _ = page_sets(plan)
     evict_file(pagecache_model)
     half = plan.chunks[: len(plan.chunks) // 2]
@@ -202,13 +202,17 @@ def test_partially_resident_warm_reads_only_the_cold_part(pagecache_model):
     assert sum(c.length for c in half) * 0.95 <= warm_before <= plan.bytes_planned * 0.75
 
     read_before = disk_read_bytes()
-    result = warmpool.warm(pagecache_model, workers=2, **SELECTION)
+    result = warmpool.warm(pagecache_model, plan=plan, workers=2)
     read = disk_read_bytes() - read_before
 
     assert result.workers >= 1 and result.resident_fraction >= 0.99
-    assert abs(result.bytes_already_resident - warm_before) <= 0.01 * plan.bytes_planned
-    # The header walk reads a few pages; readahead stays inside the selection (see _worker.Guards).
-    assert 0.95 * cold <= read <= cold + 256 * 1024, (read, cold, plan.bytes_planned)
+    assert abs(result.bytes_already_resident - warm_before) <= 0.02 * plan.bytes_planned
+    # Bounds from the warm's own look before it started (this VM may reclaim a few unmapped pages
+    # between the test's mincore and that look); the header walk reads a few pages, readahead
+    # stays inside the selection (_worker.Guards).  Reading the whole selection would exceed it.
+    cold_seen = plan.bytes_planned - result.bytes_already_resident
+    assert 0.95 * cold_seen <= read <= cold_seen + (1 << 20), (read, cold_seen, cold, plan.bytes_planned)
+    assert plan.bytes_planned - cold_seen > 3 * (1 << 20)  # what was warm is well over the slack
 
 
 def test_evict_drops_the_selection(pagecache_model):
