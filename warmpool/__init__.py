@@ -24,13 +24,14 @@ from ._errors import (
 
 # The rest is imported on first use (PEP 562): an engine's first ``read_layout`` and every
 # worker process (which imports ``warmpool._worker``, and so this package) would otherwise pay
-# for the CLI, the policy and the warm engine they never use (~20-40 ms per process here).
+# for the CLI, the policy and the warm engine they never use (docs/bench/pool.md).
 _LAZY = {
     "main": ".commands",
     "ModelFile": "._layout", "ModelLayout": "._layout", "TensorInfo": "._layout", "read_layout": "._layout",
     "DEFAULT_CHUNK_SIZE": "._plan", "Chunk": "._plan", "Plan": "._plan", "make_plan": "._plan",
-    "Selection": "._select",
     "Keeper": "._keep",
+    "ProgressView": "._progress",
+    "Selection": "._select", "parse_overrides": "._select",
     "FileResidency": "._warm", "LayerResidency": "._warm", "Residency": "._warm", "residency_hidden": "._warm", "WarmResult": "._warm", "evict": "._warm",
     "plan_model": "._warm", "residency": "._warm", "warm": "._warm",
 }
@@ -39,7 +40,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from ._layout import ModelFile, ModelLayout, TensorInfo, read_layout
     from ._keep import Keeper
     from ._plan import DEFAULT_CHUNK_SIZE, Chunk, Plan, make_plan
-    from ._select import Selection
+    from ._progress import ProgressView
+    from ._select import Selection, parse_overrides
     from ._warm import (
         FileResidency,
         LayerResidency,
@@ -83,6 +85,7 @@ __all__ = [
     "Plan",
     "PlatformError",
     "ProgressError",
+    "ProgressView",
     "Residency",
     "Selection",
     "SelectionError",
@@ -94,6 +97,7 @@ __all__ = [
     "evict",
     "main",
     "make_plan",
+    "parse_overrides",
     "plan_model",
     "read_layout",
     "residency",
