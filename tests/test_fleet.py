@@ -213,16 +213,19 @@ def _node_processes(node) -> list[psutil.Process]:
 
 
 def test_hung_node_is_reported_after_the_timeout(cluster):
-    """A frozen node (SIGSTOP on its raylet and workers): the others answer, it is reported
-    after --timeout, and once thawed it serves the next call."""
+    """A frozen node (SIGSTOP on its raylet and workers): the others warm, it is reported after
+    --timeout, its cancelled warm never runs, and once thawed it serves the next call."""
     c = cluster.cluster
     node = sorted(c.worker_nodes, key=lambda n: n.node_id)[0]
+    files = cluster.files()
+    for path in files.values():
+        evict_file(path)
     processes = _node_processes(node)
     for p in processes:
         p.suspend()
     try:
         started = time.perf_counter()
-        rows = by_node(fleet.status(MODEL, timeout=3))
+        rows = by_node(fleet.warm(MODEL, timeout=3))
         elapsed = time.perf_counter() - started
     finally:
         for p in processes:
@@ -232,9 +235,12 @@ def test_hung_node_is_reported_after_the_timeout(cluster):
     hung = rows[node.node_id]
     assert hung.error == "no answer within 3 s (node dead, hung or unschedulable)"
     assert hung.bytes_selected is None and hung.seconds is None
-    assert all(r.ok and r.bytes_selected for n, r in rows.items() if n != node.node_id)
-    rows = fleet.status(MODEL, timeout=30)  # thawed before its health checks ran out: back in service
-    assert len(rows) == 3 and all(r.ok for r in rows), rows
+    assert all(r.ok and r.resident_fraction >= 0.99 for n, r in rows.items() if n != node.node_id)
+    # Thawed before its health checks ran out: back in service, and the warm cancelled while
+    # it was frozen never ran (its copy is still cold).
+    rows = by_node(fleet.status(MODEL, timeout=30))
+    assert len(rows) == 3 and all(r.ok for r in rows.values()), rows
+    assert rows[node.node_id].resident_fraction < 0.05 and resident_fraction(files[node.node_id]) < 0.05
 
 
 def test_killed_node_is_reported_within_the_timeout(cluster):

@@ -117,7 +117,7 @@ def _run(op: str, model, address, timeout, min_resident, selection: dict) -> lis
                 .remote(op, model, dict(selection)) for _, node_id in nodes]
         try:
             ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
-        except BaseException:  # Ctrl-C, SIGTERM: stop every node's task, not only ours
+        except BaseException:  # Ctrl-C, SIGTERM: cancel them all before leaving
             _cancel(ray, refs)
             raise
         _cancel(ray, pending)  # a hung or dead node: stop its task, report it, move on
@@ -142,8 +142,10 @@ def _run(op: str, model, address, timeout, min_resident, selection: dict) -> lis
 
 
 def _cancel(ray, refs) -> None:
-    """Ask the tasks to stop.  Not forced: a running warm gets KeyboardInterrupt and cleans up
-    its workers and progress segment; what still runs when this driver disconnects, Ray kills."""
+    """Cancel the tasks that have not answered.  One not started yet (its node is gone or
+    frozen) then never starts.  One already running is not interrupted by a plain cancel (Ray
+    2.60 here), and a forced one would SIGKILL a warm mid-way and leave its progress segment in
+    /dev/shm; it ends when the driver that submitted it disconnects, which the CLI does at once."""
     for ref in refs:
         with contextlib.suppress(Exception):
             ray.cancel(ref)
@@ -168,8 +170,8 @@ def _connection(ray, address: str | None):
 
 
 def _check_reachable(address: str) -> None:
-    """Fail in seconds when nothing listens at the cluster's address: ray.init retries a dead
-    address for many minutes.  "auto" is resolved the way ray.init resolves it."""
+    """Fail in seconds when nothing listens at the cluster's address: ray.init kept retrying
+    one for minutes here (Ray 2.60).  "auto" is resolved the way ray.init resolves it."""
     import socket
 
     try:
