@@ -52,8 +52,9 @@ def warm(model: str | os.PathLike[str], address: str | None = None, *, timeout: 
          min_resident: float | None = None, **selection) -> list[NodeResult]:
     """Warm ``model`` on every alive node (``warmpool.warm(model, **selection)`` there).
 
-    ``address`` is a Ray address or ``"auto"``; ``None`` uses this process's Ray connection
-    if it has one, else ``"auto"`` (``RAY_ADDRESS``, then the cluster started on this machine).
+    ``address`` is a Ray address or ``"auto"`` (``RAY_ADDRESS``, then the cluster started on
+    this machine); ``None`` means ``"auto"``.  A process already connected to Ray (``ray.init``)
+    uses that connection whatever ``address`` says.
     With ``min_resident``, a node left below that fraction (or unknown) is a failing row.
     """
     return _run("warm", model, address, timeout, min_resident, selection)
