@@ -13,6 +13,7 @@ import warmpool
 from warmpool import _errors
 
 PUBLIC = [
+    "AmbiguousModelError",
     "CancelledError",
     "Chunk",
     "DEFAULT_CHUNK_SIZE",
@@ -21,10 +22,12 @@ PUBLIC = [
     "LayoutError",
     "ModelFile",
     "ModelLayout",
+    "ModelNotFoundError",
     "Plan",
     "PlatformError",
     "ProgressError",
     "Residency",
+    "ResolvedModel",
     "Selection",
     "SelectionError",
     "TensorInfo",
@@ -38,6 +41,8 @@ PUBLIC = [
     "plan_model",
     "read_layout",
     "residency",
+    "resolve_model",
+    "resolve_models",
     "warm",
 ]
 

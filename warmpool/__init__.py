@@ -11,9 +11,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ._errors import (
+    AmbiguousModelError,
     CancelledError,
     FileChangedError,
     LayoutError,
+    ModelNotFoundError,
     PlatformError,
     ProgressError,
     SelectionError,
@@ -30,6 +32,7 @@ _LAZY = {
     "ModelFile": "._layout", "ModelLayout": "._layout", "TensorInfo": "._layout", "read_layout": "._layout",
     "DEFAULT_CHUNK_SIZE": "._plan", "Chunk": "._plan", "Plan": "._plan", "make_plan": "._plan",
     "Selection": "._select",
+    "ResolvedModel": "._stores", "resolve_model": "._stores", "resolve_models": "._stores",
     "LayerResidency": "._warm", "Residency": "._warm", "WarmResult": "._warm", "evict": "._warm",
     "plan_model": "._warm", "residency": "._warm", "warm": "._warm",
 }
@@ -38,6 +41,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from ._layout import ModelFile, ModelLayout, TensorInfo, read_layout
     from ._plan import DEFAULT_CHUNK_SIZE, Chunk, Plan, make_plan
     from ._select import Selection
+    from ._stores import ResolvedModel, resolve_model, resolve_models
     from ._warm import (
         LayerResidency,
         Residency,
@@ -66,6 +70,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "AmbiguousModelError",
     "CancelledError",
     "Chunk",
     "DEFAULT_CHUNK_SIZE",
@@ -74,10 +79,12 @@ __all__ = [
     "LayoutError",
     "ModelFile",
     "ModelLayout",
+    "ModelNotFoundError",
     "Plan",
     "PlatformError",
     "ProgressError",
     "Residency",
+    "ResolvedModel",
     "Selection",
     "SelectionError",
     "TensorInfo",
@@ -91,6 +98,8 @@ __all__ = [
     "plan_model",
     "read_layout",
     "residency",
+    "resolve_model",
+    "resolve_models",
     "warm",
 ]
 
