@@ -190,7 +190,7 @@ def _find_flat(cache: str, repo: str, tag: str, hf_file: str):
 def find(name: str, hf_file: str = ""):
     parsed = split_ref(name)
     if parsed is None:
-        return None, []
+        return None, ["hf (not an ORG/REPO name)"]
     repo, tag, file = parsed
     hf_file = hf_file or file
     looked = []

@@ -41,7 +41,7 @@ def find(name: str):
     root = os.path.join(home(), "models")
     parts = name.split("/")
     if len(parts) not in (2, 3) or not all(parts) or any(p in (".", "..") for p in parts) or ":" in name:
-        return None, []
+        return None, ["lmstudio (not a PUBLISHER/REPO[/FILE] name)"]
     folder = os.path.join(root, parts[0], parts[1])
     models = _models(folder, root)
     if len(parts) == 3:

@@ -101,13 +101,14 @@ def find(name: str):
 
     parts = parse_name(name)
     if parts is None:
-        return None, []
+        return None, ["ollama (not a valid Ollama name)"]
     looked = []
     for models in models_dirs():
         manifest = _manifest_path(models, parts)
         blob = _blob(models, manifest) if manifest else None
-        if blob:
-            return ResolvedModel(name, "ollama", _display(parts), (blob,)), looked
+        if blob:  # named as stored (the match may have ignored case)
+            stored = tuple(os.path.relpath(manifest, os.path.join(models, "manifests")).split(os.sep))
+            return ResolvedModel(name, "ollama", _display(stored), (blob,)), looked
         looked.append(f"ollama {os.path.join(models, 'manifests', *parts)}")
     return None, looked
 
