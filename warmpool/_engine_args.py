@@ -138,6 +138,8 @@ def _llama_cpp(argv: Sequence[str], env: Mapping[str, str], bench: bool = False,
             state.apply(key, False)
         elif name in env:
             value = env[name]
+            if key == "cmoe" and value not in _TRUTHY:
+                continue  # a flag's variable acts only when truthy (handler_void)
             state.apply(key, value in _TRUTHY if key in _VALUELESS else value)
     i = 0
     while i < len(argv):
