@@ -19,7 +19,7 @@ from typing import NamedTuple
 from ._errors import WarmpoolError
 from ._select import Selection, moe_overrides, parse_overrides
 
-__all__ = ["EngineCommand", "EngineArgsError", "parse_engine"]
+__all__ = ["EngineArgsError", "EngineCommand", "fit_placement", "parse_engine", "recognized"]
 
 
 class EngineArgsError(WarmpoolError):
@@ -209,6 +209,11 @@ def _engine_of(argv: Sequence[str]) -> tuple[str, list[str]]:
     if prog.startswith("python") and len(argv) > 2 and argv[1] == "-m" and argv[2] == "llama_cpp.server":
         return "llama-cpp-python", list(argv[3:])
     return "llama.cpp", list(argv[1:])
+
+
+def recognized(argv: Sequence[str]) -> bool:
+    """A command line warmpool knows how to read: a llama.cpp tool or llama-cpp-python's server."""
+    return bool(argv) and (_engine_of(argv)[0] == "llama-cpp-python" or os.path.basename(argv[0]).startswith("llama"))
 
 
 def parse_engine(argv: Sequence[str], env: Mapping[str, str] | None = None) -> EngineCommand:

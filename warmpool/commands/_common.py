@@ -85,7 +85,10 @@ def target(args: argparse.Namespace) -> tuple[str, Selection]:
     warmpool's own flags, or from the engine command line after ``--`` (docs/engines.md)."""
     if getattr(args, "_target", None):
         return args._target
-    if args.engine:
+    from .._engine_args import recognized
+
+    # MODEL with an engine warmpool cannot read: placement from warmpool's own flags.
+    if args.engine and (recognized(args.engine) or not (args.model or args.example)):
         from .._engine_args import fit_placement, parse_engine
 
         if args.n_gpu_layers is not None or args.rules:

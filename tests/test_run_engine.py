@@ -1,0 +1,173 @@
+"""`warmpool run [MODEL] -- ENGINE ARGS`: the engine starts at once as a child with warmpool's
+stdio, its exit status (or 128 + signal) passes through, SIGINT/SIGTERM/SIGHUP are passed on,
+warmpool's own failures leave the engine running, and the real llama-cpp-python server answers
+/v1/completions on 127.0.0.1 while warmpool warms (and keeps) its model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ENGINE = r"""
+import signal, sys, time
+codes = {signal.SIGINT: 20, signal.SIGTERM: 21, signal.SIGHUP: 22}
+for sig, code in codes.items():
+    signal.signal(sig, lambda s, f: sys.exit(codes[s]))
+print("engine ready", flush=True)
+time.sleep(60)
+sys.exit(1)
+"""
+
+
+def _start(*argv: str, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "warmpool", "run", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_exit_status_passes_through(tiny_model):
+    assert _start(str(tiny_model), "--", "sh", "-c", "exit 7").wait(60) == 7
+    assert _start(str(tiny_model), "--", "sh", "-c", "kill -KILL $$").wait(60) == 128 + signal.SIGKILL
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 20), (signal.SIGTERM, 21), (signal.SIGHUP, 22)])
+def test_signals_are_passed_on(tiny_model, tmp_path, sig, code):
+    script = tmp_path / "engine.py"
+    script.write_text(ENGINE)
+    run = _start(str(tiny_model), "--", sys.executable, str(script))
+    assert run.stdout.readline() == "engine ready\n"  # the engine's stdout is warmpool's
+    run.send_signal(sig)
+    assert run.wait(30) == code  # the engine's own exit status, after its handler ran
+
+
+def test_no_model_exits_2_before_starting_anything(tmp_path):
+    marker = tmp_path / "started"
+    run = _start("--", "sh", "-c", f"touch {marker}")
+    assert run.wait(60) == 2
+    assert "no model in the engine command line" in run.stderr.read()
+    assert not marker.exists()
+    assert _start(str(tmp_path)).wait(60) == 2  # and no engine command line at all
+
+
+def test_warmpools_failure_is_reported_once_and_the_engine_runs_on(tmp_path):
+    run = _start("nosuchmodel:1b", "--", "sh", "-c", "sleep 1; echo engine finished")
+    assert run.wait(60) == 0
+    assert run.stdout.read() == "engine finished\n"
+    err = run.stderr.read()
+    assert err.count("the engine keeps running") == 1 and "nosuchmodel:1b: no such file" in err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Lines(threading.Thread):
+    """Collect a pipe's lines as they come."""
+
+    def __init__(self, pipe) -> None:
+        super().__init__(daemon=True)
+        self.pipe, self.lines = pipe, []
+        self.start()
+
+    def run(self) -> None:
+        for line in self.pipe:
+            self.lines.append(line)
+
+    def events(self) -> list[dict]:
+        return [json.loads(line) for line in list(self.lines) if line.startswith('{"event"')]
+
+
+def _complete(port: int, deadline: float) -> dict:
+    body = json.dumps({"prompt": "hello", "max_tokens": 4}).encode()
+    while True:
+        try:
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body, {"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return json.loads(response.read())
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.25)
+
+
+@pytest.mark.slow
+def test_real_llama_cpp_python_server(test_model, tmp_path):
+    pytest.importorskip("llama_cpp.server.app", reason="needs llama-cpp-python[server] (pip install 'llama-cpp-python[server]')")
+    from warmpool import evict, residency
+
+    model = tmp_path / "model.gguf"
+    shutil.copyfile(test_model, model)  # a private copy: evicted here without racing other tests
+    evict(model)
+    assert residency(model).resident_fraction < 0.5
+    port = _free_port()
+    run = _start("--json", "--", sys.executable, "-m", "llama_cpp.server", "--model", str(model),
+                 "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "256")
+    err = _Lines(run.stderr)
+    try:
+        answer = _complete(port, time.monotonic() + 120)
+        assert answer["object"] == "text_completion" and answer["choices"][0]["finish_reason"] in ("length", "stop")
+        deadline = time.monotonic() + 60
+        while not any(e["event"] in ("warmed", "started") for e in err.events()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        events = err.events()
+        assert any(e["event"] in ("warmed", "started") for e in events), "".join(err.lines)[-2000:]
+        assert residency(model).resident_fraction > 0.99
+        assert _complete(port, time.monotonic() + 30)["choices"]  # still answering while warmpool keeps
+        run.send_signal(signal.SIGTERM)
+        status = run.wait(60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    # uvicorn shuts down cleanly on SIGTERM, then ends by the signal: 128 + 15, passed through.
+    assert status in (0, 128 + signal.SIGTERM), "".join(err.lines)[-2000:]
+    err.join(10)
+    assert "Application shutdown complete" in "".join(err.lines)
+    with pytest.raises(OSError):
+        _complete(port, time.monotonic())  # the server is gone with warmpool
+
+
+@pytest.mark.slow
+def test_real_server_kept_with_listen(test_model, tmp_path):
+    pytest.importorskip("llama_cpp.server.app", reason="needs llama-cpp-python[server] (pip install 'llama-cpp-python[server]')")
+    pytest.importorskip("warmpool._keep", reason="warmpool.Keeper (issue 10) is not in this build")
+    model = tmp_path / "model.gguf"
+    shutil.copyfile(test_model, model)
+    port, status_port = _free_port(), _free_port()
+    run = _start("--json", "--interval", "1", "--listen", f"127.0.0.1:{status_port}", "--", sys.executable, "-m",
+                 "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "256")
+    err = _Lines(run.stderr)
+    try:
+        _complete(port, time.monotonic() + 120)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{status_port}/ready", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.25)
+        with urllib.request.urlopen(f"http://127.0.0.1:{status_port}/status", timeout=5) as response:
+            rows = json.loads(response.read())["models"]
+        assert rows and rows[0]["resident_fraction"] > 0.99
+        assert _complete(port, time.monotonic() + 30)["choices"]
+        run.send_signal(signal.SIGINT)
+        status = run.wait(60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert status in (0, 128 + signal.SIGINT), "".join(err.lines)[-2000:]
+    assert any(e["event"] == "stopped" for e in err.events())
+    assert Path(model).exists()
