@@ -5,6 +5,7 @@ warmpool's own failures leave the engine running, and the real llama-cpp-python 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
@@ -66,6 +67,19 @@ def test_warmpools_failure_is_reported_once_and_the_engine_runs_on(tmp_path):
     assert err.count("the engine keeps running") == 1 and "nosuchmodel:1b: no such file" in err
 
 
+@contextlib.contextmanager
+def _running(*argv: str):
+    """``warmpool run ARGV`` with its stderr collected; killed if the test fails before it ends."""
+    run = _start(*argv)
+    err = _Lines(run.stderr)
+    try:
+        yield run, err
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -111,10 +125,8 @@ def test_real_llama_cpp_python_server(test_model, tmp_path):
     evict(model)
     assert residency(model).resident_fraction < 0.5
     port = _free_port()
-    run = _start("--json", "--", sys.executable, "-m", "llama_cpp.server", "--model", str(model),
-                 "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "256")
-    err = _Lines(run.stderr)
-    try:
+    with _running("--json", "--", sys.executable, "-m", "llama_cpp.server", "--model", str(model),
+                  "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "256") as (run, err):
         answer = _complete(port, time.monotonic() + 120)
         assert answer["object"] == "text_completion" and answer["choices"][0]["finish_reason"] in ("length", "stop")
         deadline = time.monotonic() + 60
@@ -126,10 +138,6 @@ def test_real_llama_cpp_python_server(test_model, tmp_path):
         assert _complete(port, time.monotonic() + 30)["choices"]  # still answering while warmpool keeps
         run.send_signal(signal.SIGTERM)
         status = run.wait(60)
-    finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
     # uvicorn shuts down cleanly on SIGTERM, then ends by the signal: 128 + 15, passed through.
     assert status in (0, 128 + signal.SIGTERM), "".join(err.lines)[-2000:]
     err.join(10)
@@ -145,10 +153,8 @@ def test_real_server_kept_with_listen(test_model, tmp_path):
     model = tmp_path / "model.gguf"
     shutil.copyfile(test_model, model)
     port, status_port = _free_port(), _free_port()
-    run = _start("--json", "--interval", "1", "--listen", f"127.0.0.1:{status_port}", "--", sys.executable, "-m",
-                 "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "256")
-    err = _Lines(run.stderr)
-    try:
+    with _running("--json", "--interval", "1", "--listen", f"127.0.0.1:{status_port}", "--", sys.executable, "-m",
+                  "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "256") as (run, err):
         _complete(port, time.monotonic() + 120)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -164,10 +170,6 @@ def test_real_server_kept_with_listen(test_model, tmp_path):
         assert _complete(port, time.monotonic() + 30)["choices"]
         run.send_signal(signal.SIGINT)
         status = run.wait(60)
-    finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
     assert status in (0, 128 + signal.SIGINT), "".join(err.lines)[-2000:]
     assert any(e["event"] == "stopped" for e in err.events())
     assert Path(model).exists()

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,6 @@ import pytest
 
 import warmpool
 from warmpool import AmbiguousModelError, ModelNotFoundError, _store_ollama, resolve_model, resolve_models
-from warmpool.example import TINY, write_moe_gguf
 
 STORE_VARS = ("OLLAMA_MODELS", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME", "LLAMA_CACHE")
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -304,3 +304,19 @@ def test_list(home, tiny_model, split_model):
     assert abs(json.loads(status.stdout)["resident_fraction"] - rows[2]["resident_fraction"]) < 0.05
     text = _cli("list", env=_env(home))
     assert text.returncode == 0 and "tiny:latest" in text.stdout and "resident" in text.stdout
+
+
+@pytest.mark.pagecache
+def test_python_api_takes_references(home, tiny_model, tmp_path):
+    """warm, residency, evict, plan_model and read_layout take a store name where they take a path."""
+    private = tmp_path / "private.gguf"
+    shutil.copyfile(tiny_model, private)  # evicted here: not the shared file
+    blob = make_ollama(home / ".ollama" / "models", private, "registry.ollama.ai", "library", "priv", "latest")
+    assert warmpool.read_layout("priv").files[0].path == str(blob)
+    warmpool.evict("ollama:priv")
+    cold = warmpool.residency("priv").resident_fraction
+    result = warmpool.warm("priv", n_gpu_layers=2)
+    assert result.path == str(blob) and result.bytes_selected == warmpool.plan_model(private, n_gpu_layers=2).bytes_planned
+    assert cold < 0.5 and warmpool.residency("priv", n_gpu_layers=2).resident_fraction == 1.0
+    with pytest.raises(ModelNotFoundError):
+        warmpool.warm("ollama:absent")
