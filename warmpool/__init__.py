@@ -32,6 +32,7 @@ _LAZY = {
     "ModelFile": "._layout", "ModelLayout": "._layout", "TensorInfo": "._layout", "read_layout": "._layout",
     "DEFAULT_CHUNK_SIZE": "._plan", "Chunk": "._plan", "Plan": "._plan", "make_plan": "._plan",
     "Selection": "._select",
+    "Keeper": "._keep",
     "ResolvedModel": "._stores", "resolve_model": "._stores", "resolve_models": "._stores",
     "LayerResidency": "._warm", "Residency": "._warm", "WarmResult": "._warm", "evict": "._warm",
     "plan_model": "._warm", "residency": "._warm", "warm": "._warm",
@@ -39,6 +40,7 @@ _LAZY = {
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from ._layout import ModelFile, ModelLayout, TensorInfo, read_layout
+    from ._keep import Keeper
     from ._plan import DEFAULT_CHUNK_SIZE, Chunk, Plan, make_plan
     from ._select import Selection
     from ._stores import ResolvedModel, resolve_model, resolve_models
@@ -75,6 +77,7 @@ __all__ = [
     "Chunk",
     "DEFAULT_CHUNK_SIZE",
     "FileChangedError",
+    "Keeper",
     "LayerResidency",
     "LayoutError",
     "ModelFile",

@@ -28,11 +28,16 @@ else:
 
 __all__ = [
     "FileWindow",
+    "HeldMapping",
     "PAGE_SIZE",
     "advise_random",
     "cached_bytes",
     "evict",
     "evict_file",
+    "locked_bytes",
+    "memlock_limit",
+    "memory_pressure",
+    "pid_alive",
     "platform_notes",
     "prefetch",
     "read_range",
@@ -56,6 +61,8 @@ resident_bytes = _backend.resident_bytes
 resident_pages = _backend.resident_pages
 supports_cachestat = _backend.supports_cachestat
 supports_populate = _backend.supports_populate
+# A keeper's calls (held mappings, mlock, PSI), POSIX with Linux's /proc where it exists.
+from warmpool._platform_hold import HeldMapping, locked_bytes, memlock_limit, memory_pressure, pid_alive  # noqa: E402
 
 
 def evict_file(path) -> None:

@@ -23,7 +23,7 @@ __all__ = ["build_parser", "main"]
 
 
 # In the order ``warmpool --help`` lists them; each module has a ``Command`` class.
-COMMANDS = ("plan", "warm", "status", "evict", "progress", "listing", "run")  # listing.py: a module named list would shadow the builtin here
+COMMANDS = ("plan", "warm", "status", "evict", "progress", "keep", "listing", "run")  # listing.py: a module named list would shadow the builtin here
 
 
 def _commands() -> list:

@@ -68,8 +68,11 @@ MODEL_HELP = ("a GGUF file (any shard of a split model), a directory holding one
               "(tried as Ollama, Hugging Face, LM Studio); after --, the engine's own command line")
 
 
-def add_model_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", nargs="?", help=MODEL_HELP)
+def add_model_argument(parser: argparse.ArgumentParser, *, many: bool = False) -> None:
+    if many:  # keep: several models (args.model is a list)
+        parser.add_argument("model", nargs="*", help="models: " + MODEL_HELP)
+    else:
+        parser.add_argument("model", nargs="?", help=MODEL_HELP)
     parser.add_argument("--example", action="store_true", help="use the built-in example MoE model (generated once)")
     parser.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK_SIZE, metavar="SIZE", help="largest chunk a worker takes (default 16M)")
     add_selection_arguments(parser)
@@ -95,7 +98,10 @@ def target(args: argparse.Namespace) -> tuple[str, Selection]:
             raise UsageError("placement flags go either to warmpool or in the engine command line after --, not both")
         command = parse_engine(args.engine)
         args.engine_command = command
-        ref = args.model or command.model
+        given = args.model if isinstance(args.model, list) else [args.model] if args.model else []
+        if len(given) > 1:
+            raise UsageError("one model with an engine command line after --")
+        ref = given[0] if given else command.model
         if not ref and not args.example:
             raise UsageError("no model in the engine command line (-m, -hf, LLAMA_ARG_MODEL, --model) and none given")
         path = model_path(args, ref)
@@ -200,6 +206,17 @@ class Bar:
         self.stopped.set()
         if self.thread:
             self.thread.join()
+
+
+STRATEGY_CHOICES = ("auto", "populate", "touch", "read", "willneed")
+
+
+def add_warm_arguments(parser: argparse.ArgumentParser) -> None:
+    """How a warm reads (warm, keep): workers, strategy, budget, force."""
+    parser.add_argument("--workers", type=int, metavar="N", help="worker processes (default: grow while throughput rises)")
+    parser.add_argument("--strategy", choices=STRATEGY_CHOICES, default="auto", help="how pages are faulted in (default auto: populate where the kernel has it)")
+    parser.add_argument("--budget", type=budget_syntax, metavar="SIZE|PCT", help="most bytes to read, e.g. 8G or 50%%")
+    parser.add_argument("--force", action="store_true", help="ignore the memory budget")
 
 
 def budget_syntax(text: str) -> str:

@@ -60,7 +60,7 @@ def _keep(args: argparse.Namespace, budget: int | None, fail):
         if args.json:
             print(json.dumps(event), file=sys.stderr, flush=True)
         if event.get("event") == "error":
-            fail(f"keeping {plan.files[0].path}: {event.get('error') or event.get('message') or event}")
+            fail(f"keeping {plan.files[0].path}: {event.get('message')}")
 
     try:
         from .._keep import Keeper

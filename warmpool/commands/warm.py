@@ -12,15 +12,14 @@ from .._errors import WarmpoolError
 from .._units import format_bytes
 from ._common import (
     EXIT_OK,
+    STRATEGY_CHOICES,  # noqa: F401 - kept importable from here
     Bar,
     add_model_argument,
-    budget_syntax,
+    add_warm_arguments,
     plan_from,
     resolve_budget,
     target,
 )
-
-STRATEGY_CHOICES = ("auto", "populate", "touch", "read", "willneed")
 
 
 class Command:
@@ -34,10 +33,7 @@ class Command:
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         add_model_argument(parser)
-        parser.add_argument("--workers", type=int, metavar="N", help="worker processes (default: grow while throughput rises)")
-        parser.add_argument("--strategy", choices=STRATEGY_CHOICES, default="auto", help="how pages are faulted in (default auto: populate where the kernel has it)")
-        parser.add_argument("--budget", type=budget_syntax, metavar="SIZE|PCT", help="most bytes to read, e.g. 8G or 50%%")
-        parser.add_argument("--force", action="store_true", help="ignore the memory budget")
+        add_warm_arguments(parser)
         parser.add_argument("--no-progress", action="store_true", help="no progress bar")
         parser.add_argument("--json", action="store_true", help="print one JSON object")
         parser.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
