@@ -184,3 +184,17 @@ def test_cli_no_model_is_a_usage_error(test_model):
     assert bad.returncode == 1 and bad.stderr == "warmpool: -ngl: expected a value\n"
     nommap = _cli("plan", "--", "llama-server", "-m", str(test_model), "-ngl", "1", "--no-mmap")
     assert nommap.returncode == 0 and "warming helps its load only" in nommap.stderr
+
+
+def test_keep_reads_the_engine_command_line(test_model, tmp_path):
+    """`warmpool keep -- ENGINE` keeps what the engine keeps on the CPU; it ends with --for-pid."""
+    engine = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3)"])
+    want = json.loads(_cli("plan", str(test_model), "-ngl", "4", "--cpu-moe", "--json").stdout)["bytes_planned"]
+    got = _cli("keep", "--json", "--interval", "1", "--for-pid", str(engine.pid), "--",
+               "llama-server", "-m", str(test_model), "-ngl", "4", "-cmoe", "--port", "1")
+    engine.wait()
+    assert got.returncode == 0, got.stderr
+    events = [json.loads(line) for line in got.stdout.splitlines()]
+    warmed = [e for e in events if e["event"] == "warmed"]
+    assert warmed and warmed[0]["bytes_selected"] == want
+    assert events[-1]["event"] == "stopped"
