@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from .._units import format_bytes
 from ._common import UsageError, add_model_argument, budget_syntax, resolve_budget, say
 
 
@@ -59,6 +60,10 @@ def _keep(args: argparse.Namespace, budget: int | None, fail):
     def on_event(event: dict) -> None:
         if args.json:
             print(json.dumps(event), file=sys.stderr, flush=True)
+        elif event.get("event") == "warmed":
+            share = event.get("resident_fraction")
+            say(f"warmed {format_bytes(event.get('bytes_warmed') or 0)} of {format_bytes(event.get('bytes_selected') or 0)} "
+                f"selected; {'unknown' if share is None else f'{share:.1%}'} resident")
         if event.get("event") == "error":
             fail(f"keeping {plan.files[0].path}: {event.get('message')}")
 
