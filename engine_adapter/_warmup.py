@@ -105,7 +105,9 @@ class Warmup:
         # Attach before warm() can unlink: the mapping outlives the name, so progress() and
         # layer_ready() keep answering with the final values after the warm has ended.
         self._view = ProgressView.attach(name)
-        self.shm_name = name
+        # An unnamed segment ("memfd:FD": /dev/shm full, read-only or missing) has no name that
+        # another process could open: say there is none.
+        self.shm_name = None if name.startswith("memfd:") else name
         self._started.set()
 
     # --- what the engine calls -----------------------------------------------------------------

@@ -461,7 +461,18 @@ def test_no_shared_memory_at_all(monkeypatch):
     monkeypatch.setattr(_shm, "_SHM_DIR", "/nonexistent-shm-dir")
     monkeypatch.setitem(sys.modules, "_posixshmem", None)
     with pytest.raises(ProgressError, match="no POSIX shared memory"):
-        ProgressSegment.create(1, 1, (), 0)
+        ProgressSegment.create(1, 1, (), 0, require_name=True)
+    # Without a name to give out, an unnamed segment serves this process (and fd-passing workers).
+    with ProgressSegment.create(5, 1, CHUNKS, 4) as seg:
+        assert not seg.named and seg.name.startswith("memfd:") and seg.shared_fds
+        counter = WorkerCounter.attach(seg.name, 0)
+        counter.add(5)
+        with ProgressView.attach(seg.name) as view:
+            assert view.snapshot().done_bytes == 5
+        counter.close()
+        fd = seg.shared_fds[0]
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed with the segment: nothing left behind
 
 
 # --- the C reader ----------------------------------------------------------------------------

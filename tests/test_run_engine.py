@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import signal
 import socket
@@ -31,8 +32,9 @@ sys.exit(1)
 
 
 def _start(*argv: str, **kw) -> subprocess.Popen:
+    # A session of its own: a failing test ends warmpool and the engine together (killpg).
     return subprocess.Popen([sys.executable, "-m", "warmpool", "run", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
 
 
 def test_exit_status_passes_through(tiny_model):
@@ -75,9 +77,11 @@ def _running(*argv: str):
     try:
         yield run, err
     finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
+        try:
+            os.killpg(run.pid, signal.SIGKILL)  # warmpool, the engine and any worker left
+        except ProcessLookupError:
+            pass
+        run.wait()
 
 
 def _free_port() -> int:

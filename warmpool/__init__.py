@@ -34,7 +34,7 @@ _LAZY = {
     "Selection": "._select",
     "Keeper": "._keep",
     "ResolvedModel": "._stores", "resolve_model": "._stores", "resolve_models": "._stores",
-    "LayerResidency": "._warm", "Residency": "._warm", "WarmResult": "._warm", "evict": "._warm",
+    "FileResidency": "._warm", "LayerResidency": "._warm", "Residency": "._warm", "residency_hidden": "._warm", "WarmResult": "._warm", "evict": "._warm",
     "plan_model": "._warm", "residency": "._warm", "warm": "._warm",
 }
 
@@ -45,12 +45,14 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from ._select import Selection
     from ._stores import ResolvedModel, resolve_model, resolve_models
     from ._warm import (
+        FileResidency,
         LayerResidency,
         Residency,
         WarmResult,
         evict,
         plan_model,
         residency,
+        residency_hidden,
         warm,
     )
     from .commands import main
@@ -77,6 +79,7 @@ __all__ = [
     "Chunk",
     "DEFAULT_CHUNK_SIZE",
     "FileChangedError",
+    "FileResidency",
     "Keeper",
     "LayerResidency",
     "LayoutError",
@@ -101,6 +104,7 @@ __all__ = [
     "plan_model",
     "read_layout",
     "residency",
+    "residency_hidden",
     "resolve_model",
     "resolve_models",
     "warm",

@@ -42,6 +42,7 @@ __all__ = [
     "prefetch",
     "read_range",
     "readahead_size",
+    "residency_hidden",
     "resident_bytes",
     "resident_pages",
     "supports_cachestat",
@@ -59,6 +60,7 @@ read_range = _backend.read_range
 readahead_size = _backend.readahead_size
 resident_bytes = _backend.resident_bytes
 resident_pages = _backend.resident_pages
+residency_hidden = _backend.residency_hidden
 supports_cachestat = _backend.supports_cachestat
 supports_populate = _backend.supports_populate
 # A keeper's calls (held mappings, mlock, PSI), POSIX with Linux's /proc where it exists.

@@ -34,6 +34,7 @@ __all__ = [
     "prefetch",
     "read_range",
     "readahead_size",
+    "residency_hidden",
     "resident_bytes",
     "resident_pages",
     "supports_cachestat",
@@ -168,6 +169,34 @@ def cached_bytes(fd: int, offset: int, length: int) -> int | None:
         return 0
     pages = _cached_pages(fd, start, stop - start)
     return None if pages is None else min(pages * PAGE_SIZE, limit)
+
+
+# -- residency the kernel hides -------------------------------------------------------
+
+# The probe page lies this far past the end of the file: further than any folio reaches (a
+# large folio that a truncate could not split may still cover a page or two past EOF).
+_PROBE_GAP = 1 << 30
+
+
+def residency_hidden(fd: int) -> bool:
+    """Whether the kernel hides this file's page-cache residency from us (docs/design.md,
+    "Residency the kernel hides").
+
+    Linux >= 5.2 (``can_do_mincore`` in mm/mincore.c) answers mincore(2) truthfully only for
+    a file the caller owns (or has CAP_FOWNER over) or may open for writing; for any other
+    file it fills the vector with 1s, "all resident".  Rather than re-implement that rule
+    (fsuid, capabilities, ACLs, user namespaces, LSMs), ask the kernel about a page that
+    cannot be cached: one well past end of file.  Mapping it reads nothing; mincore says 0
+    for it unless the answer is made up.
+    """
+    probe = _posix._round_up(_posix._fstat(fd).st_size) + _PROBE_GAP
+    address = _posix._map_readonly(fd, probe, PAGE_SIZE)
+    try:
+        out = bytearray(1)
+        _posix._mincore_into(address, PAGE_SIZE, out, 0)
+    finally:
+        _posix._unmap(address, PAGE_SIZE)
+    return bool(out[0] & 1)
 
 
 # -- populate ------------------------------------------------------------------------

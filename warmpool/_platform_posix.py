@@ -36,6 +36,7 @@ __all__ = [
     "prefetch",
     "read_range",
     "readahead_size",
+    "residency_hidden",
     "resident_bytes",
     "resident_pages",
     "supports_cachestat",
@@ -205,8 +206,8 @@ def resident_pages(fd: int, offset: int, length: int) -> bytes:
     """One byte per page of the range (1 = in the page cache), clipped at EOF.
 
     mincore(2) on read-only windows of at most 256 MiB: it reads page-cache state
-    without faulting anything in.  (Linux >= 5.2 reports only pages this process maps
-    unless it owns the file or may open it for writing.)
+    without faulting anything in.  (Linux >= 5.2 reports every page resident unless the
+    caller owns the file or may open it for writing: check ``residency_hidden`` first.)
     """
     start, stop, _ = _page_span(fd, offset, length)
     return _mincore_range(fd, start, stop)
@@ -222,6 +223,11 @@ def _mincore_range(fd: int, start: int, stop: int) -> bytes:
         finally:
             _unmap(address, size)
     return bytes(out).translate(_BIT0)
+
+
+def residency_hidden(fd: int) -> bool:
+    """Only Linux is known to hide residency (see the Linux backend): False."""
+    return False
 
 
 def resident_bytes(fd: int, offset: int, length: int) -> int:

@@ -41,6 +41,7 @@ from typing import NamedTuple
 from ._errors import CancelledError, FileChangedError, WarmError, WorkerDiedError
 from ._plan import Chunk
 from ._progress import ProgressSegment
+from ._strategy import check_strategy
 
 __all__ = ["AUTO_MAX", "AUTO_START", "PoolResult", "run_pool"]
 
@@ -77,21 +78,34 @@ class _Worker(NamedTuple):
     slot: int
 
 
-def _launch(slot: int, job: tuple) -> _Worker:
+def _launch(slot: int, job: tuple, shared_fds: tuple[int, ...] = ()) -> _Worker:
     """Start one worker and send it its job (files, chunk table, segment, slot, strategy, the
-    indices of the chunks this warm will fault)."""
+    indices of the chunks this warm will fault).  ``shared_fds`` stay open in the worker (an
+    unnamed progress segment)."""
     ours, theirs = _socketpair()
     try:
         process = subprocess.Popen(
             [sys.executable, "-I", "-S", "-c", WORKER_CODE, str(theirs), job[2], *_import_path()],
-            pass_fds=(theirs,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            pass_fds=(theirs, *shared_fds), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             start_new_session=True, close_fds=True,
         )
+    except OSError as e:  # fork or exec refused (memory, process limit): no worker, no leaked fd
+        os.close(ours)
+        raise WarmError(f"cannot start a worker process: {e.strerror or e}") from None
+    except BaseException:
+        os.close(ours)
+        raise
     finally:
         os.close(theirs)
-    conn = Connection(ours)
-    conn.send((*job[:3], slot, *job[3:]))
-    return _Worker(process, conn, slot)
+    worker = _Worker(process, Connection(ours), slot)
+    try:
+        worker.conn.send((*job[:3], slot, *job[3:]))
+    except OSError:
+        # It died at once (killed, out of memory).  It is in the pool all the same: the first
+        # chunk handed to it fails to send or reads EOF, which reaps it and names the chunk,
+        # and shutdown() reaps it in any case.
+        pass
+    return worker
 
 
 def _import_path() -> list[str]:
@@ -157,7 +171,7 @@ class _Coordinator:
         # The chunks to be warmed travel with the job: a worker keeps fault readahead out of the
         # rest (over the budget, or already resident), see _worker.Guards.
         job = (self.paths, self.chunks, self.segment.name, self.strategy, self.order)
-        self.workers.append(_launch(len(self.workers), job))
+        self.workers.append(_launch(len(self.workers), job, self.segment.shared_fds))
         self.peak = max(self.peak, len(self.workers))
         self._dispatch(self.workers[-1])
 
@@ -243,6 +257,7 @@ def run_pool(paths: Sequence[str], chunks: Sequence[Chunk], order: Sequence[int]
     """Warm ``chunks[i]`` for i in ``order`` (plan order); raise WarmError on any failure."""
     if workers is not None and workers < 1:
         raise WarmError(f"workers must be at least 1, got {workers}")
+    check_strategy(strategy, allow_auto=False)  # a worker would otherwise fall through to its last branch
     stop = should_stop.is_set if isinstance(should_stop, threading.Event) else (should_stop or (lambda: False))
     coordinator = _Coordinator(paths, chunks, order, strategy, segment, workers, stop)
     try:

@@ -19,9 +19,10 @@ __all__ = ["run_warm"]
 
 
 def run_warm(plan: Plan, paths: Sequence[str], chosen: Sequence[int], before: Sequence[int], strategy: str,
-             workers: int | None, on_start: Callable[[str], None] | None, should_stop, linger: float = 0.0) -> PoolResult:
+             workers: int | None, on_start: Callable[[str], None] | None, should_stop, linger: float = 0.0,
+             require_name: bool = False) -> PoolResult:
     total = sum(plan.chunks[i].length for i in chosen)
-    segment = ProgressSegment.create(total, workers or AUTO_MAX, plan.chunks, plan.n_layers)
+    segment = ProgressSegment.create(total, workers or AUTO_MAX, plan.chunks, plan.n_layers, require_name)
     try:
         for index, (chunk, resident) in enumerate(zip(plan.chunks, before)):
             if resident >= chunk.length:
@@ -38,7 +39,7 @@ def run_warm(plan: Plan, paths: Sequence[str], chosen: Sequence[int], before: Se
             segment.set_state("failed")
             raise
         segment.set_state("done")
-        if linger:
+        if linger and segment.named:  # only a name can have late readers
             time.sleep(linger)
         return outcome
     finally:

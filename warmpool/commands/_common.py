@@ -11,9 +11,11 @@ from .._errors import WarmpoolError
 from .._layout import read_layout
 from .._plan import DEFAULT_CHUNK_SIZE, Plan, make_plan
 from .._select import CATEGORIES, Selection, category, moe_overrides, parse_overrides
+from .._strategy import STRATEGIES
 from .._units import parse_size
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_READY, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_HIDDEN = 4  # ``status``: the kernel hides residency for a file of the model
 EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a process it terminated
 
 
@@ -208,7 +210,7 @@ class Bar:
             self.thread.join()
 
 
-STRATEGY_CHOICES = ("auto", "populate", "touch", "read", "willneed")
+STRATEGY_CHOICES = ("auto", *STRATEGIES)
 
 
 def add_warm_arguments(parser: argparse.ArgumentParser) -> None:

@@ -12,7 +12,6 @@ from .._errors import WarmpoolError
 from .._units import format_bytes
 from ._common import (
     EXIT_OK,
-    STRATEGY_CHOICES,  # noqa: F401 - kept importable from here
     Bar,
     add_model_argument,
     add_warm_arguments,
@@ -56,20 +55,28 @@ class Command:
             _show_cold_start(plan)
         bar = Bar(not (args.no_progress or args.json or args.quiet or args.report_segment) and sys.stderr.isatty())
 
+        reported = []
+
         def on_start(name: str) -> None:
             if args.report_segment:  # tell the detaching parent, then go quiet
                 _report_to_parent(name)
+                reported.append(name)
             bar.start(name)
 
         try:
             result = warm(plan.files[0].path, plan=plan, workers=args.workers, strategy=args.strategy,
-                          budget=budget, force=args.force, on_start=on_start, linger=args.linger)
+                          budget=budget, force=args.force, on_start=on_start, linger=args.linger,
+                          require_name=args.report_segment)
+        except WarmpoolError as e:
+            if args.report_segment and not reported:  # the parent prints why, as its one line
+                _report_to_parent(f"! {e}")
+            raise
         finally:
             bar.stop()
         if args.report_segment:
             _report_to_parent(f"- {result.reason}")
         if args.json:
-            print(json.dumps(result._asdict()))
+            print(json.dumps(result.to_dict()))
         elif not args.quiet:
             print(result.summary())
         return EXIT_OK
@@ -82,7 +89,8 @@ def _show_cold_start(plan) -> None:
     evict(plan.files[0].path, plan=plan)
     before = residency(plan.files[0].path, plan=plan)
     print(f"example    {plan.files[0].path}")
-    print(f"           evicted; {before.resident_fraction:.1%} of {format_bytes(before.bytes_selected)} selected resident before the warm")
+    share = "unknown" if before.resident_fraction is None else f"{before.resident_fraction:.1%}"
+    print(f"           evicted; {share} of {format_bytes(before.bytes_selected)} selected resident before the warm")
 
 
 def _report_to_parent(line: str) -> None:
@@ -115,6 +123,9 @@ def _detach(args: argparse.Namespace) -> int:
     if not line:
         code = child.wait()
         raise WarmpoolError(f"the detached warm exited with status {code} before starting (run it without --detach to see why)")
+    if line.startswith("! "):
+        child.wait()
+        raise WarmpoolError(f"cannot detach: {line[2:]} (a detached warm needs a named segment that `warmpool progress` can open)")
     if line.startswith("- "):
         print(f"nothing to warm in the background: {line[2:]}", file=sys.stderr)
         return EXIT_OK
