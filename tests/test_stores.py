@@ -320,3 +320,21 @@ def test_python_api_takes_references(home, tiny_model, tmp_path):
     assert cold < 0.5 and warmpool.residency("priv", n_gpu_layers=2).resident_fraction == 1.0
     with pytest.raises(ModelNotFoundError):
         warmpool.warm("ollama:absent")
+
+
+def test_list_reports_hidden_residency_as_null(tiny_model, tmp_path):
+    """A model another uid owns, mode 0444 (Ollama's service store), listed by a process without
+    CAP_FOWNER/CAP_DAC_OVERRIDE: the kernel hides its residency, so the share is null."""
+    from test_hidden_residency import check_setup, dropped, hide
+
+    check_setup()
+    (tmp_path / "models").mkdir()
+    shutil.copyfile(tiny_model, tmp_path / "models" / "theirs.gguf")
+    shutil.copyfile(tiny_model, tmp_path / "models" / "ours.gguf")
+    hide(tmp_path / "models" / "theirs.gguf")
+    out = dropped(sys.executable, "-m", "warmpool", "list", "--json", str(tmp_path / "models"))
+    assert out.returncode == 0, out.stderr
+    rows = {r["name"]: r for r in map(json.loads, out.stdout.splitlines())}
+    assert rows["theirs.gguf"]["residency_hidden"] is True and rows["theirs.gguf"]["resident_fraction"] is None
+    assert rows["ours.gguf"]["residency_hidden"] is False and rows["ours.gguf"]["resident_fraction"] is not None
+    assert rows["theirs.gguf"]["size"] == tiny_model.stat().st_size
