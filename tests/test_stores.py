@@ -338,3 +338,10 @@ def test_list_reports_hidden_residency_as_null(tiny_model, tmp_path):
     assert rows["theirs.gguf"]["residency_hidden"] is True and rows["theirs.gguf"]["resident_fraction"] is None
     assert rows["ours.gguf"]["residency_hidden"] is False and rows["ours.gguf"]["resident_fraction"] is not None
     assert rows["theirs.gguf"]["size"] == tiny_model.stat().st_size
+
+
+def test_home_in_a_path_is_expanded(tmp_path, tiny_model, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _link(tiny_model, tmp_path / "models" / "m.gguf")
+    assert resolve_model("~/models/m.gguf").paths == (str(tmp_path / "models" / "m.gguf"),)
+    assert warmpool.read_layout("~/models/m.gguf").files[0].path == str(tmp_path / "models" / "m.gguf")

@@ -114,6 +114,8 @@ def model_file(ref: str | os.PathLike[str]) -> str:
 
 def _resolve(ref: str | os.PathLike[str], strict: bool) -> ResolvedModel:
     text = os.fspath(ref)
+    if text.startswith("~"):  # a shell would have expanded it; the Python API gets it as written
+        text = os.path.expanduser(text)
     if os.path.isfile(text):
         return _from_path(text, text)
     if _directory(text):
