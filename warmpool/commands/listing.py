@@ -11,8 +11,11 @@ from ._common import EXIT_OK
 
 
 class Command:
-    """List every model in Ollama's store, the Hugging Face and llama.cpp caches and LM Studio
-    (or in the directories given), with its size and the share of its tensor data resident now."""
+    """List every model in the known stores, its size and the share of it resident now.
+
+    The stores: Ollama's, the Hugging Face and llama.cpp caches, LM Studio's (or, with DIR, the
+    models in those directories).  The share is null where the kernel hides residency.
+    """
 
     name = "list"
 
