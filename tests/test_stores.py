@@ -144,6 +144,7 @@ def test_hub_cache_chooses_the_file_as_llama_cpp_does(home, tiny_model, split_mo
         "hf:org/Tiny-GGUF:q8_0": "Tiny-Q8_0.gguf",  # tags match ignoring case
         "hf:org/Tiny-GGUF/Tiny-Q8_0.gguf": "Tiny-Q8_0.gguf",  # a file named in the repository
         "hf:org/tiny-gguf:IQ2_M": "split/Tiny-IQ2_M-00001-of-00003.gguf",  # repo ids ignore case; first shard
+        "hf.co/org/Tiny-GGUF:Q8_0": "Tiny-Q8_0.gguf",  # Ollama's spelling, not pulled by Ollama: the HF cache
     }
     for ref, rel in cases.items():
         model = resolve_model(ref)

@@ -53,6 +53,8 @@ def flat_dir() -> str:
 
 def split_ref(name: str) -> tuple[str, str, str] | None:
     """``ORG/REPO[:TAG]`` or ``ORG/REPO/FILE.gguf`` -> (repo, tag, file), or None when not a repo id."""
+    for host in ("hf.co/", "huggingface.co/"):  # Ollama's spelling of a Hub repository
+        name = name[len(host):] if name.startswith(host) else name
     repo, _, tag = name.partition(":")
     parts = repo.split("/")
     file = ""
