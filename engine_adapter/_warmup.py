@@ -25,8 +25,7 @@ import weakref
 from typing import NamedTuple
 
 import warmpool
-from warmpool import CancelledError, ProgressError, WarmError, WarmpoolError, WarmResult
-from warmpool._progress import ProgressView
+from warmpool import CancelledError, ProgressError, ProgressView, WarmError, WarmpoolError, WarmResult
 
 __all__ = ["Warmup", "WarmupProgress", "start_warmup"]
 

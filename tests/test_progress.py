@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from warmpool import _progress, _shm
-from warmpool._errors import ProgressError
+from warmpool._errors import CancelledError, ProgressError, WorkerDiedError
 from warmpool._progress import ProgressSegment, ProgressView, WorkerCounter
 
 SHM = "/dev/shm"
@@ -323,7 +323,8 @@ def test_reader_attached_before_unlink_sees_final_state(segment):
 
 @pytest.mark.parametrize(
     ("leave_with", "final"),
-    [(None, "done"), (None, "failed"), (RuntimeError, "failed"), (KeyboardInterrupt, "cancelled")],
+    [(None, "done"), (None, "failed"), (RuntimeError, "failed"), (KeyboardInterrupt, "cancelled"),
+     (SystemExit, "cancelled"), (CancelledError, "cancelled"), (WorkerDiedError, "failed")],
 )
 def test_context_manager_settles_state_and_unlinks(leave_with, final):
     # Leaving without a terminal state, by an exception or by forgetting, must not strand
@@ -333,7 +334,7 @@ def test_context_manager_settles_state_and_unlinks(leave_with, final):
             view = ProgressView.attach(seg.name)
             seg.set_state("running")
             if leave_with:
-                raise leave_with
+                raise leave_with("stopped")
             if final == "done":
                 seg.set_state("done")
     assert view.snapshot().state == final

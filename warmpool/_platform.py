@@ -18,8 +18,11 @@ Conventions shared by every function:
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
+
+from warmpool._errors import PlatformError
 
 if sys.platform.startswith("linux"):
     from warmpool import _platform_linux as _backend
@@ -34,6 +37,7 @@ __all__ = [
     "cached_bytes",
     "evict",
     "evict_file",
+    "evict_ranges",
     "locked_bytes",
     "memlock_limit",
     "memory_pressure",
@@ -67,19 +71,39 @@ supports_populate = _backend.supports_populate
 from warmpool._platform_hold import HeldMapping, locked_bytes, memlock_limit, memory_pressure, pid_alive  # noqa: E402
 
 
-def evict_file(path) -> None:
-    """Drop a whole file's pages from the page cache.
+# fdatasync errors that mean "this file system cannot write back", not "write-back failed".
+# A file system without an fsync operation (squashfs, erofs, iso9660: vfs_fsync_range answers
+# EINVAL) or mounted read-only (EROFS), or a FUSE server that refuses the request, cannot have
+# dirty pages: its pages are clean already and DONTNEED drops them.  See docs/design.md.
+_CANNOT_WRITE_BACK = frozenset({errno.EINVAL, errno.EROFS, errno.ENOSYS, errno.EOPNOTSUPP})
+
+
+def evict_ranges(fd: int, ranges=((0, 0),)) -> None:
+    """Drop ``(offset, length)`` ranges of an open file (default: all of it) from the page cache.
 
     fdatasync first: POSIX_FADV_DONTNEED skips dirty pages, so a freshly written or copied model
-    would otherwise stay resident (fdatasync works on a read-only fd; a file system without
-    fsync, such as some FUSE servers, has clean pages anyway).
+    would otherwise stay resident (fdatasync works on a read-only fd).  A real write-back error
+    (EIO, ENOSPC) raises PlatformError: those pages stay dirty, and resident.
     """
-    fd = os.open(path, os.O_RDONLY)
     try:
-        try:
-            os.fdatasync(fd)
-        except OSError:
-            pass
-        evict(fd, 0, 0)
+        os.fdatasync(fd)
+    except OSError as exc:
+        if exc.errno not in _CANNOT_WRITE_BACK:
+            raise PlatformError(f"cannot flush the file before evicting it: {exc.strerror}") from None
+    for offset, length in ranges:
+        evict(fd, offset, length)
+
+
+def evict_file(path) -> None:
+    """Drop a whole file's pages from the page cache (``evict_ranges`` on it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise PlatformError(f"cannot open: {exc.strerror}", path) from None
+    try:
+        evict_ranges(fd)
+    except PlatformError as exc:
+        exc.path = exc.path or os.fspath(path)
+        raise
     finally:
         os.close(fd)

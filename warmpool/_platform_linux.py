@@ -1,8 +1,9 @@
 """Linux backend: the POSIX base plus cachestat(2), MADV_POPULATE_READ and the
 per-device readahead size from sysfs.
 
-Measured on Linux 6.18 / ext4 on virtio (see REFERENCE.md §1, §7); each feature is
-probed once, so older kernels fall back instead of failing.
+What each call relies on is in docs/design.md ("Residency", "Readahead and hints"), with
+figures in docs/bench/platform.md; each feature is probed once, so older kernels fall back
+instead of failing.
 """
 
 from __future__ import annotations
@@ -100,14 +101,14 @@ def prefetch(fd: int, offset: int, length: int) -> None:
     """Queue reads of exactly the range (``length == 0``: to EOF).
 
     One POSIX_FADV_WILLNEED reads at most max(bdi io_pages, ra_pages) pages
-    (force_page_cache_ra in mm/readahead.c): one hint over a 512 MiB file read 8 MiB
-    here.  Requests of readahead-size steps are each read in full, and read nothing
-    outside the range, unlike faulting or plain reads (REFERENCE §7).
+    (force_page_cache_ra in mm/readahead.c), the readahead size on most disks.
+    Requests of readahead-size steps are each read in full, and read nothing outside
+    the range, unlike faulting or plain reads (docs/design.md).
 
     Mostly asynchronous: the pages enter the cache locked and are read behind the
-    caller's back, but a call blocks once the device queue is full (a 512 MiB
-    prefetch returned after ~0.45 s with ~75% read; 8 MiB after ~3 ms).  Prefetch a
-    chunk or two ahead, then ``FileWindow.populate`` waits for what is still in flight.
+    caller's back, but a call blocks once the device queue is full
+    (docs/bench/platform.md).  Prefetch a chunk or two ahead, then
+    ``FileWindow.populate`` waits for what is still in flight.
     """
     _posix._stepped_willneed(fd, offset, length, readahead_size(fd))
 
@@ -154,8 +155,8 @@ def _cached_pages(fd: int, offset: int, length: int) -> int | None:
 
 
 def cached_bytes(fd: int, offset: int, length: int) -> int | None:
-    """Bytes of the page-rounded range in the page cache by cachestat(2): no mapping,
-    ~0.03 ms for 512 MiB where mincore takes ~12 ms.  None where cachestat is
+    """Bytes of the page-rounded range in the page cache by cachestat(2): no mapping, orders of
+    magnitude cheaper than mincore (docs/bench/platform.md).  None where cachestat is
     unavailable (Linux < 6.5, other architecture, seccomp, EPERM on this file).
 
     It counts pages whose read is still in flight (it does not check uptodate, which

@@ -21,26 +21,14 @@ import os
 
 from warmpool._errors import FileChangedError, PlatformError
 
-TYPE_CHECKING = False  # typing costs ~4 ms to import; annotations are strings anyway
+TYPE_CHECKING = False  # typing is not free to import; annotations are strings anyway
 if TYPE_CHECKING:
     from typing import Callable
 
 __all__ = [
-    "DEFAULT_READAHEAD",
-    "FileWindow",
-    "PAGE_SIZE",
-    "advise_random",
-    "cached_bytes",
-    "evict",
-    "platform_notes",
-    "prefetch",
-    "read_range",
-    "readahead_size",
-    "residency_hidden",
-    "resident_bytes",
-    "resident_pages",
-    "supports_cachestat",
-    "supports_populate",
+    "DEFAULT_READAHEAD", "FileWindow", "PAGE_SIZE", "advise_random", "cached_bytes", "evict",
+    "platform_notes", "prefetch", "read_range", "readahead_size", "residency_hidden", "resident_bytes",
+    "resident_pages", "supports_cachestat", "supports_populate",
 ]
 
 PAGE_SIZE: int = mmap.PAGESIZE
@@ -354,7 +342,7 @@ class FileWindow:
         kills the process; the pool runs this in worker processes for that reason.
         Prefer ``populate``, which returns an error instead.
         """
-        import numpy as np  # lazy: numpy costs ~0.1 s to import
+        import numpy as np  # lazy: numpy is a large import (docs/design.md, "Import cost")
 
         address, size = self._span(rel, n)
         pages = np.frombuffer((ctypes.c_ubyte * size).from_address(address), np.uint8)

@@ -17,18 +17,13 @@ import sys
 import time
 from typing import TYPE_CHECKING, NamedTuple, Sequence
 
-from warmpool._errors import ProgressError
+from warmpool._errors import CancelledError, ProgressError
 from warmpool._shm import create_object, is_unnamed, map_object, os_error, posix_name, unlink_object
 
 if TYPE_CHECKING:  # any object with these fields will do
     from warmpool._plan import Chunk
 
-__all__ = [
-    "ProgressSegment",
-    "ProgressSnapshot",
-    "ProgressView",
-    "WorkerCounter",
-]
+__all__ = ["ProgressSegment", "ProgressSnapshot", "ProgressView", "WorkerCounter"]
 
 _MAGIC = b"WARMPOOL"
 _VERSION = 1
@@ -49,6 +44,7 @@ _TERMINAL = frozenset(_RUN_STATES[2:])
 _READY_CODES = frozenset((_CHUNK_STATES.index("done"), _CHUNK_STATES.index("skipped")))
 
 _LITTLE = sys.byteorder == "little"
+_STOPS = (CancelledError, KeyboardInterrupt, SystemExit)  # settle as "cancelled", see _settle
 
 
 class ProgressSnapshot(NamedTuple):
@@ -327,11 +323,13 @@ class ProgressSegment(_Mapped):
             self.close()
 
     def _settle(self, exc_type: type[BaseException] | None) -> None:
-        # Readers mapped before the unlink keep the last state they can see: never leave
-        # them a "running" that will not move again.
+        """The one rule for how an unfinished warm ends: a stop someone asked for is
+        "cancelled" (``cancel()``/``should_stop``, Ctrl-C, and SIGTERM, which the CLI raises
+        as SystemExit), anything else "failed".  Readers mapped before the unlink keep the
+        last state they can see: never leave them a "running" that will not move again."""
         if self._mm.closed or self.snapshot().finished:
             return
-        stopped = exc_type is not None and issubclass(exc_type, (KeyboardInterrupt, SystemExit))
+        stopped = exc_type is not None and issubclass(exc_type, _STOPS)
         self.set_state("cancelled" if stopped else "failed")
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from . import _platform
-from ._errors import FileChangedError
+from ._errors import FileChangedError, PlatformError
 from ._layout import read_layout
 from ._log import logger
 from ._plan import DEFAULT_CHUNK_SIZE, Plan, contiguous_runs, layer_key, make_plan
@@ -139,9 +139,9 @@ class _OpenFiles:
         """Resident bytes of each chunk (page granular); None in a file whose residency is hidden.
 
         ``quick`` uses cachestat where the kernel has it: one syscall per chunk and no mapping,
-        ~1000x cheaper than mincore (11.7 ms per 512 MiB here), which is what keeps a warm of an
-        already-resident model fast.  It also counts pages whose read is still in flight, so the
-        verdict after a warm uses mincore, which counts only pages that have arrived.
+        orders of magnitude cheaper than mincore (docs/bench/platform.md), which is what keeps a
+        warm of an already-resident model fast.  It also counts pages whose read is still in
+        flight, so the verdict after a warm uses mincore, which counts only pages that have arrived.
         """
         sizes: list[int | None] = []
         for c in plan.chunks:
@@ -220,7 +220,7 @@ def warm(path: str | os.PathLike[str], *, workers: int | None = None, strategy: 
         decision = decide(cold, env=env, force=force, budget=budget, memory=memory)
         hidden = any(files.hidden)
         reason = f"{decision.reason} (residency hidden: counted all cold)" if hidden else decision.reason
-        logger.info("{}: {}", plan.files[0].path, reason)
+        logger.info("%s: %s", plan.files[0].path, reason)
         result = dict(path=plan.files[0].path, bytes_selected=plan.bytes_planned,
                       bytes_already_resident=None if hidden else sum(before), seconds=0.0, workers=0,
                       reason=reason, residency_hidden=hidden)
@@ -323,19 +323,20 @@ def residency(path: str | os.PathLike[str], *, plan: Plan | None = None, **selec
 def evict(path: str | os.PathLike[str], *, plan: Plan | None = None, **selection) -> int | None:
     """Drop the selection's pages from the page cache (POSIX_FADV_DONTNEED).
 
-    DONTNEED skips dirty pages, so the files are flushed first (fdatasync works on a read-only
-    fd: a freshly copied or downloaded model is otherwise all dirty and nothing is evicted).
-    Pages that a live process maps or locks stay.  Returns the bytes still resident afterwards,
-    or None when the kernel hides residency for a file of the model.
+    ``_platform.evict_ranges`` does it (flush, then DONTNEED; a file system that cannot write
+    back is fine).  Pages that a live process maps or locks stay.  Returns the bytes still
+    resident afterwards, or None when the kernel hides residency for a file of the model.
     """
     plan = plan or plan_model(path, **selection)
+    # One call per run of adjacent chunks: DONTNEED keeps a large folio that straddles the
+    # range's edge, so evicting chunk by chunk would keep one folio per chunk boundary.
+    runs = contiguous_runs(plan.chunks)
     with _OpenFiles(plan) as files:
-        for fd in files.fds:
-            os.fdatasync(fd)
-        # One call per run of adjacent chunks: DONTNEED keeps a large folio that straddles the
-        # range's edge, so evicting chunk by chunk would keep one folio per chunk boundary.
-        for file, runs in contiguous_runs(plan.chunks).items():
-            for start, end in runs:
-                _platform.evict(files.fds[file], start, end - start)
+        for file, fd in enumerate(files.fds):
+            try:
+                _platform.evict_ranges(fd, [(start, end - start) for start, end in runs.get(file, [])])
+            except PlatformError as e:
+                e.path = e.path or files.paths[file]
+                raise
         left = files.resident(plan)
         return None if None in left else sum(left)

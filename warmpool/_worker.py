@@ -117,7 +117,8 @@ class _ChunkWarmer:
     def _warm_run(self, fd: int, window: _platform.FileWindow, rel: int, rel_end: int, hint: bool) -> None:
         if hint:
             # Queue the whole run's reads at once (exact, async), then fault: the faults find the
-            # pages arriving and readahead never spills past the selection (REFERENCE §7).
+            # pages arriving and readahead never spills past the selection (docs/design.md,
+            # "Readahead and hints").
             _platform.prefetch(fd, window.offset + rel, rel_end - rel)
         for step in range(rel, rel_end, STEP):
             n = min(STEP, rel_end - step)

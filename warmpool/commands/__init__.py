@@ -4,8 +4,8 @@ Each subcommand module has a class with ``name``, ``add_arguments(parser)`` and 
 its docstring is its help.  Only :func:`main` maps errors to exit codes: 0 ok, 1 bad input or
 I/O error (one line on stderr naming the file, a traceback only with ``-v``), 2 usage,
 3 ``status`` below ``--min-resident``, 4 ``status`` cannot observe residency (the kernel
-hides it), 130 interrupted, 143 terminated.  Heavy imports (numpy,
-tqdm, loguru, gguf) stay out of these modules' top level so that a warm of an already-resident
+hides it), 130 interrupted, 143 terminated.  Heavy imports (numpy, tqdm, gguf) stay out of
+these modules' top level so that a warm of an already-resident
 model answers in well under 0.3 s.
 """
 
