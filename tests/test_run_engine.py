@@ -177,3 +177,45 @@ def test_real_server_kept_with_listen(test_model, tmp_path):
     assert status in (0, 128 + signal.SIGINT), "".join(err.lines)[-2000:]
     assert any(e["event"] == "stopped" for e in err.events())
     assert Path(model).exists()
+
+
+COUNTER = r"""
+import signal, sys, time
+seen = []
+signal.signal(signal.SIGINT, lambda s, f: seen.append(s))
+print("engine ready", flush=True)
+while not seen:
+    time.sleep(0.02)
+time.sleep(1.0)  # a forwarded copy would arrive in this time
+sys.exit(30 + len(seen))
+"""
+
+
+def test_terminal_ctrl_c_reaches_the_engine_once(tiny_model, tmp_path):
+    """Ctrl-C on a terminal signals the whole foreground process group (si_code SI_KERNEL): the
+    engine has it already, so warmpool must not send a second one (llama-server quits hard on
+    the second).  A real pseudo-terminal, warmpool its session leader, ^C written to it."""
+    import fcntl
+    import pty
+    import termios
+
+    script = tmp_path / "engine.py"
+    script.write_text(COUNTER)
+    master, slave = pty.openpty()
+    run = subprocess.Popen([sys.executable, "-m", "warmpool", "run", str(tiny_model), "--", sys.executable, str(script)],
+                           stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+                           preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+    os.close(slave)
+    try:
+        seen = b""
+        deadline = time.monotonic() + 60
+        while b"engine ready" not in seen and time.monotonic() < deadline:
+            seen += os.read(master, 4096)
+        assert b"engine ready" in seen
+        os.write(master, b"\x03")  # the terminal's interrupt character: SIGINT to the foreground group
+        assert run.wait(30) == 31, seen  # exactly one SIGINT reached the engine
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+        os.close(master)
