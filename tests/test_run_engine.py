@@ -219,3 +219,24 @@ def test_terminal_ctrl_c_reaches_the_engine_once(tiny_model, tmp_path):
             os.killpg(run.pid, signal.SIGKILL)
             run.wait()
         os.close(master)
+
+
+def test_engine_that_cannot_start(tiny_model):
+    run = _start(str(tiny_model), "--", "/nonexistent/llama-server", "-m", str(tiny_model))
+    assert run.wait(60) == 1
+    assert run.stderr.read() == "warmpool: /nonexistent/llama-server: cannot start the engine: No such file or directory\n"
+
+
+def test_no_mmap_engine_is_warmed_once_not_kept(tiny_model, tmp_path):
+    """An engine that copies the model into its own memory: warmed for its load, no keeper.
+    (The program only stands in for llama-server's command line; it reads nothing.)"""
+    engine = tmp_path / "llama-server"
+    engine.write_text("#!/bin/sh\nsleep 2\n")
+    engine.chmod(0o755)
+    run = _start("--json", "--", str(engine), "-m", str(tiny_model), "-ngl", "2", "--no-mmap")
+    assert run.wait(60) == 0
+    err = run.stderr.read()
+    assert "warming helps its load only, keeping it warm does not help" in err
+    assert "it is not kept" in err
+    events = [json.loads(line)["event"] for line in err.splitlines() if line.startswith('{"event"')]
+    assert events == ["warmed"]
