@@ -346,3 +346,22 @@ def test_home_in_a_path_is_expanded(tmp_path, tiny_model, monkeypatch):
     _link(tiny_model, tmp_path / "models" / "m.gguf")
     assert resolve_model("~/models/m.gguf").paths == (str(tmp_path / "models" / "m.gguf"),)
     assert warmpool.read_layout("~/models/m.gguf").files[0].path == str(tmp_path / "models" / "m.gguf")
+
+
+def test_lmstudio_home_order(home, tiny_model, tmp_path):
+    """findLMStudioHome: the pointer file, else ~/.cache/lm-studio when it exists, else ~/.lmstudio."""
+    _link(tiny_model, home / ".lmstudio" / "models" / "p" / "r" / "default.gguf")
+    assert resolve_model("lmstudio:p/r").name == "p/r/default.gguf"
+    _link(tiny_model, home / ".cache" / "lm-studio" / "models" / "p" / "r" / "legacy.gguf")
+    assert resolve_model("lmstudio:p/r").name == "p/r/legacy.gguf"
+    _link(tiny_model, tmp_path / "pointed" / "models" / "p" / "r" / "pointed.gguf")
+    (home / ".lmstudio-home-pointer").write_text(str(tmp_path / "pointed"))
+    assert resolve_model("lmstudio:p/r").name == "p/r/pointed.gguf"
+
+
+def test_hub_cache_blob_missing_is_not_cached(home, tiny_model):
+    """A snapshot link whose blob is gone (an interrupted download, a pruned cache) is no model."""
+    snapshot = make_hub(home / ".cache" / "huggingface" / "hub", "org/repo", {"m-Q4_K_M.gguf": tiny_model})
+    os.unlink(os.path.realpath(snapshot / "m-Q4_K_M.gguf"))
+    with pytest.raises(ModelNotFoundError, match="looked in"):
+        resolve_model("hf:org/repo")
