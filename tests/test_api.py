@@ -14,6 +14,7 @@ import warmpool
 from warmpool import _errors
 
 PUBLIC = [
+    "AmbiguousModelError",
     "CancelledError",
     "Chunk",
     "DEFAULT_CHUNK_SIZE",
@@ -24,11 +25,13 @@ PUBLIC = [
     "LayoutError",
     "ModelFile",
     "ModelLayout",
+    "ModelNotFoundError",
     "Plan",
     "PlatformError",
     "ProgressError",
     "ProgressView",
     "Residency",
+    "ResolvedModel",
     "Selection",
     "SelectionError",
     "TensorInfo",
@@ -44,6 +47,8 @@ PUBLIC = [
     "read_layout",
     "residency",
     "residency_hidden",
+    "resolve_model",
+    "resolve_models",
     "warm",
 ]
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ._errors import (
+    AmbiguousModelError,
     CancelledError,
     FileChangedError,
     LayoutError,
+    ModelNotFoundError,
     PlatformError,
     ProgressError,
     SelectionError,
@@ -32,6 +34,7 @@ _LAZY = {
     "Keeper": "._keep",
     "ProgressView": "._progress",
     "Selection": "._select", "parse_overrides": "._select",
+    "ResolvedModel": "._stores", "resolve_model": "._stores", "resolve_models": "._stores",
     "FileResidency": "._warm", "LayerResidency": "._warm", "Residency": "._warm", "residency_hidden": "._warm", "WarmResult": "._warm", "evict": "._warm",
     "plan_model": "._warm", "residency": "._warm", "warm": "._warm",
 }
@@ -42,6 +45,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from ._plan import DEFAULT_CHUNK_SIZE, Chunk, Plan, make_plan
     from ._progress import ProgressView
     from ._select import Selection, parse_overrides
+    from ._stores import ResolvedModel, resolve_model, resolve_models
     from ._warm import (
         FileResidency,
         LayerResidency,
@@ -72,6 +76,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "AmbiguousModelError",
     "CancelledError",
     "Chunk",
     "DEFAULT_CHUNK_SIZE",
@@ -82,11 +87,13 @@ __all__ = [
     "LayoutError",
     "ModelFile",
     "ModelLayout",
+    "ModelNotFoundError",
     "Plan",
     "PlatformError",
     "ProgressError",
     "ProgressView",
     "Residency",
+    "ResolvedModel",
     "Selection",
     "SelectionError",
     "TensorInfo",
@@ -102,6 +109,8 @@ __all__ = [
     "read_layout",
     "residency",
     "residency_hidden",
+    "resolve_model",
+    "resolve_models",
     "warm",
 ]
 

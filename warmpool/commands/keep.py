@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -15,6 +16,7 @@ from ._common import (
     Bar,
     add_model_argument,
     add_warm_arguments,
+    plan_from,
     resolve_budget,
     selection_from,
 )
@@ -53,7 +55,7 @@ class Command:
             raise WarmpoolError(f"--for-pid {args.for_pid}: no such process")
         if not 0 <= args.min_resident <= 1:
             raise WarmpoolError(f"--min-resident must be in [0, 1], got {args.min_resident}")
-        models = _models(args)
+        models = [] if args.engine else _models(args)
         bars: list[Bar] = []
         tty = not (args.no_progress or args.json) and sys.stderr.isatty()
 
@@ -71,8 +73,11 @@ class Command:
         from .._layout import read_layout
         from .._plan import make_plan
 
-        selection = selection_from(args)
-        plans = [make_plan(read_layout(m), selection, args.chunk_size) for m in models]
+        if args.engine:  # model and placement from the engine's command line after --
+            plans = [plan_from(args)]
+        else:
+            selection = selection_from(args)
+            plans = [make_plan(read_layout(m), selection, args.chunk_size) for m in models]
         keeper = Keeper(plans, interval=args.interval, lock=args.lock, min_resident=args.min_resident,
                         listen=args.listen, workers=args.workers, strategy=args.strategy,
                         budget=resolve_budget(args.budget), force=args.force, on_event=on_event,
@@ -99,7 +104,14 @@ def _models(args: argparse.Namespace) -> list[str]:
         return [str(example_model()), *args.model]
     if not args.model:
         raise WarmpoolError("no model given: pass one or more GGUF paths or --example")
-    return list(args.model)
+    # A directory names every model in it (docs/stores.md); other references resolve in read_layout.
+    return [path for ref in args.model for path in (_directory_models(ref) or [ref])]
+
+
+def _directory_models(ref: str) -> list[str]:
+    from .._stores import models_in
+
+    return [m.paths[0] for m in models_in(ref)] if os.path.isdir(ref) and not ref.lower().endswith(".gguf") else []
 
 
 def _describe(event: dict) -> str:

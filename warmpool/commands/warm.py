@@ -15,10 +15,9 @@ from ._common import (
     Bar,
     add_model_argument,
     add_warm_arguments,
-    model_path,
     plan_from,
     resolve_budget,
-    selection_from,
+    target,
 )
 
 
@@ -108,8 +107,8 @@ def _report_to_parent(line: str) -> None:
 
 def _detach(args: argparse.Namespace) -> int:
     """Start the same warm in a new session and print its segment name when it has one."""
-    selection = selection_from(args)
-    argv = ["warm", os.path.abspath(model_path(args)), "--chunk-size", str(args.chunk_size), "--strategy", args.strategy]
+    path, selection = target(args)
+    argv = ["warm", os.path.abspath(path), "--chunk-size", str(args.chunk_size), "--strategy", args.strategy]
     if selection.n_gpu_layers is not None:
         argv += ["-ngl", str(selection.n_gpu_layers)]
     argv += [f"--override-tensor={pattern}={buft}" for pattern, buft in selection.rules]  # order kept
