@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -28,6 +29,7 @@ from ray.cluster_utils import Cluster
 
 import warmpool
 from conftest import evict_file, resident_fraction
+from test_stores import make_ollama
 from warmpool import fleet
 
 pytestmark = [pytest.mark.pagecache, pytest.mark.xdist_group("ray")]
@@ -63,12 +65,15 @@ def cluster(tiny_model):
     for i, d in enumerate(dirs):
         os.mkdir(d)
         _copy(tiny_model, os.path.join(d, "model.gguf"))
+        # an Ollama store per node whose blob is this node's model.gguf (a hard link: same pages)
+        make_ollama(Path(d, "ollama"), Path(d, "model.gguf"), "registry.ollama.ai", "library", "tiny", "latest")
         if i < 2:  # only2.gguf: missing on node 2
             _copy(tiny_model, os.path.join(d, "only2.gguf"))
+    env = [{VAR: d, "OLLAMA_MODELS": os.path.join(d, "ollama")} for d in dirs]
     c = Cluster(initialize_head=True, head_node_args=dict(NODE, include_dashboard=False, temp_dir=os.path.join(root, "ray"),
-                                                          env_vars={VAR: dirs[0]}))
+                                                          env_vars=env[0]))
     # Node 2 has no CPU to give, like a node fully booked by its engine: the fleet's tasks ask for none.
-    nodes = [c.head_node, c.add_node(**NODE, env_vars={VAR: dirs[1]}), c.add_node(**dict(NODE, num_cpus=0), env_vars={VAR: dirs[2]})]
+    nodes = [c.head_node, c.add_node(**NODE, env_vars=env[1]), c.add_node(**dict(NODE, num_cpus=0), env_vars=env[2])]
     c.wait_for_nodes()
     ray.init(address=c.address, log_to_driver=False)
     print(f"3-node Ray cluster up in {time.perf_counter() - started:.1f} s")
@@ -163,6 +168,17 @@ def test_selection_reaches_the_nodes(cluster):
     assert expected < warmpool.plan_model(next(iter(files.values()))).bytes_planned
     rows = fleet.status(MODEL, cpu_moe=True, n_gpu_layers=99, timeout=30)
     assert [r.bytes_selected for r in rows] == [expected] * 3
+
+
+def test_model_references_resolve_on_each_node(cluster):
+    """``ollama:tiny`` is looked up in each node's own $OLLAMA_MODELS: each node warms its own blob."""
+    files = cluster.files()
+    for path in files.values():
+        evict_file(path)
+    rows = by_node(fleet.warm("ollama:tiny", timeout=30))
+    assert rows.keys() == files.keys() and all(r.ok and r.bytes_warmed for r in rows.values()), rows
+    for path in files.values():
+        assert resident_fraction(path) >= 0.99
 
 
 def test_missing_model_on_one_node_is_one_failing_row(cluster):

@@ -5,8 +5,9 @@ already runs under many serving stacks; one task per alive node, pinned with
 ``NodeAffinitySchedulingStrategy(node_id, soft=False)`` and asking for no CPU slot
 (``num_cpus=0``: a node busy serving still runs it), needs no coordinator of our own.  Each
 task runs warmpool's own ``warm``/``residency``/``evict`` on the model string it is given,
-resolved on that node: ``~`` and ``$VARS`` expand in the node's environment, so one command
-can name a file whose directory differs from node to node.
+resolved on that node: a reference (``ollama:NAME``...) is looked up in that node's stores, and
+``~`` and ``$VARS`` expand in the node's environment, so one command can name a file whose
+directory differs from node to node.
 
 A node that fails gives one row with an error while the others finish; a node that dies or
 hangs is reported once ``timeout`` has passed (its task is cancelled), never waited on.

@@ -37,7 +37,8 @@ def _seconds(text: str) -> float:
 class Command:
     """Warm, check or evict a model on every node of a Ray cluster (one pinned task per node).
 
-    MODEL is resolved on each node ('~' and $VARS expand in the node's environment; quote them).
+    MODEL is resolved on each node: a reference (ollama:NAME, hf:ORG/REPO) in that node's stores;
+    '~' and $VARS expand in the node's environment (quote them).
     Exit 0 when every node succeeded (for status with --min-resident: every node at or above
     it), else 1 naming the failing nodes.  Needs the ray extra: pip install 'warmpool[ray]'.
     """
