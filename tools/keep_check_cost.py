@@ -2,7 +2,7 @@
 
     python tools/keep_check_cost.py [MODEL] [--passes 200] [--target 100G] [--interval 10]
 
-Times the keeper's own check (``Keeper._measure``: cachestat per chunk where the kernel has it,
+Times the keeper's own check (``KeptModel.measure``: cachestat per chunk where the kernel has it,
 else mincore per chunk) over a warm model's chunks, per chunk, both ways; the per-chunk cost
 does not depend on the selection's size for cachestat (one syscall per chunk) and grows with
 the pages of the chunk for mincore, so the extrapolation multiplies by the number of 16 MiB
@@ -42,14 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     warm(args.model, plan=plan, force=True)
     keeper = Keeper([plan], interval=args.interval)
     model = keeper.models[0]
-    keeper._hold(model)
+    model.hold(mapped=True)
     chunks = len(plan.chunks)
     target_chunks = parse_size(args.target) / plan.chunk_size
     out = {"model": args.model, "bytes_selected": plan.bytes_planned, "chunks": chunks,
            "target_bytes": parse_size(args.target), "interval": args.interval,
            "cachestat": _platform.supports_cachestat(), "loadavg": os.getloadavg()[0]}
     try:
-        for name, fn in (("cachestat", keeper._measure), ("mincore", lambda m: _mincore(m))):
+        for name, fn in (("cachestat", lambda m: m.measure()), ("mincore", _mincore)):
             if name == "cachestat" and not _platform.supports_cachestat():
                 continue
             cpu0, t0 = time.process_time(), time.perf_counter()
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         out["touch"] = {"cpu_s_per_pass": round(touch, 4),
                         "target_core_share": round(touch * parse_size(args.target) / plan.bytes_planned / args.interval, 4)}
     finally:
-        keeper._release(model)
+        model.release()
     print(f"{chunks} chunks, {plan.bytes_planned / 2**30:.2f} GiB selected; extrapolated to {args.target} "
           f"({target_chunks:.0f} chunks) checked every {args.interval:g} s; load {out['loadavg']:.2f}")
     for name in ("cachestat", "mincore"):
