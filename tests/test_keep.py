@@ -282,9 +282,21 @@ def test_sigterm_during_first_warm_leaves_nothing(tmp_path, test_model, keep_cli
     while not [n for n in os.listdir("/dev/shm") if n.startswith(f"warmpool-{keeper.proc.pid}-")]:
         assert time.monotonic() < deadline and keeper.proc.poll() is None, keeper.stderr()
         time.sleep(0.01)
+    rss = _rss_anon_tree(keeper.proc.pid)  # the keeper and its worker, mid-warm
+    assert 0 < rss <= 100 << 20, f"keeper + workers RssAnon {rss / 2**20:.1f} MiB"
     code, took = keeper.terminate()
     assert code == 0 and took < 3.0, (code, took, keeper.stderr())
     _assert_nothing_left(keeper.proc.pid)
+
+
+def _rss_anon_tree(pid: int) -> int:
+    import psutil
+
+    total = 0
+    for p in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+        with open(f"/proc/{p.pid}/status") as f:
+            total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+    return total
 
 
 def test_for_pid(private_model, keep_cli):

@@ -126,7 +126,8 @@ class Keeper:
         if not self._finished.is_set():
             self._finished.set()
             self._warm_done.set()
-            self._emit("stopped", reason=self.exit_reason or "stopped")
+            if thread is not None:  # a keeper that never started has nothing to report
+                self._emit("stopped", reason=self.exit_reason or "stopped")
 
     def __enter__(self) -> Keeper:
         return self.start()
