@@ -428,3 +428,29 @@ def test_engine_adapter_keeps_what_it_warmed(private_model):
             assert keeper.ready() and keeper.status()[0]["rewarms_total"] == 1, keeper.status()
             assert resident_fraction(private_model) > 0.5  # the experts are most of the file
     assert any(e["event"] == "rewarmed" for e in events)
+
+
+def test_hidden_residency_is_null_and_not_ready(private_model, keep_cli):
+    """A model the keeper neither owns nor may write: the kernel hides residency (cachestat
+    EPERM, mincore all ones), so /status says null, /metrics has no resident series, /ready 503."""
+    if not shutil.which("setpriv") or os.geteuid() != 0:
+        pytest.skip("needs root and setpriv to drop CAP_FOWNER/CAP_DAC_OVERRIDE")
+    from warmpool import _platform
+
+    if not _platform.supports_cachestat():
+        pytest.skip("no cachestat(2) here: hidden residency is only detectable with it (or issue 8's helper)")
+    os.chown(private_model, 65534, 65534)
+    os.chmod(private_model, 0o444)
+    keeper = keep_cli(private_model, "--listen", "127.0.0.1:0", "--interval", INTERVAL,
+                      prefix=("setpriv", "--bounding-set=-fowner,-dac_override,-dac_read_search", "--"))
+    address = keeper.wait_for("started")["address"]
+    warmed = keeper.wait_for("warmed")
+    assert warmed["resident_fraction"] is None
+    time.sleep(2 * INTERVAL)
+    row = json.loads(_get(address, "/status")[1])["models"][0]
+    assert row["residency_hidden"] and row["bytes_resident"] is None and row["resident_fraction"] is None, row
+    assert row["rewarms_total"] == 0  # nothing re-warmed on a guess
+    assert _get(address, "/ready")[0] == 503
+    metrics = _get(address, "/metrics")[1].decode()
+    assert "warmpool_selected_bytes{" in metrics and "warmpool_resident_bytes{" not in metrics
+    assert keeper.terminate()[0] == 0

@@ -148,15 +148,24 @@ class KeptModel:
         return fields
 
     def measure(self) -> None:
-        """Resident bytes per chunk: cachestat (one syscall per chunk), mincore without it."""
+        """Resident bytes per chunk: cachestat (one syscall per chunk); without it, mincore on
+        the held mapping, or on a fresh mapping of the chunk when nothing is held."""
         sizes, hidden = [], self.hidden
         for chunk in self.plan.chunks:
             fd = self.fds[chunk.file]
             cached = _platform.cached_bytes(fd, chunk.offset, chunk.length)
             if cached is None and _platform.supports_cachestat():
                 hidden = True  # cachestat refused this file: so would mincore, by lying
-            sizes.append(cached if cached is not None else _platform.resident_bytes(fd, chunk.offset, chunk.length))
+            sizes.append(cached if cached is not None else self._mincore(fd, chunk))
         self.set(chunk_resident=sizes, hidden=hidden, bytes_resident=None if hidden else sum(sizes))
+
+    def _mincore(self, fd: int, chunk: Chunk) -> int:
+        where = self.mapping_of(chunk)
+        if where is None:
+            return _platform.resident_bytes(fd, chunk.offset, chunk.length)
+        held, rel = where
+        pages = held.resident(rel, chunk.length).count(1)
+        return min(pages * _platform.PAGE_SIZE, chunk.length)  # the page at EOF counts its bytes only
 
     def cold_chunks(self) -> list[int]:
         return [i for i, (c, r) in enumerate(zip(self.plan.chunks, self.chunk_resident)) if r < c.length]
