@@ -47,6 +47,7 @@ sys.path[:0] = [str(ROOT), str(TOOLS)]
 
 import numpy as np  # noqa: E402
 from engine_sim import MoeEngine  # noqa: E402
+from first_request import resident  # noqa: E402
 
 from warmpool import _platform  # noqa: E402
 from warmpool.example import BENCH, model_nbytes, write_moe_gguf  # noqa: E402
@@ -63,15 +64,6 @@ def bench_model(directory: str | None) -> Path:
         print(f"generating {path} ({model_nbytes(BENCH) / 1e9:.2f} GB, once) ...", file=sys.stderr)
         write_moe_gguf(path, BENCH)
     return path
-
-
-def resident(path: Path) -> float:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        vector = _platform.resident_pages(fd, 0, 0)
-    finally:
-        os.close(fd)
-    return vector.count(1) / max(len(vector), 1)
 
 
 def loadavg() -> float:
