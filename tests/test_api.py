@@ -17,6 +17,7 @@ PUBLIC = [
     "Chunk",
     "DEFAULT_CHUNK_SIZE",
     "FileChangedError",
+    "Keeper",
     "LayerResidency",
     "LayoutError",
     "ModelFile",
