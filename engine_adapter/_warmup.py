@@ -188,6 +188,17 @@ class Warmup:
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
+    def keep(self, **keeper_options) -> warmpool.Keeper:
+        """Once this warm has ended, keep what it warmed resident: a started
+        :class:`warmpool.Keeper` over the same model and selection (its first check finds the
+        pages this warm read).  ``keeper_options`` go to ``Keeper`` (``interval``, ``lock``,
+        ``listen``, ``hold``...); stop it with ``stop()`` or use it as a context manager."""
+        self.wait()
+        passed = {k: v for k, v in self._warm_kwargs.items() if k in ("chunk_size", "budget", "force")}
+        keeper = warmpool.Keeper([self.model], workers=self._workers, strategy=self._strategy,
+                                 **self._selection, **passed, **keeper_options)
+        return keeper.start()
+
     def __enter__(self) -> Warmup:
         return self
 

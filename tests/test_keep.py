@@ -1,4 +1,5 @@
-"""The keeper: real page cache, real HTTP over loopback, real signals, real privilege limits.
+"""The keeper in-process (``warmpool.Keeper``): real page cache, real worker processes, real
+reclaim out of its mapping, a real replaced file.  The command is in test_keep_cli.py.
 
 Each test works on a private copy of the test model, so evicting it disturbs no other test.
 """
@@ -6,18 +7,8 @@ Each test works on a private copy of the test model, so evicting it disturbs no 
 from __future__ import annotations
 
 import ctypes
-import json
 import os
-import queue
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import threading
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 
@@ -55,14 +46,14 @@ def test_evicted_pages_back_within_two_intervals(private_model):
     with Keeper([private_model], interval=INTERVAL, hold="none", on_event=on_event) as keeper:
         assert keeper.wait_warm(30)
         assert resident_fraction(private_model) >= 0.99
-        for _ in range(2):  # twice: the keeper keeps at it, not once
+        for k in (1, 2):  # twice: the keeper keeps at it, not once
             assert evict(private_model) < 0.05 * os.path.getsize(private_model)
             assert resident_fraction(private_model) < 0.05
             fraction, took = _fraction_within(private_model, 2 * INTERVAL)
             assert fraction >= 0.99, f"{fraction:.1%} resident {took:.2f} s after the eviction"
-        deadline = time.monotonic() + 2 * INTERVAL
-        while keeper.status()[0]["rewarms_total"] < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+            deadline = time.monotonic() + INTERVAL
+            while keeper.status()[0]["rewarms_total"] < k and time.monotonic() < deadline:
+                time.sleep(0.02)  # the pages are back; the keeper is finishing its books
         row = keeper.status()[0]
     assert row["rewarms_total"] >= 2
     assert row["bytes_rewarmed_total"] >= 2 * 0.95 * row["bytes_selected"]
@@ -134,263 +125,23 @@ def test_budget_backs_off_and_is_not_ready(private_model):
     assert backoffs and "exceeds the --budget" in backoffs[0]["reason"], events
 
 
-# -- the command ------------------------------------------------------------------------
+def test_engine_adapter_keeps_what_it_warmed(private_model):
+    from engine_adapter import start_warmup
 
-
-class KeepProcess:
-    """``python -m warmpool keep ... --json`` with its events read as they come."""
-
-    def __init__(self, *argv, prefix: tuple[str, ...] = ()) -> None:
-        self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "warmpool", "keep", *map(str, argv), "--json"],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.events: queue.Queue = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.events.put(json.loads(line))
-
-    def wait_for(self, kind: str, timeout: float = 30) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                event = self.events.get(timeout=max(deadline - time.monotonic(), 0.01))
-            except queue.Empty:
-                raise AssertionError(f"no {kind!r} event in {timeout} s; stderr: {self.stderr()}") from None
-            if event["event"] == kind:
-                return event
-
-    def stderr(self) -> str:
-        if self.proc.poll() is None:
-            return "(still running)"
-        return self.proc.stderr.read()
-
-    def terminate(self, timeout: float = 3.0) -> tuple[int, float]:
-        start = time.monotonic()
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout)
-        return code, time.monotonic() - start
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-@pytest.fixture
-def keep_cli():
-    started: list[KeepProcess] = []
-
-    def start(*argv, **kw) -> KeepProcess:
-        started.append(KeepProcess(*argv, **kw))
-        return started[-1]
-
-    yield start
-    for k in started:
-        k.close()
-
-
-def _get(address: str, path: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(f"http://{address}{path}", timeout=5) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
-def _metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} not in /metrics")
-
-
-def test_http_endpoints_and_sigterm(private_model, keep_cli):
     evict_file(private_model)
-    keeper = keep_cli(private_model, "--listen", "127.0.0.1:0", "--interval", INTERVAL, "--hold", "none")
-    address = keeper.wait_for("started")["address"]
-    keeper.wait_for("warmed")
-    code, body = _get(address, "/ready")
-    assert code == 200, body
-    status = json.loads(_get(address, "/status")[1])
-    row = status["models"][0]
-    assert row["path"] == str(private_model) and row["resident_fraction"] >= 0.99
-    assert {"path", "bytes_selected", "bytes_resident", "bytes_locked", "bytes_rewarmed_total",
-            "rewarms_total", "resident_fraction"} <= row.keys()
-
-    evict(private_model)  # behind its back: the next check re-warms and counts it
-    rewarmed = keeper.wait_for("rewarmed", 4 * INTERVAL)
-    time.sleep(0.1)
-    metrics = _get(address, "/metrics")[1].decode()
-    row = json.loads(_get(address, "/status")[1])["models"][0]
-    assert row["rewarms_total"] >= 1 and row["bytes_rewarmed_total"] >= rewarmed["bytes_rewarmed"] > 0
-    assert _metric(metrics, "warmpool_selected_bytes") == row["bytes_selected"]
-    assert _metric(metrics, "warmpool_rewarms_total") == row["rewarms_total"]
-    assert _metric(metrics, "warmpool_rewarmed_bytes_total") == row["bytes_rewarmed_total"]
-    assert _metric(metrics, "warmpool_locked_bytes") == 0
-    assert f'model="{private_model}"' in metrics
-    assert _metric(metrics, "warmpool_check_seconds_count") >= 1
-    assert _get(address, "/nope")[0] == 404
-
-    code, took = keeper.terminate()
-    assert code == 0 and took < 3.0, (code, took, keeper.stderr())
-    assert keeper.wait_for("stopped", 1)["event"] == "stopped"
-    host, port = address.rsplit(":", 1)
-    with pytest.raises(OSError):
-        socket.create_connection((host, int(port)), timeout=1).close()
-    _assert_nothing_left(keeper.proc.pid)
-
-
-def _assert_nothing_left(pid: int) -> None:
-    """No worker and no progress segment of keeper ``pid`` remain."""
-    segments = [n for n in os.listdir("/dev/shm") if n.startswith(f"warmpool-{pid}-")]
-    assert not segments
-    workers = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    cmdline = f.read()
-            except OSError:
-                continue
-            if b"warmpool._worker" in cmdline and f"warmpool-{pid}-".encode() in cmdline:
-                workers.append(entry)
-    assert not workers
-
-
-def test_ready_503_below_min_resident(private_model, keep_cli):
-    evict_file(private_model)
-    keeper = keep_cli(private_model, "--listen", "127.0.0.1:0", "--interval", INTERVAL, "--hold", "none",
-                      "--budget", "8M", "--min-resident", "0.99")
-    address = keeper.wait_for("started")["address"]
-    keeper.wait_for("warmed")
-    code, body = _get(address, "/ready")
-    row = json.loads(_get(address, "/status")[1])["models"][0]
-    assert code == 503 and row["resident_fraction"] < 0.99, (body, row)
-    assert keeper.wait_for("backoff", 4 * INTERVAL)["reason"]
-    assert keeper.terminate()[0] == 0
-
-
-def test_sigterm_during_first_warm_leaves_nothing(tmp_path, test_model, keep_cli):
-    """SIGTERM while the first warm's workers run: exit 0 within 3 s, no worker or segment."""
-    model = tmp_path / "slow.gguf"
-    shutil.copyfile(test_model, model)
-    evict_file(model)
-    # One worker reading 4 KiB at a time with readahead off: long enough to be caught mid-warm.
-    keeper = keep_cli(model, "--interval", INTERVAL, "--strategy", "read", "--workers", "1", "--chunk-size", "4K")
-    deadline = time.monotonic() + 20
-    while not [n for n in os.listdir("/dev/shm") if n.startswith(f"warmpool-{keeper.proc.pid}-")]:
-        assert time.monotonic() < deadline and keeper.proc.poll() is None, keeper.stderr()
-        time.sleep(0.01)
-    code, took = keeper.terminate()
-    assert code == 0 and took < 3.0, (code, took, keeper.stderr())
-    _assert_nothing_left(keeper.proc.pid)
-
-
-def test_for_pid(private_model, keep_cli):
-    engine = subprocess.Popen(["sleep", "60"])
-    try:
-        keeper = keep_cli(private_model, "--interval", "10", "--for-pid", engine.pid)
-        keeper.wait_for("warmed")
-        assert keeper.proc.poll() is None
-        engine.kill()
-        engine.wait()
-        start = time.monotonic()
-        assert keeper.proc.wait(5) == 0
-        assert time.monotonic() - start < 2.0  # not a whole --interval of 10 s
-        assert "exited" in keeper.wait_for("stopped", 1)["reason"]
-    finally:
-        engine.kill()
-        engine.wait()
-
-
-def _vm_locked(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmLck:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmLck")
-
-
-def _has_cap_ipc_lock() -> bool:
-    with open("/proc/self/status") as f:
-        caps = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
-    return bool(caps & (1 << 14))  # CAP_IPC_LOCK
-
-
-def test_lock_as_root_locks_everything(private_model, keep_cli):
-    if not _has_cap_ipc_lock():
-        pytest.skip("needs CAP_IPC_LOCK (root): the unlimited lock cannot be tried here")
-    keeper = keep_cli(private_model, "--lock", "--interval", INTERVAL, "--listen", "127.0.0.1:0")
-    address = keeper.wait_for("started")["address"]
-    locked = keeper.wait_for("locked")
-    page = os.sysconf("SC_PAGE_SIZE")
-    assert not locked.get("partial")
-    assert locked["bytes_locked"] == -(-locked["bytes_selected"] // page) * page
-    assert _vm_locked(keeper.proc.pid) == locked["bytes_locked"]
-    row = json.loads(_get(address, "/status")[1])["models"][0]
-    assert row["bytes_locked"] == locked["bytes_locked"]
-    assert evict(private_model) > 0.99 * os.path.getsize(private_model) - 8192  # locked pages stay
-    assert keeper.terminate()[0] == 0
-
-
-def test_lock_without_cap_ipc_lock_is_partial_and_keeps_running(private_model, keep_cli):
-    if not shutil.which("setpriv"):
-        pytest.skip("setpriv (util-linux) not installed: cannot drop CAP_IPC_LOCK")
-    import resource
-
-    limit = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0]
-    if limit == resource.RLIM_INFINITY or limit >= os.path.getsize(private_model):
-        pytest.skip(f"RLIMIT_MEMLOCK {limit} is not below the model's size: nothing partial to see")
-    keeper = keep_cli(private_model, "--lock", "--interval", INTERVAL, "--listen", "127.0.0.1:0",
-                      prefix=("setpriv", "--bounding-set=-ipc_lock", "--inh-caps=-ipc_lock", "--"))
-    address = keeper.wait_for("started")["address"]
-    locked = keeper.wait_for("locked")
-    assert locked["partial"] and 0 < locked["bytes_locked"] <= limit
-    assert locked["bytes_locked"] == _vm_locked(keeper.proc.pid) == locked["vm_locked"]
-    assert "LimitMEMLOCK" in locked["fix"] and "IPC_LOCK" in locked["fix"]
-    time.sleep(2 * INTERVAL)
-    assert keeper.proc.poll() is None  # still running, still serving
-    row = json.loads(_get(address, "/status")[1])["models"][0]
-    assert row["bytes_locked"] == locked["bytes_locked"] and row["resident_fraction"] >= 0.99
-    assert keeper.terminate()[0] == 0
-
-
-def test_human_output_names_the_memlock_fix(private_model):
-    if not shutil.which("setpriv"):
-        pytest.skip("setpriv (util-linux) not installed: cannot drop CAP_IPC_LOCK")
-    proc = subprocess.Popen(["setpriv", "--bounding-set=-ipc_lock", "--inh-caps=-ipc_lock", "--",
-                             sys.executable, "-m", "warmpool", "keep", str(private_model), "--lock"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines = [proc.stdout.readline() for _ in range(3)]
-    proc.send_signal(signal.SIGTERM)
-    rest, err = proc.communicate(timeout=5)
-    assert proc.returncode == 0, err
-    text = "".join(lines) + rest
-    assert "locked 8.00 MiB of" in text and "LimitMEMLOCK=" in text and "--ulimit memlock" in text, text
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["/nonexistent/model.gguf"], "/nonexistent/model.gguf"),
-    (["{model}", "--listen", "nonsense"], "--listen 'nonsense': expected HOST:PORT"),
-    (["{model}", "--interval", "0"], "interval must be positive"),
-    (["{model}", "--min-resident", "2"], "--min-resident must be in [0, 1]"),
-    (["{model}", "--for-pid", "999999999"], "--for-pid 999999999: no such process"),
-    ([], "no model given"),
-])
-def test_bad_input(private_model, argv, message):
-    argv = [a.format(model=private_model) for a in argv]
-    proc = subprocess.run([sys.executable, "-m", "warmpool", "keep", *argv], capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 1, proc.stderr
-    assert message in proc.stderr and "Traceback" not in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-
-
-def test_port_taken_is_one_line(private_model):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen()
-        port = s.getsockname()[1]
-        proc = subprocess.run([sys.executable, "-m", "warmpool", "keep", str(private_model), "--listen", f"127.0.0.1:{port}"],
-                              capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 1 and "cannot bind" in proc.stderr and "Traceback" not in proc.stderr
+    events, on_event = _events()
+    with start_warmup(private_model, cpu_moe=True) as warmup:
+        with warmup.keep(interval=INTERVAL, hold="none", on_event=on_event) as keeper:
+            assert warmup.result is not None and warmup.result.bytes_warmed > 0
+            assert keeper.wait_warm(30) and keeper.ready()
+            selected = keeper.status()[0]["bytes_selected"]
+            assert selected == warmup.result.bytes_selected  # the same selection (--cpu-moe)
+            warmed = next(e for e in events if e["event"] == "warmed")
+            assert warmed["bytes_warmed"] == 0  # the warm-up had read it all already
+            assert evict(private_model, cpu_moe=True) < 0.05 * selected
+            deadline = time.monotonic() + 2 * INTERVAL
+            while not keeper.status()[0]["rewarms_total"] and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert keeper.ready() and keeper.status()[0]["rewarms_total"] == 1, keeper.status()
+            assert resident_fraction(private_model) > 0.5  # the experts are most of the file
+    assert any(e["event"] == "rewarmed" for e in events)

@@ -26,7 +26,9 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(os.path.abspath(__file__))]
+
+from first_request import resident  # noqa: E402
 
 from warmpool import _platform  # noqa: E402
 from warmpool._units import parse_size  # noqa: E402
@@ -64,15 +66,6 @@ def _warm(path: str) -> None:
         held.close()
     finally:
         os.close(fd)
-
-
-def _fraction(path: str) -> float:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        v = _platform.resident_pages(fd, 0, 0)
-    finally:
-        os.close(fd)
-    return v.count(1) / max(len(v), 1)
 
 
 def _proc(pid: int) -> dict:
@@ -125,14 +118,14 @@ def main() -> int:
         print("t_s " + " ".join(f"{m:>8}" for m in modes))
         while True:
             t = time.monotonic() - start
-            print(f"{t:5.0f} " + " ".join(f"{_fraction(paths[m]):8.1%}" for m in modes), flush=True)
+            print(f"{t:5.0f} " + " ".join(f"{resident(paths[m]):8.1%}" for m in modes), flush=True)
             if t >= args.seconds:
                 break
             time.sleep(min(args.sample, args.seconds - t + 0.01))
         elapsed = time.monotonic() - start
         for mode in modes:
             row = {"mode": mode, "size": size, "seconds": round(elapsed, 1), "interval": args.interval,
-                   "resident_fraction": round(_fraction(paths[mode]), 4)}
+                   "resident_fraction": round(resident(paths[mode]), 4)}
             if mode in holders:
                 p, before = holders[mode]
                 now = _proc(p.pid)

@@ -20,7 +20,8 @@ from collections.abc import Callable, Sequence
 
 from . import _platform
 from ._errors import CancelledError, FileChangedError, WarmpoolError
-from ._plan import Plan, contiguous_runs, make_plan
+from ._kept import KeptModel, identity
+from ._plan import Plan
 
 __all__ = ["HOLD_MODES", "Keeper", "PSI_BACKOFF"]
 
@@ -31,55 +32,6 @@ PSI_BACKOFF = 10.0
 BACKOFF_MAX = 32  # at most this many intervals between tries while backing off
 UNDONE_LIMIT = 3  # consecutive checks that re-warm the same chunks before backing off
 _POLL = 0.1  # how often the thread looks at the stop flag and --for-pid while it waits
-
-
-class _Model:
-    """One kept model: its plan, open files, held mappings and counters."""
-
-    def __init__(self, source: str | os.PathLike | Plan, plan: Plan, name: str) -> None:
-        self.source, self.plan, self.name = source, plan, name
-        self.fds: list[int] = []
-        self.identity: list[tuple | None] = []
-        self.held: list[tuple[int, int, _platform.HeldMapping]] = []  # (file, start, mapping)
-        self.chunk_resident: list[int | None] = []
-        self.bytes_resident: int | None = None
-        self.hidden = False
-        self.bytes_locked = 0
-        self.bytes_rewarmed_total = 0
-        self.rewarms_total = 0
-        self.state = "starting"
-        self.warmed = False
-        self.last_rewarmed: frozenset[int] = frozenset()
-        self.undone = 0
-
-    @property
-    def path(self) -> str:
-        return self.plan.files[0].path
-
-    def row(self) -> dict:
-        selected = self.plan.bytes_planned
-        resident = None if self.hidden else self.bytes_resident
-        return {"model": self.name, "path": self.path, "bytes_selected": selected, "bytes_resident": resident,
-                "bytes_locked": self.bytes_locked, "bytes_rewarmed_total": self.bytes_rewarmed_total,
-                "rewarms_total": self.rewarms_total,
-                "resident_fraction": None if resident is None else resident / (selected or 1),
-                "residency_hidden": self.hidden, "state": self.state}
-
-
-def _identity(path: str) -> tuple | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def _hidden(path: str) -> bool:
-    """Whether the kernel hides this file's residency from us (issue 8's helper where it exists)."""
-    import warmpool
-
-    helper = getattr(warmpool, "residency_hidden", None)
-    return bool(helper(path)) if helper is not None else False
 
 
 class Keeper:
@@ -112,18 +64,16 @@ class Keeper:
         self.interval, self.lock, self.min_resident, self.hold = interval, lock, min_resident, hold
         self.workers, self.strategy, self.budget, self.force = workers, strategy, budget, force
         self.for_pid, self.on_warm_start, self._on_event = for_pid, on_warm_start, on_event
-        self.models: list[_Model] = []
+        self.models: list[KeptModel] = []
         for source in models:
             plan = source if isinstance(source, Plan) else plan_model(source, **selection)
-            name = plan.files[0].path if isinstance(source, Plan) else os.fspath(source)
-            self.models.append(_Model(source, plan, name))
+            self.models.append(KeptModel(plan, plan.files[0].path if isinstance(source, Plan) else os.fspath(source)))
         self._listen = listen
         self._server = None
         self._stop = threading.Event()
         self._warm_done = threading.Event()
         self._finished = threading.Event()
         self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()  # guards the models' rows while the thread updates them
         self.check_observers: list[Callable[[float], None]] = []
         self.exit_reason: str | None = None
 
@@ -151,8 +101,7 @@ class Keeper:
         return self._finished.wait(timeout)
 
     def status(self) -> list[dict]:
-        with self._lock:
-            return [m.row() for m in self.models]
+        return [m.row() for m in self.models]
 
     def ready(self) -> bool:
         rows = self.status()
@@ -177,7 +126,8 @@ class Keeper:
         if not self._finished.is_set():
             self._finished.set()
             self._warm_done.set()
-            self._emit("stopped", reason=self.exit_reason or "stopped")
+            if thread is not None:  # a keeper that never started has nothing to report
+                self._emit("stopped", reason=self.exit_reason or "stopped")
 
     def __enter__(self) -> Keeper:
         return self.start()
@@ -195,8 +145,6 @@ class Keeper:
                 pass
 
     def _run(self) -> None:
-        backoff_until = {id(m): 0.0 for m in self.models}
-        backoff_steps = {id(m): 0 for m in self.models}
         try:
             for model in self.models:
                 if self._stop.is_set():
@@ -209,9 +157,8 @@ class Keeper:
                         break
                     if model.state == "missing" or not model.warmed:
                         self._guard(model, lambda m=model: self._first_warm(m))
-                        continue
-                    now = time.monotonic()
-                    self._guard(model, lambda m=model: self._check(m, now >= backoff_until[id(m)], backoff_until, backoff_steps))
+                    else:
+                        self._guard(model, lambda m=model: self._check(m))
         finally:
             self._warm_done.set()
             self._release_all()
@@ -231,7 +178,7 @@ class Keeper:
                 return self._stop.is_set()
             self._stop.wait(min(_POLL, left))
 
-    def _guard(self, model: _Model, step: Callable[[], None]) -> None:
+    def _guard(self, model: KeptModel, step: Callable[[], None]) -> None:
         """Run one step; a replaced file re-plans, any other failure is reported, never fatal."""
         try:
             step()
@@ -240,149 +187,69 @@ class Keeper:
         except FileChangedError:
             self._replaced(model)
         except (WarmpoolError, OSError) as e:
-            if _identity(model.path) != (model.identity[0] if model.identity else None):
+            if identity(model.path) != (model.identity[0] if model.identity else None):
                 self._replaced(model)
             else:
                 self._emit("error", model=model.name, message=str(e))
         except Exception as e:  # noqa: BLE001 - a service survives what it can and says so
             self._emit("error", model=model.name, message=f"{type(e).__name__}: {e}")
 
-    def _first_warm(self, model: _Model) -> None:
+    def _first_warm(self, model: KeptModel) -> None:
         if model.state == "missing":
-            if _identity(model.path) is None:
+            if identity(model.path) is None:
                 return  # still gone: try again next interval
-            model.plan = make_plan(_read_layout(model.path), model.plan.selection, model.plan.chunk_size)
-            with self._lock:
-                model.state = "starting"
+            model.replan()
             self._emit("replaced", model=model.name, path=model.path, replanned=True,
                        bytes_selected=model.plan.bytes_planned)
-        self._release(model)
-        model.identity = [_identity(f.path) for f in model.plan.files]
-        model.hidden = _hidden(model.path)
-        with self._lock:
-            model.state = "warming"
+        model.release()
+        model.note_identity()
+        model.set(state="warming")
         result = self._warm(model, model.plan, self.on_warm_start if not model.warmed else None)
-        self._hold(model)
+        model.hold(mapped=self.hold != "none" or self.lock)
         model.warmed = True
-        self._measure(model)
-        with self._lock:
-            model.state = "kept"
+        model.measure()
+        model.set(state="kept")
         self._emit("warmed", model=model.name, bytes_selected=result.bytes_selected,
                    bytes_warmed=result.bytes_warmed, seconds=round(result.seconds, 3), workers=result.workers,
-                   reason=result.reason, resident_fraction=self.status()[self.models.index(model)]["resident_fraction"])
+                   reason=result.reason, resident_fraction=model.row()["resident_fraction"])
         if self.lock:
-            self._lock_selection(model)
+            self._emit("locked", **model.lock())
 
-    def _warm(self, model: _Model, plan: Plan, on_start=None):
+    def _warm(self, model: KeptModel, plan: Plan, on_start=None):
         from ._warm import warm
 
         return warm(model.path, plan=plan, workers=self.workers, strategy=self.strategy, budget=self.budget,
                     force=self.force, on_start=on_start, should_stop=self._stop)
 
-    def _hold(self, model: _Model) -> None:
-        """Map the selection (one mapping per run of adjacent chunks), fault it into the mapping
-        (minor faults only: the warm just read it) and read one byte of each page once: on a VM
-        the first CPU read of a page the disk just filled costs the engine ~5x its steady
-        request (docs/keep.md), and it is cheaper paid here, once, than in a request."""
-        model.fds = [os.open(f.path, os.O_RDONLY) for f in model.plan.files]
-        if self.hold == "none" and not self.lock:
-            return
-        for file, runs in contiguous_runs(model.plan.chunks).items():
-            for start, end in runs:
-                held = _platform.HeldMapping(model.fds[file], start, end - start)
-                model.held.append((file, start, held))
-                held.populate(0, end - start)
-                held.touch(0, end - start)  # the first CPU read of each page, see docs/keep.md
-
-    def _mapping_of(self, model: _Model, chunk) -> tuple[_platform.HeldMapping, int] | None:
-        for file, start, held in model.held:
-            if file == chunk.file and start <= chunk.offset < start + held.length:
-                return held, chunk.offset - start
-        return None
-
-    def _lock_selection(self, model: _Model) -> None:
-        """mlock in plan order until the kernel says no; then lock what the limit still allows."""
-        import errno
-
-        limit = _platform.memlock_limit()
-        locked, refused = 0, None
-        page = _platform.PAGE_SIZE
-        for chunk in model.plan.chunks:
-            where = self._mapping_of(model, chunk)
-            if where is None:
-                continue
-            held, rel = where
-            size = -(-chunk.length // page) * page
-            err = held.lock(rel, chunk.length)
-            if err in (errno.ENOMEM, errno.EAGAIN, errno.EPERM) and limit is not None:
-                # Over RLIMIT_MEMLOCK: lock the part of this chunk that still fits, then stop.
-                room = limit - (_platform.locked_bytes() or 0)
-                room -= room % page
-                if room > 0 and held.lock(rel, room) == 0:
-                    locked += room
-                refused = err
-                break
-            if err:
-                refused = err
-                break
-            locked += size
-        with self._lock:
-            model.bytes_locked = locked
-        fields = dict(model=model.name, bytes_locked=locked, bytes_selected=model.plan.bytes_planned,
-                      vm_locked=_platform.locked_bytes())
-        if refused is not None:
-            fields.update(partial=True, memlock_limit=limit, error=os.strerror(refused),
-                          fix="raise the memlock limit: systemd LimitMEMLOCK=infinity, docker --ulimit memlock=-1 "
-                              "or --cap-add IPC_LOCK, Kubernetes securityContext.capabilities.add: [IPC_LOCK]")
-        self._emit("locked", **fields)
-
-    def _measure(self, model: _Model) -> None:
-        """Resident bytes per chunk: cachestat (one syscall per chunk), mincore without it."""
-        sizes: list[int | None] = []
-        hidden = model.hidden
-        for chunk in model.plan.chunks:
-            fd = model.fds[chunk.file]
-            cached = _platform.cached_bytes(fd, chunk.offset, chunk.length)
-            if cached is None and _platform.supports_cachestat():
-                hidden = True  # cachestat refused this file: so would mincore, by lying
-            sizes.append(cached if cached is not None else _platform.resident_bytes(fd, chunk.offset, chunk.length))
-        with self._lock:
-            model.chunk_resident = sizes
-            model.hidden = hidden
-            model.bytes_resident = None if hidden else sum(sizes)
-
-    def _check(self, model: _Model, may_rewarm: bool, backoff_until: dict, backoff_steps: dict) -> None:
-        if [_identity(f.path) for f in model.plan.files] != model.identity:
+    def _check(self, model: KeptModel) -> None:
+        if model.changed():
             raise FileChangedError("the model file was replaced or deleted while kept", model.path)
         started = time.perf_counter()
-        self._measure(model)
+        model.measure()
         seconds = time.perf_counter() - started
         for observe in self.check_observers:
             observe(seconds)
         if self.hold == "touch":
-            for _, _, held in model.held:
-                held.touch(0, held.length)
+            model.touch_all()
         if model.hidden:
             return  # nothing to compare against: unknown is not cold
-        evicted = [i for i, (c, r) in enumerate(zip(model.plan.chunks, model.chunk_resident))
-                   if r is not None and r < c.length]
+        evicted = model.cold_chunks()
         if not evicted:
-            model.undone, backoff_steps[id(model)] = 0, 0
+            model.undone = model.backoff_steps = 0
             return
-        if not may_rewarm:
+        if time.monotonic() < model.backoff_until:
             return
         why = self._backoff_reason(model, evicted)
-        if why is not None:
-            steps = backoff_steps[id(model)] = min(max(backoff_steps[id(model)] * 2, 1), BACKOFF_MAX)
-            backoff_until[id(model)] = time.monotonic() + steps * self.interval
-            with self._lock:
-                model.state = "backoff"
-            self._emit("backoff", model=model.name, reason=why, seconds=round(steps * self.interval, 3),
-                       bytes_cold=sum(model.plan.chunks[i].length - model.chunk_resident[i] for i in evicted))
+        if why is None:
+            self._rewarm(model, evicted)
             return
-        self._rewarm(model, evicted)
+        model.backoff_steps = min(max(model.backoff_steps * 2, 1), BACKOFF_MAX)
+        model.backoff_until = time.monotonic() + model.backoff_steps * self.interval
+        model.set(state="backoff")
+        self._emit("backoff", model=model.name, reason=why, seconds=round(model.backoff_steps * self.interval, 3),
+                   bytes_cold=sum(model.plan.chunks[i].length - model.chunk_resident[i] for i in evicted))
 
-    def _backoff_reason(self, model: _Model, evicted: list[int]) -> str | None:
+    def _backoff_reason(self, model: KeptModel, evicted: list[int]) -> str | None:
         pressure = _platform.memory_pressure()
         if pressure is not None and pressure >= PSI_BACKOFF:
             return f"memory pressure: PSI some avg10 {pressure:.1f}% >= {PSI_BACKOFF:.0f}%"
@@ -392,53 +259,26 @@ class Keeper:
             return f"the last {UNDONE_LIMIT} re-warms were undone by the kernel"
         return None
 
-    def _rewarm(self, model: _Model, evicted: list[int]) -> None:
+    def _rewarm(self, model: KeptModel, evicted: list[int]) -> None:
         sub = model.plan._replace(chunks=tuple(model.plan.chunks[i] for i in evicted))
-        before = sum(model.chunk_resident[i] for i in evicted)
         result = self._warm(model, sub)
-        for i in evicted:  # map the re-read pages into our mapping again
-            where = self._mapping_of(model, model.plan.chunks[i])
-            if where is not None:
-                where[0].populate(where[1], model.plan.chunks[i].length)
-                where[0].touch(where[1], model.plan.chunks[i].length)
-        self._measure(model)
-        after = sum(model.chunk_resident[i] or 0 for i in evicted)
-        rewarmed = max(after - before, 0)
-        with self._lock:
-            model.bytes_rewarmed_total += rewarmed
-            model.rewarms_total += 1
-            model.state = "kept"
-        model.last_rewarmed = frozenset(evicted)
+        model.remap(evicted)
+        model.measure()
+        rewarmed = result.bytes_warmed or 0  # what the warm measured it read in (None: unknown)
+        model.set(bytes_rewarmed_total=model.bytes_rewarmed_total + rewarmed, rewarms_total=model.rewarms_total + 1,
+                  state="kept", last_rewarmed=frozenset(evicted))
         self._emit("rewarmed", model=model.name, chunks=len(evicted), bytes_rewarmed=rewarmed,
-                   seconds=round(result.seconds, 3), reason=result.reason,
-                   resident_fraction=self.status()[self.models.index(model)]["resident_fraction"])
+                   seconds=round(result.seconds, 3), reason=result.reason, resident_fraction=model.row()["resident_fraction"])
         if result.bytes_left_cold and "exceeds" in result.reason:
             self._emit("backoff", model=model.name, reason=result.reason, seconds=round(self.interval, 3),
                        bytes_cold=result.bytes_left_cold)
 
-    def _replaced(self, model: _Model) -> None:
-        gone = _identity(model.path) is None
-        self._release(model)
-        with self._lock:
-            model.state, model.bytes_resident, model.chunk_resident = "missing", None, []
+    def _replaced(self, model: KeptModel) -> None:
+        gone = identity(model.path) is None
+        model.release()
+        model.set(state="missing", bytes_resident=None, chunk_resident=[])
         self._emit("replaced", model=model.name, path=model.path, deleted=gone, replanned=False)
-
-    def _release(self, model: _Model) -> None:
-        with self._lock:  # take them first: stop() and the thread may both get here
-            held, fds = model.held, model.fds
-            model.held, model.fds, model.bytes_locked = [], [], 0
-        for _, _, mapping in held:
-            mapping.unlock()
-            mapping.close()
-        for fd in fds:
-            os.close(fd)
 
     def _release_all(self) -> None:
         for model in self.models:
-            self._release(model)
-
-
-def _read_layout(path: str):
-    from ._layout import read_layout
-
-    return read_layout(path)
+            model.release()

@@ -89,9 +89,11 @@ class HeldMapping:
         if self.address and _munlock is not None:
             _munlock(self.address, self.length)
 
-    def resident(self) -> bytes:
-        """One byte per page, 1 = in the page cache (mincore on this mapping)."""
-        address, size = self._span(0, self.length)
+    def resident(self, rel: int = 0, n: int | None = None) -> bytes:
+        """One byte per page of the range (default: all), 1 = in the page cache: mincore on
+        this mapping, with no mmap/munmap per call (what makes it ~10x cheaper than
+        ``resident_pages`` where there is no cachestat)."""
+        address, size = self._span(rel, self.length - rel if n is None else n)
         out = bytearray(size // PAGE_SIZE)
         _posix._mincore_into(address, size, out, 0)
         return bytes(out).translate(_posix._BIT0)
