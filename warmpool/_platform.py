@@ -33,6 +33,7 @@ __all__ = [
     "cached_bytes",
     "evict",
     "evict_file",
+    "huge_folio_size",
     "platform_notes",
     "prefetch",
     "read_range",
@@ -48,6 +49,7 @@ FileWindow = _backend.FileWindow
 advise_random = _backend.advise_random
 cached_bytes = _backend.cached_bytes
 evict = _backend.evict
+huge_folio_size = _backend.huge_folio_size
 platform_notes = _backend.platform_notes
 prefetch = _backend.prefetch
 read_range = _backend.read_range

@@ -30,6 +30,7 @@ __all__ = [
     "advise_random",
     "cached_bytes",
     "evict",
+    "huge_folio_size",
     "platform_notes",
     "prefetch",
     "read_range",
@@ -109,6 +110,22 @@ def prefetch(fd: int, offset: int, length: int) -> None:
     chunk or two ahead, then ``FileWindow.populate`` waits for what is still in flight.
     """
     _posix._stepped_willneed(fd, offset, length, readahead_size(fd))
+
+
+# -- huge folios ---------------------------------------------------------------------
+
+_huge_folio_size: int | None | bool = False  # False: not probed yet
+
+
+def huge_folio_size() -> int | None:
+    """Bytes of a PMD-size folio (2 MiB on x86-64 and arm64 with 4 KiB pages), or None where
+    the kernel has no transparent huge pages: the size a fault under MADV_HUGEPAGE reads and
+    caches at once (``do_sync_mmap_readahead``, mm/filemap.c).  Read once from sysfs."""
+    global _huge_folio_size
+    if _huge_folio_size is False:
+        size = _read_kb("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size")  # bytes, despite the helper's name
+        _huge_folio_size = size if size and size % PAGE_SIZE == 0 else None
+    return _huge_folio_size
 
 
 # -- cachestat -----------------------------------------------------------------------

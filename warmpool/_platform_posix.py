@@ -32,6 +32,7 @@ __all__ = [
     "advise_random",
     "cached_bytes",
     "evict",
+    "huge_folio_size",
     "platform_notes",
     "prefetch",
     "read_range",
@@ -188,6 +189,11 @@ def prefetch(fd: int, offset: int, length: int) -> None:
     _stepped_willneed(fd, offset, length, readahead_size(fd))
 
 
+def huge_folio_size() -> int | None:
+    """No transparent huge pages known here."""
+    return None
+
+
 def advise_random(fd: int) -> None:
     """Turn off readahead on this open file so reads bring in exactly what they ask."""
     _fadvise(fd, 0, 0, "POSIX_FADV_RANDOM")
@@ -332,6 +338,25 @@ class FileWindow:
         err = self._madvise(rel, n, advice) if advice is not None else 0
         if err:
             raise _failure("madvise(MADV_WILLNEED)", err)
+
+    # madvise advice a window may carry, by name (Python's mmap module spells the numbers).
+    _ADVICE = {"normal": "MADV_NORMAL", "random": "MADV_RANDOM", "sequential": "MADV_SEQUENTIAL",
+               "hugepage": "MADV_HUGEPAGE", "nohugepage": "MADV_NOHUGEPAGE"}
+
+    def advise(self, rel: int, n: int, advice: str) -> bool:
+        """Set an access pattern on the pages of ``[rel, rel + n)`` of this mapping: ``normal``,
+        ``random``, ``sequential``, ``hugepage``, ``nohugepage``.  The kernel splits the mapping
+        where the advice changes, so parts of one window can read differently.  Returns False
+        where this OS or kernel lacks the advice (it is advice: nothing else changes)."""
+        number = getattr(mmap, self._ADVICE[advice], None)
+        if number is None:
+            return False
+        err = self._madvise(rel, n, number)
+        if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            return False  # e.g. MADV_HUGEPAGE on a kernel without transparent huge pages
+        if err:
+            raise _failure(f"madvise({self._ADVICE[advice]})", err)
+        return True
 
     def populate(self, rel: int, n: int) -> None:
         """Fault the range in as if read (MADV_POPULATE_READ); waits for the I/O."""

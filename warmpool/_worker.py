@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import os
 import signal
+import threading
 from collections.abc import Iterator, Sequence
 from multiprocessing.connection import Connection
 
@@ -22,20 +23,20 @@ from ._errors import FileChangedError, WarmpoolError
 from ._plan import contiguous_runs
 from ._progress import WorkerCounter
 
-__all__ = ["FAULT_READAHEAD_MIN", "STEP", "STRATEGIES", "Guards", "nonresident_runs", "serve", "worker_main"]
+__all__ = ["FAULT_READAHEAD_MIN", "FAULT_THREADS", "STEP", "STRATEGIES", "Guards", "nonresident_runs", "serve", "worker_main"]
 
 STEP = 8 * 1024 * 1024  # progress grain, and the most one populate/touch/pread call covers
 STRATEGIES = ("populate", "touch", "read", "willneed")
 # From this readahead size up, populate/touch let the kernel's fault readahead read the inside
-# of an extent and hint (WILLNEED) only its edges (see Guards).  A WILLNEED hint reads in 2 MiB
-# pieces of 4 KiB folios (force_page_cache_ra); faults read ahead in large folios.  On this
-# project's 2-core VM (virtio disk, read_ahead_kb 8192), one process warming 1.65 GB in 16 MiB
-# chunks, paired runs: whole chunk hinted 2.3-2.7 s (0.9 s CPU, ~1 MiB requests), faults alone
-# 0.95-1.5 s (0.13 s CPU, ~3 MiB requests), vmtouch -t 1.1-1.7 s.  With a small window
-# (FUSE/NFS and many disks: 128 KiB) fault readahead keeps ~2 requests in flight per process
-# while the stepped hints queue the whole chunk (64 in flight from one worker on latency_fs),
-# so there the whole chunk is still hinted.
+# of an extent and keep hints (WILLNEED) for the edges (see Guards).  Hints read 4 KiB folios
+# (force_page_cache_ra); faults read ahead in large ones.  With a small window (FUSE/NFS and
+# many disks: 128 KiB) fault readahead keeps ~2 requests in flight per process while stepped
+# hints queue the whole chunk (64 in flight from one worker on latency_fs), so there the whole
+# chunk is still hinted.  Measurements: docs/folios.md.
 FAULT_READAHEAD_MIN = 1024 * 1024
+# Threads per worker faulting PMD-size blocks at once (one read in flight each); measured on
+# the local disk: docs/folios.md.
+FAULT_THREADS = 4
 
 
 def nonresident_runs(vector: bytes) -> Iterator[tuple[int, int]]:
@@ -49,29 +50,46 @@ def nonresident_runs(vector: bytes) -> Iterator[tuple[int, int]]:
         start = vector.find(0, end)
 
 
+def _down(n: int, unit: int) -> int:
+    return n - n % unit
+
+
 class Guards:
-    """Where fault readahead could read past what this warm faults, from its chunks.
+    """Where reads may go, from the chunks this warm faults, so nothing unselected is read.
 
     Extents are the chunks to be warmed, merged where they touch; a planned chunk left out (over
-    the budget, or already resident) is outside, like an unselected tensor.  A fault that misses
-    reads around itself (mmap read-around: half a window before, half after) and every readahead
-    window it starts can start one more past its end (mm/filemap.c, mm/readahead.c), so faults
-    may read up to ``ra / 2`` before and ``2 * ra`` after the pages they fault.  Pages already in
-    the cache are skipped by readahead but do not stop it, and carry no readahead mark if a
-    WILLNEED hint put them there.  So hinting the first ``ra`` and the last ``2 * ra`` bytes of
-    each extent before any fault can reach them keeps every read inside the extents: a worker
-    hints the guard zones within reach of its chunk before faulting it.  Checked on the 1.65 GB
-    bench model (-ngl 8; -ngl 99 --n-cpu-moe 2; -ot ffn_up_exps=CPU; half-budget warms; 1, 2 and
-    4 workers, populate and touch): 0 bytes read outside the extents.
+    the budget, or already resident) is outside, like an unselected tensor.
+
+    Huge folios (``parts``, the default where the kernel has them; docs/folios.md): the worker
+    maps its chunk with MADV_HUGEPAGE + MADV_RANDOM.  A fault that misses then reads exactly the
+    aligned PMD-size block around it, as one PMD-size folio, and starts no readahead
+    (``do_sync_mmap_readahead`` reads ``HPAGE_PMD_NR`` pages at the aligned index and
+    ``do_async_mmap_readahead`` returns early for VM_RAND_READ, mm/filemap.c); where some pages of
+    the block are cached, ``page_cache_ra_order`` falls back to reading the block's gaps.  So an
+    extent [S, E) is faulted that way over its whole blocks [A, B) (A = S rounded up, B = E
+    rounded down to a block), and its unaligned head [S, A) and tail [B, E) are hinted (WILLNEED
+    reads exactly the range, in 4 KiB folios) and faulted under MADV_RANDOM alone, which reads
+    at most the faulted page.  No read crosses an extent's edge whatever the readahead size.
+
+    Without huge folios (``zones``): a fault that misses reads around itself (mmap read-around:
+    half a window before, half after) and every readahead window it starts can start one more
+    past its end, so faults may read up to ``ra / 2`` before and ``2 * ra`` after the pages they
+    fault.  Pages already in the cache are skipped by readahead but do not stop it, and carry no
+    readahead mark if a WILLNEED hint put them there.  So hinting the first ``ra`` and the last
+    ``2 * ra`` bytes of each extent before any fault can reach them keeps every read inside the
+    extents.  Both are tested (tests/test_warm.py, tests/test_folios.py).
     """
 
     def __init__(self, chunks: Sequence[tuple[int, int, int]]) -> None:
         self.extents = contiguous_runs(chunks)
 
+    def _extent(self, file: int, offset: int) -> tuple[int, int]:
+        extents = self.extents[file]
+        return extents[bisect.bisect_right(extents, (offset, float("inf"))) - 1]
+
     def zones(self, file: int, offset: int, length: int, ra: int) -> list[tuple[int, int]]:
         """Byte ranges to hint before faulting [offset, offset + length) with window ``ra``."""
-        extents = self.extents[file]
-        start, end = extents[bisect.bisect_right(extents, (offset, float("inf"))) - 1]
+        start, end = self._extent(file, offset)
         reach_lo, reach_hi = offset - ra, offset + length + 2 * ra
         zones = [(max(lo, reach_lo), min(hi, reach_hi))
                  for lo, hi in ((start, min(start + ra, end)), (max(end - 2 * ra, start), end))]
@@ -79,6 +97,17 @@ class Guards:
         if len(zones) == 2 and zones[1][0] <= zones[0][1]:  # a short extent: one zone
             zones = [(zones[0][0], max(zones[0][1], zones[1][1]))]
         return zones
+
+    def parts(self, file: int, offset: int, length: int, huge: int) -> list[tuple[int, int, bool]]:
+        """[offset, offset + length) cut at its extent's block edges: ``(start, end, whole)``,
+        ``whole`` for whole aligned blocks (fault under MADV_HUGEPAGE), else an unaligned edge
+        (hint, then fault under MADV_RANDOM alone)."""
+        start, end = self._extent(file, offset)
+        a, b = -(-start // huge) * huge, end - end % huge
+        cuts = ((start, a, False), (a, b, True), (b, end, False)) if a < b else ((start, end, False),)
+        chunk_end = offset + length
+        return [(max(lo, offset), min(hi, chunk_end), whole) for lo, hi, whole in cuts
+                if max(lo, offset) < min(hi, chunk_end)]
 
 
 class _ChunkWarmer:
@@ -90,6 +119,8 @@ class _ChunkWarmer:
         self.guards = guards
         self.buffer = bytearray(STEP) if strategy == "read" else None
         self.page = _platform.PAGE_SIZE
+        self.huge = _platform.huge_folio_size() if strategy in ("populate", "touch") else None
+        self.threads: _FaultThreads | None = None
 
     def warm(self, fd: int, file: int, offset: int, length: int) -> None:
         """Warm [offset, offset+length); resident pages count as done at once."""
@@ -97,9 +128,40 @@ class _ChunkWarmer:
             vector = window.resident()
             runs = [(s * self.page, min(e * self.page, length)) for s, e in nonresident_runs(vector)]
             self.counter.add(length - sum(end - start for start, end in runs))
-            hint_runs = self._hint_edges(fd, file, offset, length) if runs else False
+            if not runs:
+                return
+            if self.strategy in ("populate", "touch") and self._warm_huge(fd, window, file, runs):
+                return
+            hint_runs = self._hint_edges(fd, file, offset, length)
             for start, end in runs:
                 self._warm_run(fd, window, start, end, hint_runs)
+
+    def _warm_huge(self, fd: int, window: _platform.FileWindow, file: int, runs: list[tuple[int, int]]) -> bool:
+        """Fault the runs in PMD-size folios, exactly (see Guards); False where this kernel or
+        device does not take that path (then nothing was done)."""
+        if not self.huge or _platform.readahead_size(fd) < FAULT_READAHEAD_MIN:
+            return False
+        if not window.advise(0, window.length, "hugepage"):
+            return False  # no transparent huge pages: nothing changed
+        if not window.advise(0, window.length, "random"):
+            window.advise(0, window.length, "nohugepage")
+            return False
+        offset, blocks = window.offset, []
+        for lo, hi, whole in self.guards.parts(file, offset, window.length, self.huge):
+            if not whole:
+                window.advise(lo - offset, hi - lo, "nohugepage")
+        for start, end in runs:
+            for lo, hi, whole in self.guards.parts(file, offset + start, end - start, self.huge):
+                if whole:  # one task per block: the threads keep several block reads in flight
+                    blocks += [(p, min(p - p % self.huge + self.huge, hi)) for p in
+                               [lo, *range(lo - lo % self.huge + self.huge, hi, self.huge)]]
+                else:
+                    _platform.prefetch(fd, lo, hi - lo)
+                    blocks.append((lo, hi))
+        if self.threads is None:
+            self.threads = _FaultThreads(FAULT_THREADS)
+        self.threads.run(window, [(lo - offset, hi - lo) for lo, hi in blocks], self.strategy, self.counter)
+        return True
 
     def _hint_edges(self, fd: int, file: int, offset: int, length: int) -> bool:
         """Where fault readahead pays, hint the extent edges within reach and return False
@@ -116,19 +178,65 @@ class _ChunkWarmer:
     def _warm_run(self, fd: int, window: _platform.FileWindow, rel: int, rel_end: int, hint: bool) -> None:
         if hint:
             # Queue the whole run's reads at once (exact, async), then fault: the faults find the
-            # pages arriving and readahead never spills past the selection (REFERENCE §7).
+            # pages arriving and readahead never spills past the selection (docs/folios.md).
             _platform.prefetch(fd, window.offset + rel, rel_end - rel)
         for step in range(rel, rel_end, STEP):
             n = min(STEP, rel_end - step)
-            if self.strategy == "populate":
-                window.populate(step, n)
-            elif self.strategy == "touch":
-                window.touch(step, n)
-            elif self.strategy == "read":
-                _platform.read_range(fd, window.offset + step, n, self.buffer)
-            else:
-                window.willneed(step, n)
+            _fault(window, step, n, self.strategy, fd, self.buffer)
             self.counter.add(n)
+
+
+def _fault(window: _platform.FileWindow, rel: int, n: int, strategy: str, fd: int, buffer) -> None:
+    if strategy == "populate":
+        window.populate(rel, n)
+    elif strategy == "touch":
+        window.touch(rel, n)
+    elif strategy == "read":
+        _platform.read_range(fd, window.offset + rel, n, buffer)
+    else:
+        window.willneed(rel, n)
+
+
+class _FaultThreads:
+    """A few threads of one worker faulting blocks of the current chunk at once.
+
+    Under MADV_RANDOM a fault reads only its own block and waits for it, so one thread keeps a
+    single read in flight; the device needs several (docs/folios.md).  madvise and numpy's
+    reduction release the GIL while they fault.  The first error stops the chunk and is
+    raised in the worker's thread."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.lock = threading.Lock()
+
+    def run(self, window: _platform.FileWindow, spans: list[tuple[int, int]], strategy: str,
+            counter: WorkerCounter) -> None:
+        todo = list(reversed(spans))
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            while True:
+                with self.lock:
+                    if errors or not todo:
+                        return
+                    rel, n = todo.pop()
+                try:
+                    _fault(window, rel, n, strategy, window.fd, None)
+                except BaseException as e:  # noqa: BLE001 - handed to the worker's thread
+                    with self.lock:
+                        errors.append(e)
+                    return
+                with self.lock:
+                    counter.add(n)
+
+        threads = [threading.Thread(target=work, daemon=True) for _ in range(min(self.n, len(spans)) - 1)]
+        for t in threads:
+            t.start()
+        work()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
 
 
 def _open_files(paths: Sequence[str]) -> list[int]:
