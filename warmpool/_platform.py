@@ -36,6 +36,7 @@ __all__ = [
     "huge_folio_size",
     "platform_notes",
     "prefetch",
+    "read_byte",
     "read_range",
     "readahead_size",
     "resident_bytes",
@@ -52,6 +53,7 @@ evict = _backend.evict
 huge_folio_size = _backend.huge_folio_size
 platform_notes = _backend.platform_notes
 prefetch = _backend.prefetch
+read_byte = _backend.read_byte
 read_range = _backend.read_range
 readahead_size = _backend.readahead_size
 resident_bytes = _backend.resident_bytes

@@ -35,6 +35,7 @@ __all__ = [
     "huge_folio_size",
     "platform_notes",
     "prefetch",
+    "read_byte",
     "read_range",
     "readahead_size",
     "resident_bytes",
@@ -252,6 +253,19 @@ def _pread_into(fd: int, view: memoryview, position: int) -> int:
     data = os.pread(fd, len(view), position)
     view[: len(data)] = data
     return len(data)
+
+
+def read_byte(fd: int, offset: int) -> None:
+    """read(2) one byte at ``offset`` through the page cache (a cached page is not read again).
+
+    What a plain read of a cached folio does besides copying: if the folio carries the
+    readahead mark, the kernel clears it and starts async readahead from the first missing
+    page within the file's readahead window (``page_cache_async_ra``, mm/readahead.c); with
+    every page of that window cached it reads nothing."""
+    try:
+        os.pread(fd, 1, offset)
+    except OSError as exc:
+        raise PlatformError(f"pread at byte {offset} failed: {exc.strerror}") from exc
 
 
 def read_range(fd: int, offset: int, length: int, buf: bytearray) -> None:

@@ -113,7 +113,7 @@ class Guards:
 class _ChunkWarmer:
     """Applies one strategy to the non-resident runs of a chunk, reporting as it goes."""
 
-    def __init__(self, strategy: str, counter: WorkerCounter, guards: Guards) -> None:
+    def __init__(self, strategy: str, counter: WorkerCounter, guards: Guards, paths: Sequence[str] = ()) -> None:
         self.strategy = strategy
         self.counter = counter
         self.guards = guards
@@ -121,6 +121,7 @@ class _ChunkWarmer:
         self.page = _platform.PAGE_SIZE
         self.huge = _platform.huge_folio_size() if strategy in ("populate", "touch") else None
         self.threads: _FaultThreads | None = None
+        self.marks = _Marks(paths, self.huge) if self.huge else None
 
     def warm(self, fd: int, file: int, offset: int, length: int) -> None:
         """Warm [offset, offset+length); resident pages count as done at once."""
@@ -146,22 +147,30 @@ class _ChunkWarmer:
         if not window.advise(0, window.length, "random"):
             window.advise(0, window.length, "nohugepage")
             return False
-        offset, blocks = window.offset, []
+        offset, blocks, whole_blocks = window.offset, [], []
         for lo, hi, whole in self.guards.parts(file, offset, window.length, self.huge):
             if not whole:
                 window.advise(lo - offset, hi - lo, "nohugepage")
         for start, end in runs:
             for lo, hi, whole in self.guards.parts(file, offset + start, end - start, self.huge):
                 if whole:  # one task per block: the threads keep several block reads in flight
-                    blocks += [(p, min(p - p % self.huge + self.huge, hi)) for p in
-                               [lo, *range(lo - lo % self.huge + self.huge, hi, self.huge)]]
+                    starts = [lo, *range(lo - lo % self.huge + self.huge, hi, self.huge)]
+                    blocks += [(p, min(p - p % self.huge + self.huge, hi)) for p in starts]
+                    whole_blocks += [p - p % self.huge for p in starts]
                 else:
                     _platform.prefetch(fd, lo, hi - lo)
                     blocks.append((lo, hi))
         if self.threads is None:
             self.threads = _FaultThreads(FAULT_THREADS)
         self.threads.run(window, [(lo - offset, hi - lo) for lo, hi in blocks], self.strategy, self.counter)
+        if self.marks:
+            self.marks.add(file, whole_blocks, self.guards._extent(file, offset)[1], _platform.readahead_size(fd))
         return True
+
+    def finish(self) -> None:
+        """Before the worker exits: clear what readahead marks can now be cleared safely."""
+        if self.marks:
+            self.marks.close()
 
     def _hint_edges(self, fd: int, file: int, offset: int, length: int) -> bool:
         """Where fault readahead pays, hint the extent edges within reach and return False
@@ -195,6 +204,56 @@ def _fault(window: _platform.FileWindow, rel: int, n: int, strategy: str, fd: in
         _platform.read_range(fd, window.offset + rel, n, buffer)
     else:
         window.willneed(rel, n)
+
+
+class _Marks:
+    """Clears the readahead marks the huge-folio faults leave, where that reads nothing.
+
+    A fault under MADV_HUGEPAGE + MADV_RANDOM marks the PMD-size folio it reads for async
+    readahead (its window is the folio itself, all of it "async"; ``ra_alloc_folio``).  An
+    engine's first fault on a marked folio bypasses fault-around and runs
+    ``page_cache_async_ra``, which scans the page cache up to a readahead window ahead and
+    reads from the first gap: measured, one such call per folio on the engine's first pass
+    (docs/folios.md).  A read(2) of one byte clears the mark the same way; done from a file
+    description of our own (fresh readahead state) and only once the whole window after the
+    folio is cached, that scan finds no gap and nothing is read.  Blocks within a window of
+    their extent's end wait for pages past the extent, which this warm does not read: they
+    keep their mark unless those pages are cached already.
+    """
+
+    def __init__(self, paths: Sequence[str], huge: int) -> None:
+        self.paths, self.huge = paths, huge
+        self.fds: dict[int, int] = {}
+        self.pending: list[tuple[int, int, int]] = []  # (file, block offset, bytes after it to be cached)
+        self.last: list[tuple[int, int, int]] = []  # near an extent's end: tried once more at the end
+
+    def add(self, file: int, blocks: list[int], extent_end: int, ra: int) -> None:
+        span = ra + self.huge  # the scan: a readahead window past the folio's first page, with margin
+        for b in blocks:
+            (self.pending if b + self.huge + span <= extent_end else self.last).append((file, b, span))
+        self.pending = [p for p in self.pending if not self._clear(*p)]
+
+    def _clear(self, file: int, block: int, span: int) -> bool:
+        if file >= len(self.paths):
+            return True
+        fd = self.fds.get(file)
+        if fd is None:
+            fd = self.fds[file] = os.open(self.paths[file], os.O_RDONLY)
+        start = block + self.huge
+        cached = _platform.cached_bytes(fd, start, span)
+        if cached is None:
+            cached = _platform.resident_bytes(fd, start, span)
+        if cached < min(span, max(os.fstat(fd).st_size - start, 0)):
+            return False  # a gap within reach: the mark would start a read there
+        _platform.read_byte(fd, block)
+        return True
+
+    def close(self) -> None:
+        """Once every chunk is done: all that can be cleared now."""
+        self.pending = [p for p in self.pending + self.last if not self._clear(*p)]
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
 
 
 class _FaultThreads:
@@ -266,7 +325,7 @@ def worker_main(paths: Sequence[str], chunks: Sequence[tuple[int, int, int]], sh
         for fd in fds:
             _platform.advise_random(fd)  # pread reads exactly the range, no readahead past it
     to_warm = chunks if warmed is None else [chunks[i] for i in warmed]
-    warmer = _ChunkWarmer(strategy, counter, Guards(to_warm))
+    warmer = _ChunkWarmer(strategy, counter, Guards(to_warm), paths)
     try:
         while (index := conn.recv()) is not None:
             file, offset, length = chunks[index]
@@ -277,6 +336,7 @@ def worker_main(paths: Sequence[str], chunks: Sequence[tuple[int, int, int]], sh
                 conn.send(("error", index, e))
                 return
             conn.send(("done", index))
+        warmer.finish()  # the coordinator sends None once every chunk is done
     except (EOFError, BrokenPipeError):
         pass  # the coordinator went away: nothing left to report to
     finally:
