@@ -231,7 +231,8 @@ CANDIDATES = {  # in-process ways, run in a child: python tools/folios.py --cand
 
 
 def _ways(path: str, baseline: str | None) -> list[tuple[str, list[str], dict | None]]:
-    """(label, argv, env) of every way compared."""
+    """(label, argv, env) of every way compared; warmpool runs from the checkout its env names
+    (``python -m`` puts the working directory first on sys.path, so it also runs there)."""
     here = str(HERE.parent)
     wp = [sys.executable, "-m", "warmpool", "warm", path, "--no-progress", "--quiet"]
     ways = [("dd bs=8M", ["dd", f"if={path}", "of=/dev/null", "bs=8M", "status=none"], None),
@@ -259,7 +260,7 @@ def compare(path: str, rounds: int, baseline: str | None) -> list[dict]:
             _platform.evict_file(path)
             load = os.getloadavg()[0]
             t0 = time.perf_counter()
-            subprocess.run(argv, env=env, check=True, stdin=subprocess.DEVNULL)
+            subprocess.run(argv, env=env, check=True, stdin=subprocess.DEVNULL, cwd=(env or {}).get("PYTHONPATH"))
             seconds = time.perf_counter() - t0
             hist = histogram(path) if available() is None else None
             run = {"seconds": seconds, "load_1m": load, "engine": engine_pass(path),

@@ -198,6 +198,10 @@ class _ChunkWarmer:
 def _fault(window: _platform.FileWindow, rel: int, n: int, strategy: str, fd: int, buffer) -> None:
     if strategy == "populate":
         window.populate(rel, n)
+        # Populating maps pages without reading them; in a VM the first CPU read of a page the
+        # disk wrote can cost microseconds, which an engine would otherwise pay in its first
+        # request (docs/folios.md).
+        window.read_pages(rel, n)
     elif strategy == "touch":
         window.touch(rel, n)
     elif strategy == "read":
