@@ -25,8 +25,7 @@ import weakref
 from typing import NamedTuple
 
 import warmpool
-from warmpool import CancelledError, ProgressError, WarmError, WarmpoolError, WarmResult
-from warmpool._progress import ProgressView
+from warmpool import CancelledError, ProgressError, ProgressView, WarmError, WarmpoolError, WarmResult
 
 __all__ = ["Warmup", "WarmupProgress", "start_warmup"]
 
@@ -105,7 +104,9 @@ class Warmup:
         # Attach before warm() can unlink: the mapping outlives the name, so progress() and
         # layer_ready() keep answering with the final values after the warm has ended.
         self._view = ProgressView.attach(name)
-        self.shm_name = name
+        # An unnamed segment ("memfd:FD": /dev/shm full, read-only or missing) has no name that
+        # another process could open: say there is none.
+        self.shm_name = None if name.startswith("memfd:") else name
         self._started.set()
 
     # --- what the engine calls -----------------------------------------------------------------
@@ -186,6 +187,17 @@ class Warmup:
             self._stop.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+
+    def keep(self, **keeper_options) -> warmpool.Keeper:
+        """Once this warm has ended, keep what it warmed resident: a started
+        :class:`warmpool.Keeper` over the same model and selection (its first check finds the
+        pages this warm read).  ``keeper_options`` go to ``Keeper`` (``interval``, ``lock``,
+        ``listen``, ``hold``...); stop it with ``stop()`` or use it as a context manager."""
+        self.wait()
+        passed = {k: v for k, v in self._warm_kwargs.items() if k in ("chunk_size", "budget", "force")}
+        keeper = warmpool.Keeper([self.model], workers=self._workers, strategy=self._strategy,
+                                 **self._selection, **passed, **keeper_options)
+        return keeper.start()
 
     def __enter__(self) -> Warmup:
         return self

@@ -4,15 +4,15 @@
     llm, warmup = load("model.gguf", n_gpu_layers=20, n_ctx=4096)
 
 Why the warm starts first: on Linux llama.cpp maps the whole file with MAP_POPULATE
-(REFERENCE §4), which faults the file in from one thread while ``Llama()`` blocks; the
-workers started a moment earlier read the CPU-resident tensors in parallel, in layer order,
-so the populate sweep finds pages already arriving.  With ``use_mmap=False`` llama.cpp
+(docs/design.md, "What llama.cpp keeps on the CPU"), which faults the file in from one
+thread while ``Llama()`` blocks; the workers started a moment earlier read the CPU-resident
+tensors in parallel, in layer order, so the populate sweep finds pages already arriving.  With ``use_mmap=False`` llama.cpp
 reads the tensors into its own buffers instead, and those reads then hit the page cache.
 
 Which tensors the warm selects, from the keyword arguments ``Llama`` takes:
 
 * ``n_gpu_layers`` (llama-cpp-python's default 0: all on the CPU; -1: every layer offloaded,
-  only ``token_embd`` stays) with llama.cpp's own placement rule (``warmpool._select``).
+  only ``token_embd`` stays) with llama.cpp's own placement rule (``warmpool.Selection``).
 * **No GPU backend, no offload**: a llama.cpp built without one (the PyPI sdist's default
   build) accepts ``n_gpu_layers > 0`` and keeps every tensor on the CPU anyway.  When
   ``llama_supports_gpu_offload()`` is False we therefore warm every tensor, whatever
@@ -33,7 +33,7 @@ import os
 import warnings
 from collections.abc import Iterable
 
-from warmpool._select import parse_overrides
+from warmpool import parse_overrides
 
 from ._warmup import Warmup, start_warmup
 

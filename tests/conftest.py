@@ -11,7 +11,11 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -103,3 +107,81 @@ def resident_fraction(path: os.PathLike[str], offset: int = 0, length: int = 0) 
     finally:
         os.close(fd)
     return vector.count(1) / max(len(vector), 1)
+
+
+# -- private cold files for the platform tests (test_platform, test_readahead) ----------------
+
+MiB = 1 << 20
+SIZE = 32 * MiB  # the ``cold`` fixture's file
+
+
+class ColdFile(NamedTuple):
+    path: Path
+    fd: int
+    size: int
+
+
+def write_random(path: Path, size: int) -> None:
+    """Random bytes (no holes a filesystem could skip), on disk, not just in cache."""
+    with open(path, "wb") as f:
+        for done in range(0, size, MiB):
+            f.write(os.urandom(min(MiB, size - done)))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def open_cold(path: Path, size: int) -> ColdFile:
+    write_random(path, size)
+    fd = os.open(path, os.O_RDONLY)
+    _platform.evict(fd, 0, 0)
+    return ColdFile(path, fd, size)
+
+
+@pytest.fixture
+def cold(tmp_path: Path) -> Iterator[ColdFile]:
+    """A private 32 MiB file, written, synced and evicted."""
+    file = open_cold(tmp_path / "data.bin", SIZE)
+    yield file
+    os.close(file.fd)
+
+
+def disk_reads() -> int | None:
+    """Bytes this process has had read from block devices (None: not accounted)."""
+    try:
+        with open("/proc/self/io", "rb") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(b"read_bytes:"))
+    except (OSError, StopIteration):
+        return None
+
+
+def bytes_read_by(action: Callable[[], object]) -> int | None:
+    """Bytes read from disk while ``action`` ran (None where not accounted)."""
+    before = disk_reads()
+    action()
+    after = disk_reads()
+    return None if before is None or after is None else after - before
+
+
+@contextmanager
+def pinned(fd: int, offset: int, length: int) -> Iterator[None]:
+    """Keep a warm range mapped (and so out of the VM's reclaim) while measuring."""
+    with _platform.FileWindow(fd, offset, length) as window:
+        window.populate(0, length)
+        yield
+
+
+def wait_until_resident(fd: int, offset: int, length: int, at_least: int) -> bool:
+    """Whether ``at_least`` bytes of the range became resident within 20 s (prefetch
+    only queues the reads)."""
+    deadline = time.monotonic() + 20
+    while _platform.resident_bytes(fd, offset, length) < at_least:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def outside(fd: int, start: int, end: int, size: int) -> int:
+    """Resident bytes of the file outside [start, end)."""
+    before = _platform.resident_bytes(fd, 0, start) if start else 0  # length 0 would mean "to EOF"
+    return before + _platform.resident_bytes(fd, end, size - end)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import pickle
 import subprocess
 import sys
@@ -13,18 +14,24 @@ import warmpool
 from warmpool import _errors
 
 PUBLIC = [
+    "AmbiguousModelError",
     "CancelledError",
     "Chunk",
     "DEFAULT_CHUNK_SIZE",
     "FileChangedError",
+    "FileResidency",
+    "Keeper",
     "LayerResidency",
     "LayoutError",
     "ModelFile",
     "ModelLayout",
+    "ModelNotFoundError",
     "Plan",
     "PlatformError",
     "ProgressError",
+    "ProgressView",
     "Residency",
+    "ResolvedModel",
     "Selection",
     "SelectionError",
     "TensorInfo",
@@ -35,9 +42,13 @@ PUBLIC = [
     "evict",
     "main",
     "make_plan",
+    "parse_overrides",
     "plan_model",
     "read_layout",
     "residency",
+    "residency_hidden",
+    "resolve_model",
+    "resolve_models",
     "warm",
 ]
 
@@ -75,10 +86,52 @@ def test_errors_pickle_with_message_and_path(cls, path):
 
 
 def test_layout_parse_imports_nothing_heavy(tiny_model):
-    """read_layout is on every engine's start-up path: stdlib only (REFERENCE §7)."""
+    """read_layout is on every engine's start-up path: stdlib only (docs/design.md, "Import cost")."""
     code = ("import sys, warmpool; warmpool.read_layout(sys.argv[1]); "
             "print(sorted(m for m in ('numpy', 'gguf', 'loguru', 'tqdm', 'psutil') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code, str(tiny_model)], capture_output=True, text=True, timeout=60,
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def imported_modules(source: str) -> set[str]:
+    """Every module an ``import``/``from ... import`` statement names, relative ones resolved
+    inside engine_adapter; ``from pkg import name`` also counts ``pkg.name`` (a submodule?)."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = ("engine_adapter." * bool(node.level)) + (node.module or "")
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def test_engine_adapter_uses_only_public_warmpool():
+    sources = sorted((Path(__file__).resolve().parents[1] / "engine_adapter").glob("*.py"))
+    seen = set()
+    for source in sources:
+        modules = imported_modules(source.read_text())
+        seen |= modules
+        private = sorted(m for m in modules if m.split(".")[0] == "warmpool" and any(
+            part.startswith("_") for part in m.split(".")[1:]))
+        assert not private, f"{source.name} imports private warmpool modules: {private}"
+    assert {"warmpool", "warmpool.ProgressView", "warmpool.parse_overrides"} <= seen  # it saw the real imports
+    assert "warmpool._progress" in imported_modules("from warmpool._progress import ProgressView")  # and can fail
+
+
+def test_warm_of_a_resident_model_imports_nothing_heavy(tiny_model):
+    """An engine's warm of a model already in the cache: stdlib logging only, no loguru/asyncio/numpy."""
+    warmpool.warm(tiny_model)  # resident before the fresh process looks
+    code = ("import sys, warmpool; r = warmpool.warm(sys.argv[1]); "
+            "print(r.workers, sorted(m for m in ('loguru', 'asyncio', 'numpy', 'gguf', 'tqdm', 'psutil', "
+            "'multiprocessing') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code, str(tiny_model)], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    workers, heavy = proc.stdout.split(" ", 1)
+    assert heavy.strip() == "[]", proc.stdout
+    assert workers == "0", "the model was not resident: the check did not cover the no-pool path"
+    assert proc.stderr == ""  # no handler configured: warmpool prints nothing

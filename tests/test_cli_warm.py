@@ -77,3 +77,16 @@ def test_bad_input(pagecache_model, argv, code, message):
     assert proc.returncode == code, proc.stderr
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_cli_logs_readably_only_with_verbose(tiny_model):
+    """The CLI's own stderr handler: the policy's decision with -v, nothing without it."""
+    def warm(*flags):
+        return subprocess.run([sys.executable, "-m", "warmpool", *flags, "warm", str(tiny_model), "--quiet"],
+                              capture_output=True, text=True, timeout=60)
+
+    warm()  # resident from here on
+    verbose, quiet = warm("-v"), warm()
+    assert verbose.returncode == quiet.returncode == 0
+    assert verbose.stderr == f"warmpool: {tiny_model}: the selection is already resident\n"
+    assert quiet.stderr == ""

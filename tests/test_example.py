@@ -8,14 +8,14 @@ import sys
 import threading
 from pathlib import Path
 
+import gguf
+import numpy as np
 import pytest
 
 from warmpool import example as _example
 from warmpool._errors import WarmpoolError
-from warmpool.example import TINY, example_model, model_nbytes, shape_for_size, write_moe_gguf
+from warmpool.example import TINY, _writer, example_model, model_nbytes, shape_for_size, write_moe_gguf
 
-gguf = pytest.importorskip("gguf")
-np = pytest.importorskip("numpy")
 
 LAYER_TENSORS = (
     ("attn_norm", "F32"),
@@ -137,7 +137,7 @@ def test_invalid_shape_is_refused(tmp_path: Path) -> None:
 
 def failing_after(monkeypatch: pytest.MonkeyPatch, n_tensors: int) -> None:
     """Make the generator die (as on Ctrl-C or a full disk) after writing ``n_tensors``."""
-    real = _example._tensor_data
+    real = _writer._tensor_data
     written = [0]
 
     def tensor_data(tensor, rng):
@@ -147,7 +147,7 @@ def failing_after(monkeypatch: pytest.MonkeyPatch, n_tensors: int) -> None:
         written[0] += 1
         return real(tensor, rng)
 
-    monkeypatch.setattr(_example, "_tensor_data", tensor_data)
+    monkeypatch.setattr(_writer, "_tensor_data", tensor_data)
 
 
 def test_interrupted_write_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -244,8 +244,8 @@ def test_shape_for_size_scales_the_layer_count() -> None:
         one, two = (model_nbytes(shape._replace(n_layers=n)) for n in (1, 2))
         per_layer = two - one
         assert abs(model_nbytes(shape) - target) <= per_layer / 2 + 1
-    assert shape_for_size("4G") == shape_for_size(4_000_000_000)
-    assert shape_for_size("2GiB") == shape_for_size(2 * 1024**3)
+    assert shape_for_size("4GB") == shape_for_size(4_000_000_000)  # _units.parse_size's rules
+    assert shape_for_size("2G") == shape_for_size("2GiB") == shape_for_size(2 * 1024**3)
     assert shape_for_size(1).n_layers == 1
     with pytest.raises(WarmpoolError):
         shape_for_size("lots")

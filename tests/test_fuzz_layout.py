@@ -16,7 +16,6 @@ from hypothesis import HealthCheck, Phase, given, settings
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import fuzz_layout  # noqa: E402 - tools/ is not a package
 
-pytest.importorskip("gguf")
 
 # Explicit, not left to the profile: the issue asks for >= 2000 examples in CI.
 FUZZ_EXAMPLES = 2000 if os.environ.get("CI") else 300

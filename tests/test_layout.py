@@ -13,6 +13,7 @@ import struct
 import sys
 from pathlib import Path
 
+import gguf
 import pytest
 
 from warmpool import ModelFile, TensorInfo, read_layout
@@ -24,7 +25,6 @@ from conftest import evict_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from fuzz_layout import write_small_gguf  # noqa: E402
 
-gguf = pytest.importorskip("gguf")
 
 Row = tuple[str, int, int, int, tuple[int, ...]]  # name, absolute offset, bytes, ggml type, shape
 

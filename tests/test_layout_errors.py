@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import gguf
 import pytest
 
 from warmpool import LayoutError, main, read_layout
@@ -26,7 +27,6 @@ from warmpool import LayoutError, main, read_layout
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from fuzz_layout import Span, find_span, map_fields, write_small_gguf  # noqa: E402
 
-gguf = pytest.importorskip("gguf")
 
 ALIGNMENT = 64  # the base file carries general.alignment, so its value can be broken too
 HUGE = 2**60

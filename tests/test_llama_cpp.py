@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import glob
 import os
+import time
 
+import psutil
 import pytest
 
 import warmpool
+from warmpool import ProgressView
 from conftest import evict_file, resident_fraction
 from engine_adapter.llama_cpp import load, selection_for
 
@@ -42,7 +45,7 @@ def test_overrides_are_modelled_only_when_llama_applies_them():
 @pytest.mark.slow
 @pytest.mark.pagecache
 def test_load_generates_text_with_the_selection_resident(private_model):
-    llama_cpp = pytest.importorskip("llama_cpp")  # a guard only: the test extra installs it
+    import llama_cpp  # the test extra installs it
     evict_file(private_model)
     assert resident_fraction(private_model) < 0.05
     llm, warmup = load(private_model, n_ctx=256, seed=1, verbose=False, warmup_options={"raise_errors": True})
@@ -60,11 +63,49 @@ def test_load_generates_text_with_the_selection_resident(private_model):
     assert warmpool.residency(private_model, **expected).resident_fraction >= 0.99
 
 
+class WaitsForTheWarm(dict):
+    """An empty ``Llama(kv_overrides=...)``: llama-cpp-python reads its items before it loads
+    the model.  They wait until the warm is seen running mid-way, so the model load (which reads
+    the whole file) and the constructor's failure after it land mid-warm whatever the
+    machine's load; the failure itself is llama.cpp's."""
+
+    view = None
+    mid_warm = None  # the snapshot that showed the warm running, not done
+
+    def items(self):
+        prefix, deadline = f"warmpool-{os.getpid()}-", time.monotonic() + 30
+        while time.monotonic() < deadline and self.mid_warm is None:
+            if self.view is None:
+                for name in os.listdir("/dev/shm"):
+                    if name.startswith(prefix):
+                        try:
+                            self.view = ProgressView.attach(name)
+                        except warmpool.ProgressError:  # not initialised yet: look again
+                            pass
+            if self.view is not None:
+                snap = self.view.snapshot()
+                if snap.state == "running" and 0 < snap.done_bytes < snap.total_bytes:
+                    self.mid_warm = snap
+            time.sleep(0.001)
+        return super().items()
+
+
 @pytest.mark.slow
-def test_a_failing_constructor_cancels_the_warm(tmp_path):
-    pytest.importorskip("llama_cpp")
-    junk = tmp_path / "junk.gguf"
-    junk.write_bytes(os.urandom(1 << 20))
-    with pytest.raises(ValueError):  # llama-cpp-python's own error propagates unchanged
-        load(junk, verbose=False)
+@pytest.mark.pagecache
+def test_a_failing_constructor_cancels_the_warm_mid_way(private_model):
+    """Llama() loads the real model, then fails to create its context (a quantized V cache
+    without flash attention, which llama.cpp refuses) while the warm is running: load()
+    cancels the warm, llama-cpp-python's own error propagates, and nothing is left (segment,
+    workers).  The warm reads the evicted model in 16 KiB chunks with one worker: seconds."""
+    evict_file(private_model)
+    hook = WaitsForTheWarm()
+    with pytest.raises(ValueError, match="llama_context"):  # llama-cpp-python's own error, unchanged
+        load(private_model, n_ctx=256, verbose=False, type_v=8, flash_attn=False, kv_overrides=hook,  # 8: Q8_0
+             warmup_options={"chunk_size": 16 << 10, "workers": 1})
+    assert hook.mid_warm is not None, "the warm was never seen running mid-way"
+    final = hook.view.snapshot()
+    hook.view.close()
+    assert final.state == "cancelled" and final.done_bytes < final.total_bytes, final
     assert glob.glob(f"/dev/shm/warmpool-{os.getpid()}-*") == []
+    workers = [p for p in psutil.Process().children(recursive=True) if "warmpool._worker" in " ".join(p.cmdline())]
+    assert workers == []

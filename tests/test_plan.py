@@ -1,7 +1,8 @@
-"""make_plan's invariants over random layouts, and its order on a real model file.
+"""make_plan against an oracle over random layouts, and its order on a real model file.
 
-The properties are computed here from first principles (byte intervals and page arithmetic),
-not with the plan module's helpers, so a bug there cannot hide behind the same bug here.
+The oracle works page by page from llama.cpp's placement rules and the tensors' byte ranges;
+it shares no code, and no formula, with ``_plan`` or ``_select``, so a bug there cannot hide
+behind the same bug here.
 """
 
 from __future__ import annotations
@@ -77,38 +78,67 @@ selections = st.builds(
 chunk_sizes = st.one_of(st.integers(1, 64 * P), st.integers(1, 64).map(lambda k: k * P))
 
 
-@given(layouts(), selections, chunk_sizes)
-def test_plan_invariants(layout, selection, chunk_size):
-    plan = make_plan(layout, selection, chunk_size)
-    on_cpu = selection.cpu_filter(layout.n_layers)
-    assert plan.selected == tuple(t for t in layout.tensors if on_cpu(t.name, t.layer))
-    assert plan.chunk_size == max(P, chunk_size // P * P)
+# --- the oracle: llama.cpp's placement rules and page arithmetic, one page at a time ----------
 
+EXPERT_NAMES = ("ffn_up_exps.weight", "ffn_down_exps.weight")  # what --cpu-moe keeps (of LAYER_NAMES)
+
+
+def oracle_on_cpu(selection: Selection, n_layers: int, t: TensorInfo) -> bool:
+    """llama.cpp, from its rules (src/llama-model.cpp, common/arg.cpp): the MoE shortcuts are CPU
+    overrides and win; else no -ngl keeps everything; else slot il stays iff il < n_layer + 1 - ngl,
+    the output layer is slot n_layer, the input layer never leaves."""
+    is_expert = t.layer is not None and t.name.split(".", 2)[2] in EXPERT_NAMES
+    if is_expert and (selection.cpu_moe or t.layer < selection.n_cpu_moe):
+        return True
+    if selection.n_gpu_layers is None:
+        return True
+    ngl = n_layers + 1 if selection.n_gpu_layers < 0 else selection.n_gpu_layers
+    slot = t.layer if t.layer is not None else (n_layers if t.name.startswith("output") else None)
+    return slot is None or slot < n_layers + 1 - ngl
+
+
+def oracle_pages(layout: ModelLayout, selected: list[TensorInfo]) -> dict[tuple[int, int], set[int]]:
+    """(file, page index) -> layer keys of the selected tensors with a byte on that page."""
+    pages: dict[tuple[int, int], set[int]] = {}
+    for t in selected:  # an empty tensor has no bytes, so no page
+        for byte_page in range(t.offset // P, -(-(t.offset + t.nbytes) // P) if t.nbytes else 0):
+            pages.setdefault((t.file, byte_page), set()).add(key_of(t, layout.n_layers))
+    return pages
+
+
+@given(layouts(), selections, chunk_sizes)
+def test_plan_against_a_page_by_page_oracle(layout, selection, chunk_size):
+    plan = make_plan(layout, selection, chunk_size)
+    selected = [t for t in layout.tensors if oracle_on_cpu(selection, layout.n_layers, t)]
+    assert list(plan.selected) == selected
+    assert plan.bytes_selected == sum(t.nbytes for t in selected)
+    pages = oracle_pages(layout, selected)
+
+    # Chunk size: whole pages, at least one, never above what was asked (unless under a page).
+    assert plan.chunk_size % P == 0 and plan.chunk_size > chunk_size - P
+    assert plan.chunk_size <= max(chunk_size, P)
+
+    covered: list[tuple[int, int]] = []
     for c in plan.chunks:
         size = layout.files[c.file].size
-        assert c.offset % P == 0
-        assert 0 < c.length <= plan.chunk_size
-        assert c.length % P == 0 or c.offset + c.length == size  # only a chunk at EOF is partial
+        assert c.offset % P == 0 and 0 < c.length <= plan.chunk_size
         assert c.offset + c.length <= size
+        assert c.length % P == 0 or c.offset + c.length == size  # only a chunk at EOF is partial
+        chunk_pages = [(c.file, p) for p in range(c.offset // P, -(-(c.offset + c.length) // P))]
+        covered += chunk_pages
+        keys = set().union(*(pages.get(p, set()) for p in chunk_pages))
+        assert (c.layer_lo, c.layer_hi) == (min(keys), max(keys))  # KeyError/ValueError: an unselected chunk
+    assert len(covered) == len(set(covered)), "two chunks cover the same page"
+    assert set(covered) == set(pages), "the chunks do not cover exactly the selected tensors' pages"
+    # Bytes: every page whole, except the one holding EOF, which counts up to EOF.
+    assert plan.bytes_planned == sum(min(P, layout.files[f].size - p * P) for f, p in pages)
 
+    # Plan order: a chunk never holds an earlier first layer than the chunk before it.
+    firsts = [c.layer_lo for c in plan.chunks]
+    assert firsts == sorted(firsts)
     for file in range(len(layout.files)):
         chunks = sorted((c for c in plan.chunks if c.file == file), key=lambda c: c.offset)
-        for a, b in zip(chunks, chunks[1:]):
-            assert a.offset + a.length <= b.offset  # never overlap
-        # The chunks cover exactly the pages of the selected tensors, clipped at EOF.
-        size = layout.files[file].size
-        pages = [(t.offset // P * P, min(-(-(t.offset + t.nbytes) // P) * P, size))
-                 for t in plan.selected if t.file == file and t.nbytes]
-        assert merge((c.offset, c.offset + c.length) for c in chunks) == merge(pages)
         assert_even_extents(chunks, plan.chunk_size)
-
-    assert list(plan.chunks) == sorted(plan.chunks, key=lambda c: (c.layer_lo, c.file, c.offset))
-    for c in plan.chunks:
-        keys = [key_of(t, layout.n_layers) for t in plan.selected
-                if t.file == c.file and t.nbytes and t.offset < c.offset + c.length and t.offset + t.nbytes > c.offset]
-        assert (c.layer_lo, c.layer_hi) == (min(keys), max(keys))
-    assert plan.bytes_planned == sum(c.length for c in plan.chunks)
-    assert plan.bytes_selected == sum(t.nbytes for t in plan.selected)
 
 
 def assert_even_extents(chunks: list[Chunk], chunk_size: int) -> None:

@@ -19,13 +19,13 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple
+from typing import Iterator
 
 import pytest
 
+from conftest import SIZE, ColdFile, MiB, open_cold, pinned
 from warmpool import _platform, _platform_posix
 from warmpool._errors import FileChangedError, PlatformError
 from warmpool._platform import (
@@ -34,7 +34,6 @@ from warmpool._platform import (
     advise_random,
     cached_bytes,
     evict,
-    prefetch,
     read_range,
     readahead_size,
     resident_bytes,
@@ -43,81 +42,7 @@ from warmpool._platform import (
     supports_populate,
 )
 
-MiB = 1 << 20
-SIZE = 32 * MiB
 ROOT = Path(__file__).parents[1]
-
-
-class ColdFile(NamedTuple):
-    path: Path
-    fd: int
-    size: int
-
-
-def write_random(path: Path, size: int) -> None:
-    """Random bytes (no holes a filesystem could skip), on disk, not just in cache."""
-    with open(path, "wb") as f:
-        for done in range(0, size, MiB):
-            f.write(os.urandom(min(MiB, size - done)))
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def open_cold(path: Path, size: int) -> ColdFile:
-    write_random(path, size)
-    fd = os.open(path, os.O_RDONLY)
-    evict(fd, 0, 0)
-    return ColdFile(path, fd, size)
-
-
-@pytest.fixture
-def cold(tmp_path: Path) -> Iterator[ColdFile]:
-    """A private 32 MiB file, written, synced and evicted."""
-    file = open_cold(tmp_path / "data.bin", SIZE)
-    yield file
-    os.close(file.fd)
-
-
-def disk_reads() -> int | None:
-    """Bytes this process has had read from block devices (None: not accounted)."""
-    try:
-        with open("/proc/self/io", "rb") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith(b"read_bytes:"))
-    except (OSError, StopIteration):
-        return None
-
-
-def bytes_read_by(action: Callable[[], object]) -> int | None:
-    """Bytes read from disk while ``action`` ran (None where not accounted)."""
-    before = disk_reads()
-    action()
-    after = disk_reads()
-    return None if before is None or after is None else after - before
-
-
-@contextmanager
-def pinned(fd: int, offset: int, length: int) -> Iterator[None]:
-    """Keep a warm range mapped (and so out of the VM's reclaim) while measuring."""
-    with FileWindow(fd, offset, length) as window:
-        window.populate(0, length)
-        yield
-
-
-def wait_until_resident(fd: int, offset: int, length: int, at_least: int) -> bool:
-    """Whether ``at_least`` bytes of the range became resident within 20 s (prefetch
-    only queues the reads)."""
-    deadline = time.monotonic() + 20
-    while resident_bytes(fd, offset, length) < at_least:
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-def outside(fd: int, start: int, end: int, size: int) -> int:
-    """Resident bytes of the file outside [start, end)."""
-    before = resident_bytes(fd, 0, start) if start else 0  # length 0 would mean "to EOF"
-    return before + resident_bytes(fd, end, size - end)
 
 
 # -- eviction and warming ------------------------------------------------------------
@@ -133,7 +58,6 @@ def test_evict_leaves_nothing_resident(cold: ColdFile) -> None:
 
 @pytest.mark.pagecache
 def test_evict_of_a_range_widens_to_whole_pages(cold: ColdFile) -> None:
-    first = MiB // PAGE_SIZE
     # Pin the two neighbours (mapped pages survive DONTNEED); their read-around warms
     # the four pages between, which are not mapped.
     with pinned(cold.fd, MiB - PAGE_SIZE, PAGE_SIZE), pinned(cold.fd, MiB + 4 * PAGE_SIZE, PAGE_SIZE):
@@ -156,55 +80,6 @@ def test_touch_makes_window_resident(cold: ColdFile) -> None:
     with FileWindow(cold.fd, 4 * MiB, 8 * MiB) as window:
         window.touch(0, 8 * MiB)
         assert window.resident() == b"\1" * (8 * MiB // PAGE_SIZE)
-
-
-@pytest.mark.pagecache
-def test_random_read_range_reads_exactly_the_range(cold: ColdFile) -> None:
-    # REFERENCE §7: plain pread also read 12 MiB past the range; FADV_RANDOM stops it.
-    advise_random(cold.fd)
-    got = bytes_read_by(lambda: read_range(cold.fd, 12 * MiB, 8 * MiB, bytearray(MiB)))
-    assert got in (None, 8 * MiB)
-    assert resident_bytes(cold.fd, 12 * MiB, 8 * MiB) >= 8 * MiB * 9 // 10  # less: reclaim
-    assert outside(cold.fd, 12 * MiB, 20 * MiB, SIZE) <= 2 * PAGE_SIZE
-
-
-@pytest.mark.pagecache
-def test_prefetch_then_populate_stays_inside_the_range(cold: ColdFile) -> None:
-    # Populate alone reads well past both ends (mmap read-around: 24 MiB resident for
-    # this 8 MiB window); after prefetch the faults find every page in the cache.
-    start, length = 12 * MiB, 8 * MiB
-
-    def warm() -> None:
-        prefetch(cold.fd, start, length)
-        with FileWindow(cold.fd, start, length) as window:
-            window.populate(0, length)
-            assert resident_bytes(cold.fd, start, length) == length
-
-    assert bytes_read_by(warm) in (None, length)
-    assert outside(cold.fd, start, start + length, SIZE) <= (SIZE - length) // 100
-
-
-@pytest.mark.pagecache
-def test_prefetch_reads_the_whole_range_not_one_readahead(cold: ColdFile) -> None:
-    # One WILLNEED is cut to the readahead size (8 MiB here); prefetch steps past it.
-    start, length = 4 * MiB, 24 * MiB
-    assert length > readahead_size(cold.fd)
-    assert bytes_read_by(lambda: prefetch(cold.fd, start, length)) in (None, length)
-    assert wait_until_resident(cold.fd, start, length, length * 9 // 10)  # less: reclaim
-    assert outside(cold.fd, start, start + length, SIZE) <= 2 * PAGE_SIZE
-
-
-@pytest.mark.pagecache
-def test_prefetch_to_eof_on_a_random_fd(cold: ColdFile) -> None:
-    advise_random(cold.fd)  # FADV_RANDOM does not shrink the WILLNEED cap
-    assert bytes_read_by(lambda: prefetch(cold.fd, 0, 0)) in (None, SIZE)
-
-
-@pytest.mark.pagecache
-def test_willneed_is_only_a_hint(cold: ColdFile) -> None:
-    with FileWindow(cold.fd, 0, SIZE) as window:
-        window.willneed(0, SIZE)
-    assert 0 <= resident_bytes(cold.fd, 0, SIZE) <= SIZE  # how much: the kernel's choice
 
 
 # -- measurement ---------------------------------------------------------------------
@@ -376,14 +251,16 @@ def test_posix_fallback_reports_what_it_lacks(cold: ColdFile) -> None:
         assert posix.resident_bytes(cold.fd, 0, 0) == MiB
 
 
-FACADE_ONLY = {"evict_file"}  # composed in the facade from backend calls
+FACADE_ONLY = {"evict_file", "evict_ranges"}  # composed in the facade from backend calls
 
 
 def test_facade_exports_the_same_names_as_each_backend() -> None:
+    from warmpool import _platform_hold  # the keeper's calls: one POSIX module under both backends
+
     assert _platform.__all__ == sorted(_platform.__all__)
     for backend in (_platform._backend, _platform_posix):
         assert backend.__all__ == sorted(backend.__all__)
-        assert set(_platform.__all__) - FACADE_ONLY <= set(backend.__all__)
+        assert set(_platform.__all__) - FACADE_ONLY - set(_platform_hold.__all__) <= set(backend.__all__)
 
 
 def test_import_is_stdlib_only() -> None:

@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from warmpool import _progress, _shm
-from warmpool._errors import ProgressError
+from warmpool._errors import CancelledError, ProgressError, WorkerDiedError
 from warmpool._progress import ProgressSegment, ProgressView, WorkerCounter
 
 SHM = "/dev/shm"
@@ -323,7 +323,8 @@ def test_reader_attached_before_unlink_sees_final_state(segment):
 
 @pytest.mark.parametrize(
     ("leave_with", "final"),
-    [(None, "done"), (None, "failed"), (RuntimeError, "failed"), (KeyboardInterrupt, "cancelled")],
+    [(None, "done"), (None, "failed"), (RuntimeError, "failed"), (KeyboardInterrupt, "cancelled"),
+     (SystemExit, "cancelled"), (CancelledError, "cancelled"), (WorkerDiedError, "failed")],
 )
 def test_context_manager_settles_state_and_unlinks(leave_with, final):
     # Leaving without a terminal state, by an exception or by forgetting, must not strand
@@ -333,7 +334,7 @@ def test_context_manager_settles_state_and_unlinks(leave_with, final):
             view = ProgressView.attach(seg.name)
             seg.set_state("running")
             if leave_with:
-                raise leave_with
+                raise leave_with("stopped")
             if final == "done":
                 seg.set_state("done")
     assert view.snapshot().state == final
@@ -461,7 +462,18 @@ def test_no_shared_memory_at_all(monkeypatch):
     monkeypatch.setattr(_shm, "_SHM_DIR", "/nonexistent-shm-dir")
     monkeypatch.setitem(sys.modules, "_posixshmem", None)
     with pytest.raises(ProgressError, match="no POSIX shared memory"):
-        ProgressSegment.create(1, 1, (), 0)
+        ProgressSegment.create(1, 1, (), 0, require_name=True)
+    # Without a name to give out, an unnamed segment serves this process (and fd-passing workers).
+    with ProgressSegment.create(5, 1, CHUNKS, 4) as seg:
+        assert not seg.named and seg.name.startswith("memfd:") and seg.shared_fds
+        counter = WorkerCounter.attach(seg.name, 0)
+        counter.add(5)
+        with ProgressView.attach(seg.name) as view:
+            assert view.snapshot().done_bytes == 5
+        counter.close()
+        fd = seg.shared_fds[0]
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed with the segment: nothing left behind
 
 
 # --- the C reader ----------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """llama.cpp's placement flags, applied to every tensor of the synthetic qwen3moe model.
 
 Each case is a command line and the tensors llama.cpp would keep on the CPU for it, written as a
-predicate over (name, layer) straight from the rules in REFERENCE §4:
+predicate over (name, layer) straight from llama.cpp's rules (src/llama-model.cpp, common/arg.cpp; docs/design.md):
 ``i_gpu_start = max(n_layer + 1 - ngl, 0)``, slot n_layer is the output layer, the input layer
 never leaves the CPU, overrides (and the MoE shortcuts, which are overrides) win, first match first.
 """
@@ -125,7 +125,7 @@ def test_cli_and_api_agree(layout):
     assert make_plan(layout, api).selected == make_plan(layout, cli).selected
 
 
-# Names the synthetic model lacks but real MoE files have (REFERENCE §3).
+# Names the synthetic model lacks but real MoE files have (llama.cpp: src/llama-arch.cpp).
 MOE_NAMES = {
     "blk.0.ffn_gate_exps.weight": True,
     "blk.0.ffn_up_exps.weight": True,

@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 from conftest import evict_file
+from warmpool import ProgressView
 
 pytestmark = pytest.mark.pagecache
 
@@ -69,10 +70,19 @@ def assert_nothing_left(proc):
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(prefix)], "the segment was not unlinked"
 
 
+def final_state(view):
+    """The state a reader attached mid-warm is left with (its mapping outlives the unlink)."""
+    try:
+        return view.snapshot().state
+    finally:
+        view.close()
+
+
 def test_ctrl_c_stops_within_two_seconds(private_model):
     before = fingerprint(private_model)
     proc = start_warm(private_model)
-    wait_for_workers(proc)
+    name, _ = wait_for_workers(proc)
+    view = ProgressView.attach(name)
     sent = time.monotonic()
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=10)
@@ -81,21 +91,26 @@ def test_ctrl_c_stops_within_two_seconds(private_model):
     assert "Traceback" not in err
     assert_nothing_left(proc)
     assert fingerprint(private_model) == before
+    assert final_state(view) == "cancelled"
 
 
-def test_sigterm_cleans_up(private_model):
+def test_sigterm_cleans_up_and_reads_as_cancelled(private_model):
+    """SIGTERM is a stop someone asked for: readers see "cancelled", as after Ctrl-C."""
     proc = start_warm(private_model)
-    wait_for_workers(proc)
+    name, _ = wait_for_workers(proc)
+    view = ProgressView.attach(name)
     proc.terminate()
     proc.communicate(timeout=10)
     assert proc.returncode == 143
     assert_nothing_left(proc)
+    assert final_state(view) == "cancelled"
 
 
 def test_killed_worker_is_noticed_and_named(private_model):
     before = fingerprint(private_model)
     proc = start_warm(private_model)
-    _, workers = wait_for_workers(proc)
+    name, workers = wait_for_workers(proc)
+    view = ProgressView.attach(name)
     killed = time.monotonic()
     workers[0].kill()
     out, err = proc.communicate(timeout=10)
@@ -105,6 +120,7 @@ def test_killed_worker_is_noticed_and_named(private_model):
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert_nothing_left(proc)
     assert fingerprint(private_model) == before
+    assert final_state(view) == "failed"
 
 
 @pytest.mark.parametrize("strategy", ["populate", "touch", "read"])
@@ -131,17 +147,30 @@ def test_replaced_file_is_reported(private_model, tmp_path):
     assert_nothing_left(proc)
 
 
+def model_fds(process, path):
+    """(fd, flags) of each descriptor the process has open on the model."""
+    return [(f.fd, f.flags) for f in process.open_files() if f.path == str(path)]
+
+
 def test_model_is_never_opened_for_writing(private_model):
+    """The coordinator and every worker hold exactly one descriptor on the model, read-only."""
     before = fingerprint(private_model)
     proc = start_warm(private_model)
     _, workers = wait_for_workers(proc)
-    for p in [psutil.Process(proc.pid), *workers]:
-        try:
-            for f in p.open_files():
-                if f.path == str(private_model):
-                    assert f.mode == "r", f
-        except psutil.NoSuchProcess:
-            pass
+    processes = [psutil.Process(proc.pid), *workers]
+    seen: dict[int, list] = {}
+    deadline = time.monotonic() + 10
+    while len(seen) < len(processes) and time.monotonic() < deadline:  # a worker opens after it starts
+        for p in processes:
+            if p.pid not in seen and (fds := model_fds(p, private_model)):
+                seen[p.pid] = fds
+        time.sleep(0.01)
+    missing = {p.pid for p in processes} - set(seen)
+    assert not missing, f"the model was never seen open by {missing}"
+    for pid, fds in seen.items():
+        assert len(fds) == 1, (pid, fds)
+        (fd, flags), = fds
+        assert flags & os.O_ACCMODE == os.O_RDONLY, (pid, fd, oct(flags))
     proc.communicate(timeout=60)
     assert proc.returncode == 0
     assert fingerprint(private_model) == before

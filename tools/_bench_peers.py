@@ -3,7 +3,7 @@
 Every method is one child process, timed from spawn to exit: the whole cost a user pays,
 interpreter start-up and imports included (warmpool runs through its real CLI).  Before each
 run the file is evicted (fdatasync, then POSIX_FADV_DONTNEED) and mincore must report it
-cold; after it, mincore reports what the method actually left resident (REFERENCE §6).
+cold; after it, mincore reports what the method actually left resident (docs/design.md, "Benchmark peers").
 
 The three Python peers live here too, so their exact command can be printed and re-run::
 

@@ -4,7 +4,7 @@ What an engine pays at start-up is the first parse in a new process *including t
 triggers*, so each run is a new interpreter that times ``from warmpool import read_layout;
 read_layout(P)`` from the inside.  Interpreter start-up (``python -c pass``, timed from outside)
 is reported separately: an engine has paid it already.  ``gguf.GGUFReader(P)`` is timed the same
-way (it builds a numpy array per vocabulary entry: ~16 s on Gemma-3-270M, REFERENCE §3).
+way (it builds a numpy array per vocabulary entry: seconds on Gemma-3-270M, see docs/design.md).
 
 Command line::
 

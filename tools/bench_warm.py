@@ -1,10 +1,11 @@
 """Cold warm of a GGUF model: warmpool against the tools people use, side by side in one run.
 
-    python tools/bench_warm.py MODEL_OR_SIZE [--rounds N] [--latency-ms 1,2,5] [--latency-size 512M]
+    python tools/bench_warm.py MODEL_OR_SIZE [--rounds N] [--latency-ms 1,2,5] [--latency-size 512MB]
         [--methods warmpool,vmtouch,...] [--json-out FILE] [--chart FILE] [--quick] [--latency-only]
         [--hot-runs N] [--cache-dir DIR]
 
-MODEL_OR_SIZE is a GGUF file, or a size such as ``1.7G``: a synthetic MoE of about that size
+MODEL_OR_SIZE is a GGUF file, or a size such as ``1.7GB`` (``_units.parse_size``: 1.7e9 bytes;
+``1.7G`` is 1.7 GiB): a synthetic MoE of about that size
 (``write_moe_gguf(shape_for_size(size))``) is generated once into ``~/.cache/warmpool/bench``.
 
 Each round runs every method once, in an order rotated from round to round; before each run
@@ -25,7 +26,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import shlex
 import statistics
 import subprocess
@@ -46,23 +46,23 @@ TIMEOUT_S = 300.0  # one method run; vmtouch -t on 0.55 GB at 5 ms takes ~15 s
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     keys = [m.key for m in peers.catalogue()]
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("model", metavar="MODEL_OR_SIZE", help="a GGUF file, or a size like 1.7G (synthetic MoE)")
+    p.add_argument("model", metavar="MODEL_OR_SIZE", help="a GGUF file, or a size like 1.7GB (synthetic MoE)")
     p.add_argument("--rounds", type=int, help="paired rounds (default 3; --quick 1)")
     p.add_argument("--latency-ms", default=None, help="comma list of FUSE latencies, e.g. 1,2,5 (--quick: 5)")
-    p.add_argument("--latency-size", default=None, help="synthetic model for the FUSE runs (default 512M; --quick 256M)")
+    p.add_argument("--latency-size", default=None, help="synthetic model for the FUSE runs (default 512MB; --quick 256MB)")
     p.add_argument("--methods", default=None, help=f"comma list of: {','.join(keys)} (default all; --quick a core set)")
     p.add_argument("--hot-runs", type=int, default=5, help="runs of the hot `warmpool warm FILE` (median)")
     p.add_argument("--json-out", help="write the JSON lines here too")
     p.add_argument("--chart", help="write a PNG chart here (needs matplotlib)")
     p.add_argument("--cache-dir", help="where synthetic models live (default ~/.cache/warmpool/bench)")
     p.add_argument("--latency-only", action="store_true", help="skip the local-disk comparison")
-    p.add_argument("--quick", action="store_true", help="1 round, core methods, 5 ms only, 256M on FUSE")
+    p.add_argument("--quick", action="store_true", help="1 round, core methods, 5 ms only, 256MB on FUSE")
     p.add_argument("--no-engine-pass", action="store_true",
                    help="skip the folio histogram and the engine pass after each method (faster)")
     args = p.parse_args(argv)
     args.rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
     args.latency_ms = args.latency_ms if args.latency_ms is not None else ("5" if args.quick else "")
-    args.latency_size = args.latency_size or ("256M" if args.quick else "512M")
+    args.latency_size = args.latency_size or ("256MB" if args.quick else "512MB")
     wanted = (args.methods or (QUICK_METHODS if args.quick else ",".join(keys))).split(",")
     unknown = sorted(set(wanted) - set(keys))
     if unknown:
@@ -107,9 +107,13 @@ def synthetic_model(size: str, cache_dir: str | None) -> Path:
 def resolve_model(arg: str, cache_dir: str | None) -> Path:
     if os.path.isfile(arg):
         return Path(arg).resolve()
-    if re.fullmatch(r"\s*(\d+(\.\d*)?|\.\d+)\s*[kmgt]?i?b?\s*", arg, re.IGNORECASE):
-        return synthetic_model(arg, cache_dir)
-    raise SystemExit(f"bench_warm: {arg}: neither a file nor a size like 1.7G")
+    from warmpool._units import parse_size
+
+    try:
+        parse_size(arg)
+    except ValueError:
+        raise SystemExit(f"bench_warm: {arg}: neither a file nor a size like 1.7GB") from None
+    return synthetic_model(arg, cache_dir)
 
 
 # -- the machine ----------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ class _Layer(NamedTuple):
 class MoeEngine:
     """Simulated CPU-MoE engine (access pattern only); see the module docstring."""
 
-    def __init__(self, path: str | os.PathLike[str], *, seed: int = 0) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, seed: int = 0, skew: float = 0.0) -> None:
         layout = read_layout(path)
         if len(layout.files) != 1:
             raise SystemExit("engine_sim: split models are not supported")
@@ -58,6 +58,11 @@ class MoeEngine:
         self.output = tuple(Extent(t.offset, t.nbytes) for t in layout.tensors
                             if t.layer is None and t.name.startswith("output"))
         self.layers = tuple(self._layer(layout, k) for k in range(self.n_layers))
+        # skew > 0: each expert gets router bias -skew * ln(1 + its rank), ranks a fixed random
+        # permutation (rotated per layer), so a few experts are routed often and the rest rarely,
+        # as real MoE routers do; 0 routes uniformly.
+        ranks = np.random.default_rng(12345).permutation(max(layer.n_experts for layer in self.layers))
+        self.bias = -skew * np.log1p(ranks) if skew else None
         self._fd = os.open(path, os.O_RDONLY)
         self._mm = mmap.mmap(self._fd, 0, prot=mmap.PROT_READ)
         self._bytes = np.frombuffer(self._mm, dtype=np.uint8)
@@ -97,6 +102,8 @@ class MoeEngine:
                     wait(k)
                 checksum += sum(self._read(*t) for t in layer.dense)
                 logits = rng.standard_normal(layer.n_experts)
+                if self.bias is not None:
+                    logits += np.roll(self.bias[: layer.n_experts], k)  # another favourite per layer
                 routed = np.argpartition(logits, -self.top_k)[-self.top_k:]
                 for t in layer.experts:
                     step = t.nbytes // layer.n_experts

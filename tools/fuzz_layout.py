@@ -111,7 +111,8 @@ def write_small_gguf(path: str | os.PathLike[str], *, alignment: int | None = No
     tensors = [("token_embd.weight", rng.standard_normal((VOCAB, HIDDEN)).astype(np.float16), None)]
     for layer in range(N_LAYERS):
         tensors.append((f"blk.{layer}.attn_q.weight", rng.standard_normal((HIDDEN, HIDDEN)).astype(np.float32), None))
-        experts = rng.integers(0, 256, (2, HIDDEN, HIDDEN // 32 * 34), dtype=np.uint8)  # raw Q8_0 rows
+        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0]
+        experts = rng.integers(0, 256, (2, HIDDEN, HIDDEN // block * size), dtype=np.uint8)  # raw Q8_0 rows
         tensors.append((f"blk.{layer}.ffn_up_exps.weight", experts, gguf.GGMLQuantizationType.Q8_0))
     tensors.append(("output_norm.weight", np.ones(HIDDEN, np.float32), None))
     tensors.append(("output.weight", rng.standard_normal((VOCAB, HIDDEN)).astype(np.float16), None))

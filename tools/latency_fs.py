@@ -2,7 +2,7 @@
 
 It stands in for latency-bound storage (network block devices, NFS, object-store mounts) in
 ``tools/bench_warm.py --latency-ms``: on such storage one reader waits on every request, so
-concurrency pays, which a local disk does not show (REFERENCE §2, §7).
+concurrency pays, which a local disk does not show (docs/design.md, "Worker processes").
 
 Command line (root or a user allowed to mount FUSE; needs Debian ``fuse3`` and PyPI ``mfusepy``)::
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ._errors import (
+    AmbiguousModelError,
     CancelledError,
     FileChangedError,
     LayoutError,
+    ModelNotFoundError,
     PlatformError,
     ProgressError,
     SelectionError,
@@ -24,27 +26,35 @@ from ._errors import (
 
 # The rest is imported on first use (PEP 562): an engine's first ``read_layout`` and every
 # worker process (which imports ``warmpool._worker``, and so this package) would otherwise pay
-# for the CLI, the policy and the warm engine they never use (~20-40 ms per process here).
+# for the CLI, the policy and the warm engine they never use (docs/bench/pool.md).
 _LAZY = {
     "main": ".commands",
     "ModelFile": "._layout", "ModelLayout": "._layout", "TensorInfo": "._layout", "read_layout": "._layout",
     "DEFAULT_CHUNK_SIZE": "._plan", "Chunk": "._plan", "Plan": "._plan", "make_plan": "._plan",
-    "Selection": "._select",
-    "LayerResidency": "._warm", "Residency": "._warm", "WarmResult": "._warm", "evict": "._warm",
+    "Keeper": "._keep",
+    "ProgressView": "._progress",
+    "Selection": "._select", "parse_overrides": "._select",
+    "ResolvedModel": "._stores", "resolve_model": "._stores", "resolve_models": "._stores",
+    "FileResidency": "._warm", "LayerResidency": "._warm", "Residency": "._warm", "residency_hidden": "._warm", "WarmResult": "._warm", "evict": "._warm",
     "plan_model": "._warm", "residency": "._warm", "warm": "._warm",
 }
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from ._layout import ModelFile, ModelLayout, TensorInfo, read_layout
+    from ._keep import Keeper
     from ._plan import DEFAULT_CHUNK_SIZE, Chunk, Plan, make_plan
-    from ._select import Selection
+    from ._progress import ProgressView
+    from ._select import Selection, parse_overrides
+    from ._stores import ResolvedModel, resolve_model, resolve_models
     from ._warm import (
+        FileResidency,
         LayerResidency,
         Residency,
         WarmResult,
         evict,
         plan_model,
         residency,
+        residency_hidden,
         warm,
     )
     from .commands import main
@@ -66,18 +76,24 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "AmbiguousModelError",
     "CancelledError",
     "Chunk",
     "DEFAULT_CHUNK_SIZE",
     "FileChangedError",
+    "FileResidency",
+    "Keeper",
     "LayerResidency",
     "LayoutError",
     "ModelFile",
     "ModelLayout",
+    "ModelNotFoundError",
     "Plan",
     "PlatformError",
     "ProgressError",
+    "ProgressView",
     "Residency",
+    "ResolvedModel",
     "Selection",
     "SelectionError",
     "TensorInfo",
@@ -88,9 +104,13 @@ __all__ = [
     "evict",
     "main",
     "make_plan",
+    "parse_overrides",
     "plan_model",
     "read_layout",
     "residency",
+    "residency_hidden",
+    "resolve_model",
+    "resolve_models",
     "warm",
 ]
 

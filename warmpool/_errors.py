@@ -11,9 +11,11 @@ from __future__ import annotations
 import os
 
 __all__ = [
+    "AmbiguousModelError",
     "CancelledError",
     "FileChangedError",
     "LayoutError",
+    "ModelNotFoundError",
     "PlatformError",
     "ProgressError",
     "SelectionError",
@@ -68,3 +70,11 @@ class FileChangedError(WarmError):
 
 class CancelledError(WarmError):
     """The warm was cancelled (``Warmup.cancel()``) before it finished."""
+
+
+class ModelNotFoundError(WarmpoolError):
+    """A model reference matched no file: no such path, and no store holds that name."""
+
+
+class AmbiguousModelError(WarmpoolError):
+    """A model reference names more than one model (a directory or repository holding several)."""

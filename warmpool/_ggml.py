@@ -1,9 +1,11 @@
 """ggml tensor types: block size and bytes per block.
 
-A copy of ``gguf.constants.GGML_QUANT_SIZES`` (gguf 0.19, ggml.h's ``enum ggml_type``).  It is
-kept here rather than imported because ``import gguf`` pulls numpy and costs ~0.2 s, which
-would be most of the layout parse that engines pay at start-up (REFERENCE §7).  A test checks
-that the two tables agree, so a new type in gguf shows up as a failing test, not a wrong size.
+warmpool's one ggml type table (the layout walk, the example writer and the tools use it): a
+copy of ``gguf.constants.GGML_QUANT_SIZES`` (gguf 0.19, ggml.h's ``enum ggml_type``).  It is
+kept here rather than imported because ``import gguf`` pulls numpy, which would be most of the
+layout parse that engines pay at start-up (docs/design.md, "Import cost").
+tests/test_ggml.py checks it against gguf's table, so a new type in gguf shows up as a failing
+test, not a wrong size.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ Two rules shape this module:
 * **Never trust a count.**  Every count and length is checked against the bytes left in the
   file before it is used, so a corrupt header costs a ``LayoutError``, not gigabytes of RAM
   or a loop of 2^60 iterations.  Token strings are skipped, not decoded (gguf-py's reader
-  builds a numpy array per token: 16 s on a 262k vocabulary).
+  builds a numpy array per token: seconds on a 262k vocabulary, docs/design.md).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ SCALAR_TYPES = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 
 STRING, ARRAY = 8, 9
 MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, smallest value
 MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8  # name length, n_dims, type, offset (0-dim tensor)
-MAX_READ_AHEAD = 4 << 20  # bytes read on a lower bound; Gemma-3's 6.5 MB header needs < 2.2 MB at once
+MAX_READ_AHEAD = 4 << 20  # bytes read on a lower bound: a multi-MB header (a 262k vocabulary) in a few reads
 MAX_ARRAY_DEPTH = 4  # arrays of arrays exist in the spec; deeper nesting is corruption
 
 
@@ -131,8 +131,8 @@ class _Reader:
     def skip_strings(self, n: int) -> None:
         """Skip n strings: the hot loop of a parse (Gemma-3's 262,144 tokens are ~90% of it).
 
-        Four strings per iteration: callgrind counts 13% fewer instructions than one per
-        iteration (REFERENCE §7's loop).  A length running past the buffer raises struct.error
+        Four strings per iteration of the loop docs/design.md ("The header walk") describes:
+        fewer instructions than one per iteration.  A length running past the buffer raises struct.error
         (or OverflowError once a corrupt length near 2^64 pushes ``off`` past ssize_t); the
         broken group is then redone one string at a time and the buffer refilled from there.
         """

@@ -115,7 +115,14 @@ def _n_layers(metadata: dict, architecture: str | None, tensors: list[TensorInfo
 
 
 def read_layout(path: str | os.PathLike[str]) -> ModelLayout:
-    """Read the tensor table of a GGUF model (any shard of a split model names them all)."""
+    """Read the tensor table of a GGUF model (any shard of a split model names them all).
+
+    ``path`` may also be a model reference (a store name, a directory holding one model; see
+    ``_stores``); an existing file is read as it is."""
+    if not os.path.isfile(path):
+        from ._stores import model_file
+
+        path = model_file(path)
     headers = _read_headers(os.fspath(path))
     tensors: list[TensorInfo] = []
     seen: set[str] = set()

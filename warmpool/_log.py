@@ -1,58 +1,33 @@
-"""warmpool's logger: loguru, imported only when a message will actually be shown.
+"""warmpool's logger: the standard library's ``logging.getLogger("warmpool")``.
 
-Importing loguru costs ~80 ms here (it pulls in asyncio), more than everything else a warm of
-an already-resident model does, so:
+A library host (an engine) that configures no logging pays one level check per message: the
+logger has a ``NullHandler``, so nothing reaches ``logging.lastResort`` either, and nothing
+beyond the stdlib ``logging`` module is imported.  A host that wants the messages configures
+the "warmpool" logger like any other (``logging.basicConfig(level=logging.INFO)``).
 
-* In the CLI, messages below the chosen level (INFO without ``-v``) are dropped before loguru
-  is imported; a warning, or ``-v``, imports and configures it.
-* In a library host (an engine), warmpool logs through loguru, disabled for "warmpool" at
-  first use as loguru advises for libraries; enable with ``loguru.logger.enable("warmpool")``.
+The CLI calls :func:`enable_cli_logging`: one stderr handler with a ``warmpool:`` prefix,
+INFO with ``-v``, warnings otherwise (import cost: docs/bench/import.md).
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 
 __all__ = ["enable_cli_logging", "logger"]
 
-_LEVELS = {"trace": 5, "debug": 10, "info": 20, "success": 25, "warning": 30, "error": 40, "critical": 50}
-_cli_threshold: int | None = None  # set by the CLI; None in a library host
+logger = logging.getLogger("warmpool")
+logger.addHandler(logging.NullHandler())
 
-
-def _loguru():
-    from loguru import logger as real
-
-    if not getattr(real, "_warmpool_configured", False):
-        if _cli_threshold is None:
-            real.disable("warmpool")
-        else:
-            real.remove()
-            level = "INFO" if _cli_threshold <= _LEVELS["info"] else "WARNING"
-            real.add(sys.stderr, level=level, format="warmpool: {message}")
-            real.enable("warmpool")
-        real._warmpool_configured = True
-    return real
-
-
-def _drop(*args, **kwargs) -> None:
-    return None
-
-
-class _LazyLogger:
-    """Stands in for loguru's logger until a message needs it."""
-
-    def __getattr__(self, name: str):
-        if _cli_threshold is not None and _LEVELS.get(name, 100) < _cli_threshold:
-            return _drop
-        return getattr(_loguru(), name)
-
-
-logger = _LazyLogger()
+_cli_handler: logging.Handler | None = None
 
 
 def enable_cli_logging(verbose: bool) -> None:
-    """Decisions and fallbacks to stderr: INFO with -v, warnings otherwise."""
-    global _cli_threshold
-    _cli_threshold = _LEVELS["info"] if verbose else _LEVELS["warning"]
-    if verbose:
-        _loguru()
+    """Decisions and fallbacks to stderr: INFO with -v, warnings otherwise (idempotent)."""
+    global _cli_handler
+    if _cli_handler is None:
+        _cli_handler = logging.StreamHandler(sys.stderr)
+        _cli_handler.setFormatter(logging.Formatter("warmpool: %(message)s"))
+        logger.addHandler(_cli_handler)
+        logger.propagate = False  # the CLI's own line only, whatever the root logger does
+    logger.setLevel(logging.INFO if verbose else logging.WARNING)

@@ -20,9 +20,9 @@ from ._select import Selection
 __all__ = ["DEFAULT_CHUNK_SIZE", "PAGE_SIZE", "Chunk", "Plan", "contiguous_runs", "layer_key", "make_plan"]
 
 PAGE_SIZE = mmap.PAGESIZE
-# 16 MiB: two 8 MiB readahead windows per chunk and ~0.2 ms of per-chunk overhead (IPC, mmap,
-# mincore) against ~10 ms of I/O at 1.5 GB/s, so < 2% overhead; still ~100 chunks per 1.7 GB
-# model, enough to balance 32 workers and to mark a 100 MB MoE layer ready in 6 steps.
+# 16 MiB: two 8 MiB readahead windows per chunk, and a per-chunk overhead (IPC, mmap, mincore)
+# small against the chunk's I/O; still enough chunks per model to balance the workers and to
+# mark a large MoE layer ready in several steps (figures: docs/bench/pool.md).
 DEFAULT_CHUNK_SIZE = 16 * 1024 * 1024
 
 

@@ -18,8 +18,11 @@ Conventions shared by every function:
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
+
+from warmpool._errors import PlatformError
 
 if sys.platform.startswith("linux"):
     from warmpool import _platform_linux as _backend
@@ -28,17 +31,24 @@ else:
 
 __all__ = [
     "FileWindow",
+    "HeldMapping",
     "PAGE_SIZE",
     "advise_random",
     "cached_bytes",
     "evict",
     "evict_file",
+    "evict_ranges",
     "huge_folio_size",
+    "locked_bytes",
+    "memlock_limit",
+    "memory_pressure",
+    "pid_alive",
     "platform_notes",
     "prefetch",
     "read_byte",
     "read_range",
     "readahead_size",
+    "residency_hidden",
     "resident_bytes",
     "resident_pages",
     "supports_cachestat",
@@ -58,23 +68,46 @@ read_range = _backend.read_range
 readahead_size = _backend.readahead_size
 resident_bytes = _backend.resident_bytes
 resident_pages = _backend.resident_pages
+residency_hidden = _backend.residency_hidden
 supports_cachestat = _backend.supports_cachestat
 supports_populate = _backend.supports_populate
+# A keeper's calls (held mappings, mlock, PSI), POSIX with Linux's /proc where it exists.
+from warmpool._platform_hold import HeldMapping, locked_bytes, memlock_limit, memory_pressure, pid_alive  # noqa: E402
+
+
+# fdatasync errors that mean "this file system cannot write back", not "write-back failed".
+# A file system without an fsync operation (squashfs, erofs, iso9660: vfs_fsync_range answers
+# EINVAL) or mounted read-only (EROFS), or a FUSE server that refuses the request, cannot have
+# dirty pages: its pages are clean already and DONTNEED drops them.  See docs/design.md.
+_CANNOT_WRITE_BACK = frozenset({errno.EINVAL, errno.EROFS, errno.ENOSYS, errno.EOPNOTSUPP})
+
+
+def evict_ranges(fd: int, ranges=((0, 0),)) -> None:
+    """Drop ``(offset, length)`` ranges of an open file (default: all of it) from the page cache.
+
+    fdatasync first: POSIX_FADV_DONTNEED skips dirty pages, so a freshly written or copied model
+    would otherwise stay resident (fdatasync works on a read-only fd).  A real write-back error
+    (EIO, ENOSPC) raises PlatformError: those pages stay dirty, and resident.
+    """
+    try:
+        os.fdatasync(fd)
+    except OSError as exc:
+        if exc.errno not in _CANNOT_WRITE_BACK:
+            raise PlatformError(f"cannot flush the file before evicting it: {exc.strerror}") from None
+    for offset, length in ranges:
+        evict(fd, offset, length)
 
 
 def evict_file(path) -> None:
-    """Drop a whole file's pages from the page cache.
-
-    fdatasync first: POSIX_FADV_DONTNEED skips dirty pages, so a freshly written or copied model
-    would otherwise stay resident (fdatasync works on a read-only fd; a file system without
-    fsync, such as some FUSE servers, has clean pages anyway).
-    """
-    fd = os.open(path, os.O_RDONLY)
+    """Drop a whole file's pages from the page cache (``evict_ranges`` on it)."""
     try:
-        try:
-            os.fdatasync(fd)
-        except OSError:
-            pass
-        evict(fd, 0, 0)
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise PlatformError(f"cannot open: {exc.strerror}", path) from None
+    try:
+        evict_ranges(fd)
+    except PlatformError as exc:
+        exc.path = exc.path or os.fspath(path)
+        raise
     finally:
         os.close(fd)

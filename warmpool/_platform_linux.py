@@ -1,8 +1,9 @@
 """Linux backend: the POSIX base plus cachestat(2), MADV_POPULATE_READ and the
 per-device readahead size from sysfs.
 
-Measured on Linux 6.18 / ext4 on virtio (see REFERENCE.md §1, §7); each feature is
-probed once, so older kernels fall back instead of failing.
+What each call relies on is in docs/design.md ("Residency", "Readahead and hints"), with
+figures in docs/bench/platform.md; each feature is probed once, so older kernels fall back
+instead of failing.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ __all__ = [
     "read_byte",
     "read_range",
     "readahead_size",
+    "residency_hidden",
     "resident_bytes",
     "resident_pages",
     "supports_cachestat",
@@ -102,14 +104,14 @@ def prefetch(fd: int, offset: int, length: int) -> None:
     """Queue reads of exactly the range (``length == 0``: to EOF).
 
     One POSIX_FADV_WILLNEED reads at most max(bdi io_pages, ra_pages) pages
-    (force_page_cache_ra in mm/readahead.c): one hint over a 512 MiB file read 8 MiB
-    here.  Requests of readahead-size steps are each read in full, and read nothing
-    outside the range, unlike faulting or plain reads (REFERENCE §7).
+    (force_page_cache_ra in mm/readahead.c), the readahead size on most disks.
+    Requests of readahead-size steps are each read in full, and read nothing outside
+    the range, unlike faulting or plain reads (docs/design.md).
 
     Mostly asynchronous: the pages enter the cache locked and are read behind the
-    caller's back, but a call blocks once the device queue is full (a 512 MiB
-    prefetch returned after ~0.45 s with ~75% read; 8 MiB after ~3 ms).  Prefetch a
-    chunk or two ahead, then ``FileWindow.populate`` waits for what is still in flight.
+    caller's back, but a call blocks once the device queue is full
+    (docs/bench/platform.md).  Prefetch a chunk or two ahead, then
+    ``FileWindow.populate`` waits for what is still in flight.
     """
     _posix._stepped_willneed(fd, offset, length, readahead_size(fd))
 
@@ -172,8 +174,8 @@ def _cached_pages(fd: int, offset: int, length: int) -> int | None:
 
 
 def cached_bytes(fd: int, offset: int, length: int) -> int | None:
-    """Bytes of the page-rounded range in the page cache by cachestat(2): no mapping,
-    ~0.03 ms for 512 MiB where mincore takes ~12 ms.  None where cachestat is
+    """Bytes of the page-rounded range in the page cache by cachestat(2): no mapping, orders of
+    magnitude cheaper than mincore (docs/bench/platform.md).  None where cachestat is
     unavailable (Linux < 6.5, other architecture, seccomp, EPERM on this file).
 
     It counts pages whose read is still in flight (it does not check uptodate, which
@@ -187,6 +189,34 @@ def cached_bytes(fd: int, offset: int, length: int) -> int | None:
         return 0
     pages = _cached_pages(fd, start, stop - start)
     return None if pages is None else min(pages * PAGE_SIZE, limit)
+
+
+# -- residency the kernel hides -------------------------------------------------------
+
+# The probe page lies this far past the end of the file: further than any folio reaches (a
+# large folio that a truncate could not split may still cover a page or two past EOF).
+_PROBE_GAP = 1 << 30
+
+
+def residency_hidden(fd: int) -> bool:
+    """Whether the kernel hides this file's page-cache residency from us (docs/design.md,
+    "Residency the kernel hides").
+
+    Linux >= 5.2 (``can_do_mincore`` in mm/mincore.c) answers mincore(2) truthfully only for
+    a file the caller owns (or has CAP_FOWNER over) or may open for writing; for any other
+    file it fills the vector with 1s, "all resident".  Rather than re-implement that rule
+    (fsuid, capabilities, ACLs, user namespaces, LSMs), ask the kernel about a page that
+    cannot be cached: one well past end of file.  Mapping it reads nothing; mincore says 0
+    for it unless the answer is made up.
+    """
+    probe = _posix._round_up(_posix._fstat(fd).st_size) + _PROBE_GAP
+    address = _posix._map_readonly(fd, probe, PAGE_SIZE)
+    try:
+        out = bytearray(1)
+        _posix._mincore_into(address, PAGE_SIZE, out, 0)
+    finally:
+        _posix._unmap(address, PAGE_SIZE)
+    return bool(out[0] & 1)
 
 
 # -- populate ------------------------------------------------------------------------

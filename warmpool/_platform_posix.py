@@ -21,27 +21,14 @@ import os
 
 from warmpool._errors import FileChangedError, PlatformError
 
-TYPE_CHECKING = False  # typing costs ~4 ms to import; annotations are strings anyway
+TYPE_CHECKING = False  # typing is not free to import; annotations are strings anyway
 if TYPE_CHECKING:
     from typing import Callable
 
 __all__ = [
-    "DEFAULT_READAHEAD",
-    "FileWindow",
-    "PAGE_SIZE",
-    "advise_random",
-    "cached_bytes",
-    "evict",
-    "huge_folio_size",
-    "platform_notes",
-    "prefetch",
-    "read_byte",
-    "read_range",
-    "readahead_size",
-    "resident_bytes",
-    "resident_pages",
-    "supports_cachestat",
-    "supports_populate",
+    "DEFAULT_READAHEAD", "FileWindow", "PAGE_SIZE", "advise_random", "cached_bytes", "evict",
+    "huge_folio_size", "platform_notes", "prefetch", "read_byte", "read_range", "readahead_size",
+    "residency_hidden", "resident_bytes", "resident_pages", "supports_cachestat", "supports_populate",
 ]
 
 PAGE_SIZE: int = mmap.PAGESIZE
@@ -212,8 +199,8 @@ def resident_pages(fd: int, offset: int, length: int) -> bytes:
     """One byte per page of the range (1 = in the page cache), clipped at EOF.
 
     mincore(2) on read-only windows of at most 256 MiB: it reads page-cache state
-    without faulting anything in.  (Linux >= 5.2 reports only pages this process maps
-    unless it owns the file or may open it for writing.)
+    without faulting anything in.  (Linux >= 5.2 reports every page resident unless the
+    caller owns the file or may open it for writing: check ``residency_hidden`` first.)
     """
     start, stop, _ = _page_span(fd, offset, length)
     return _mincore_range(fd, start, stop)
@@ -229,6 +216,11 @@ def _mincore_range(fd: int, start: int, stop: int) -> bytes:
         finally:
             _unmap(address, size)
     return bytes(out).translate(_BIT0)
+
+
+def residency_hidden(fd: int) -> bool:
+    """Only Linux is known to hide residency (see the Linux backend): False."""
+    return False
 
 
 def resident_bytes(fd: int, offset: int, length: int) -> int:
@@ -397,7 +389,7 @@ class FileWindow:
         kills the process; the pool runs this in worker processes for that reason.
         Prefer ``populate``, which returns an error instead.
         """
-        import numpy as np  # lazy: numpy costs ~0.1 s to import
+        import numpy as np  # lazy: numpy is a large import (docs/design.md, "Import cost")
 
         address, size = self._span(rel, n)
         pages = np.frombuffer((ctypes.c_ubyte * size).from_address(address), np.uint8)

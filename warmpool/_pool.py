@@ -9,21 +9,23 @@ Launch: each worker is ``python -I -S`` started with ``subprocess`` and the call
 has (an engine has many; a child can deadlock on a lock held by a thread that no longer
 exists), and ``spawn``/``forkserver`` re-run the caller's ``__main__`` script in every child
 (multiprocessing's main-module fixup): an engine script without a ``__main__`` guard would
-start again in each worker.  A fresh, isolated interpreter without ``site`` starts in ~10-20
-ms, imports only the stdlib and ``warmpool._worker``, and runs in its own session, so the
+start again in each worker.  A fresh, isolated interpreter without ``site`` starts fast,
+imports only the stdlib and ``warmpool._worker``, and runs in its own session, so the
 terminal's Ctrl-C goes to the coordinator alone, which then stops the workers itself.
 
 Each worker has its own pair of pipes, wrapped in ``multiprocessing.connection.Connection``;
 a worker that dies without a word (SIGKILL, the OOM killer, SIGBUS from a truncated file
 under ``touch``) closes its end, so the coordinator sees EOF at once and names the chunk it
-held, rather than hanging the way ``multiprocessing.Pool`` does (REFERENCE §7).  The coordinator is the only writer of chunk
-states in the progress segment; each worker writes only its own byte counter.
+held, rather than hanging the way ``multiprocessing.Pool`` does (docs/design.md, "Worker
+processes").  The coordinator is the only writer of chunk states in the progress segment; each
+worker writes only its own byte counter.
 
 Worker count: ``workers=None`` grows the pool while it pays.  It starts with
 ``AUTO_START`` workers and doubles, up to ``AUTO_MAX``, each time a measurement window shows
 the throughput still rising by ``AUTO_GAIN``: on a local disk one reader already saturates the
 device and the pool stays small; on latency-bound storage (network block devices, NFS, FUSE)
-throughput keeps rising with concurrency and the pool grows (REFERENCE §2, tools/bench_warm.py).
+throughput keeps rising with concurrency and the pool grows (docs/design.md; figures:
+docs/bench/pool.md).
 """
 
 from __future__ import annotations
@@ -41,24 +43,18 @@ from typing import NamedTuple
 from ._errors import CancelledError, FileChangedError, WarmError, WorkerDiedError
 from ._plan import Chunk
 from ._progress import ProgressSegment
+from ._strategy import check_strategy
 
 __all__ = ["AUTO_MAX", "AUTO_START", "PoolResult", "run_pool"]
 
-# Measured on the 2-core VM, paired A/B runs of pool variants (tools/bench_warm.py protocol): a
-# worker costs ~0.1 s of CPU to start there (fresh interpreter + imports) and ~7.7 MB RssAnon.
-# One worker already keeps 64 requests in flight on latency_fs (its stepped WILLNEED hints), and
-# on the local disk fault readahead keeps the device busy, so the pool starts with one and
-# doubles only while that pays.  1.65 GB on the local disk, median of 4 paired rounds: start 1
-# (ends at 2 workers) 2.38 s and 1.0 s CPU, start 2 (ends at 4) 2.73 s and 1.6 s, start 4 (ends
-# at 8) 3.07 s and 2.3 s, vmtouch -t 2.92 s; the old start 4 / max 32 grew to 16-32 workers,
-# 4.23 s and 3.4-5.5 s CPU.  224 MB on latency_fs at 5 ms (median of 3): 1 worker 1.89 s,
-# 4 workers 2.14 s, 8 workers 2.15 s, vmtouch -t 6.02 s.  Peak RssAnon of the CLI plus its
-# workers, 1.65 GB warm: 20 MB with 1 worker, 135 MB with 16, 258 MB with 32, over issue 3's
-# 200 MB bound: hence the cap of 16.
+# A worker costs a fresh interpreter's start-up and a few MB, and one worker already keeps many
+# requests in flight (stepped hints on latency-bound storage, fault readahead on a local disk):
+# so start with one and double only while that pays.  Past 16 the CLI and its workers outgrow
+# issue 3's 200 MB memory bound.  Figures and how they were measured: docs/bench/pool.md.
 AUTO_START, AUTO_MAX = 1, 16
 AUTO_GAIN = 1.15  # grow again only while a doubling bought at least 15% more throughput
 # A measurement window spans at least 64 MiB and 16 MiB (one default chunk) per worker, and at
-# least 0.25 s: 64 MiB alone is ~40 ms at 1.5 GB/s, mostly scheduling noise on a busy machine.
+# least 0.25 s: 64 MiB alone passes in tens of ms, mostly scheduling noise on a busy machine.
 AUTO_WINDOW, AUTO_WINDOW_PER_WORKER, AUTO_WINDOW_S = 64 * 1024 * 1024, 16 * 1024 * 1024, 0.25
 POLL = 0.1  # seconds between checks of the stop flag: Ctrl-C/cancel answer well within 2 s
 
@@ -77,21 +73,34 @@ class _Worker(NamedTuple):
     slot: int
 
 
-def _launch(slot: int, job: tuple) -> _Worker:
+def _launch(slot: int, job: tuple, shared_fds: tuple[int, ...] = ()) -> _Worker:
     """Start one worker and send it its job (files, chunk table, segment, slot, strategy, the
-    indices of the chunks this warm will fault)."""
+    indices of the chunks this warm will fault).  ``shared_fds`` stay open in the worker (an
+    unnamed progress segment)."""
     ours, theirs = _socketpair()
     try:
         process = subprocess.Popen(
             [sys.executable, "-I", "-S", "-c", WORKER_CODE, str(theirs), job[2], *_import_path()],
-            pass_fds=(theirs,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            pass_fds=(theirs, *shared_fds), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             start_new_session=True, close_fds=True,
         )
+    except OSError as e:  # fork or exec refused (memory, process limit): no worker, no leaked fd
+        os.close(ours)
+        raise WarmError(f"cannot start a worker process: {e.strerror or e}") from None
+    except BaseException:
+        os.close(ours)
+        raise
     finally:
         os.close(theirs)
-    conn = Connection(ours)
-    conn.send((*job[:3], slot, *job[3:]))
-    return _Worker(process, conn, slot)
+    worker = _Worker(process, Connection(ours), slot)
+    try:
+        worker.conn.send((*job[:3], slot, *job[3:]))
+    except OSError:
+        # It died at once (killed, out of memory).  It is in the pool all the same: the first
+        # chunk handed to it fails to send or reads EOF, which reaps it and names the chunk,
+        # and shutdown() reaps it in any case.
+        pass
+    return worker
 
 
 def _import_path() -> list[str]:
@@ -157,7 +166,7 @@ class _Coordinator:
         # The chunks to be warmed travel with the job: a worker keeps fault readahead out of the
         # rest (over the budget, or already resident), see _worker.Guards.
         job = (self.paths, self.chunks, self.segment.name, self.strategy, self.order)
-        self.workers.append(_launch(len(self.workers), job))
+        self.workers.append(_launch(len(self.workers), job, self.segment.shared_fds))
         self.peak = max(self.peak, len(self.workers))
         self._dispatch(self.workers[-1])
 
@@ -243,6 +252,7 @@ def run_pool(paths: Sequence[str], chunks: Sequence[Chunk], order: Sequence[int]
     """Warm ``chunks[i]`` for i in ``order`` (plan order); raise WarmError on any failure."""
     if workers is not None and workers < 1:
         raise WarmError(f"workers must be at least 1, got {workers}")
+    check_strategy(strategy, allow_auto=False)  # a worker would otherwise fall through to its last branch
     stop = should_stop.is_set if isinstance(should_stop, threading.Event) else (should_stop or (lambda: False))
     coordinator = _Coordinator(paths, chunks, order, strategy, segment, workers, stop)
     try:

@@ -17,18 +17,13 @@ import sys
 import time
 from typing import TYPE_CHECKING, NamedTuple, Sequence
 
-from warmpool._errors import ProgressError
-from warmpool._shm import create_object, map_object, os_error, posix_name, unlink_object
+from warmpool._errors import CancelledError, ProgressError
+from warmpool._shm import create_object, is_unnamed, map_object, os_error, posix_name, unlink_object
 
 if TYPE_CHECKING:  # any object with these fields will do
     from warmpool._plan import Chunk
 
-__all__ = [
-    "ProgressSegment",
-    "ProgressSnapshot",
-    "ProgressView",
-    "WorkerCounter",
-]
+__all__ = ["ProgressSegment", "ProgressSnapshot", "ProgressView", "WorkerCounter"]
 
 _MAGIC = b"WARMPOOL"
 _VERSION = 1
@@ -49,6 +44,7 @@ _TERMINAL = frozenset(_RUN_STATES[2:])
 _READY_CODES = frozenset((_CHUNK_STATES.index("done"), _CHUNK_STATES.index("skipped")))
 
 _LITTLE = sys.byteorder == "little"
+_STOPS = (CancelledError, KeyboardInterrupt, SystemExit)  # settle as "cancelled", see _settle
 
 
 class ProgressSnapshot(NamedTuple):
@@ -92,7 +88,7 @@ def _read_layout(mm: mmap.mmap, name: str) -> _Layout:
 
 
 def _attach(name: str, writable: bool) -> tuple[str, mmap.mmap, _Layout]:
-    name = posix_name(name)
+    name = name if is_unnamed(name) else posix_name(name)
     mm = map_object(name, writable, _HEADER.size)
     try:
         return name, mm, _read_layout(mm, name)
@@ -253,20 +249,34 @@ class ProgressSegment(_Mapped):
 
     _unlinked = False
 
-    def __init__(self, name: str, mm: mmap.mmap, layout: _Layout) -> None:
+    def __init__(self, name: str, mm: mmap.mmap, layout: _Layout, fd: int | None = None) -> None:
         super().__init__(name, mm, layout)
         self._stores = _Stores(mm)
+        self._fd = fd  # an unnamed segment's memfd, handed to the workers; None when named
 
     @classmethod
     def create(
-        cls, total_bytes: int, n_workers: int, chunks: Sequence[Chunk], n_layers: int
+        cls, total_bytes: int, n_workers: int, chunks: Sequence[Chunk], n_layers: int,
+        require_name: bool = False,
     ) -> ProgressSegment:
+        """A new segment, named in /dev/shm where possible; ``require_name``: only a named one
+        (an unnamed one, ``memfd:FD``, serves this process and its workers alone)."""
         image = _pack_image(total_bytes, n_workers, tuple(chunks), n_layers)
-        name, mm = create_object(len(image))
+        name, mm, fd = create_object(len(image), require_name=require_name)
         mm[:] = image
         # Magic last: a reader that lists /dev/shm early sees "not initialised", never junk.
         mm[: len(_MAGIC)] = _MAGIC
-        return cls(name, mm, _read_layout(mm, name))
+        return cls(name, mm, _read_layout(mm, name), fd)
+
+    @property
+    def named(self) -> bool:
+        """Whether other processes can attach by name (False: /dev/shm was unusable)."""
+        return not is_unnamed(self._name)
+
+    @property
+    def shared_fds(self) -> tuple[int, ...]:
+        """The fds a worker must inherit to attach (an unnamed segment's), else ()."""
+        return () if self._fd is None else (self._fd,)
 
     def set_state(self, state: str) -> None:
         """Set the warm's state; a terminal one also stamps end_time_ns (stored first)."""
@@ -286,10 +296,13 @@ class ProgressSegment(_Mapped):
         """Unmap; idempotent.  Does not unlink (the context manager does)."""
         self._stores.release()
         super().close()
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
 
     def unlink(self) -> None:
         """Remove the name; readers already mapped keep their view.  Idempotent."""
-        if self._unlinked:
+        if self._unlinked or not self.named:
             return
         try:
             unlink_object(self._name)
@@ -310,11 +323,13 @@ class ProgressSegment(_Mapped):
             self.close()
 
     def _settle(self, exc_type: type[BaseException] | None) -> None:
-        # Readers mapped before the unlink keep the last state they can see: never leave
-        # them a "running" that will not move again.
+        """The one rule for how an unfinished warm ends: a stop someone asked for is
+        "cancelled" (``cancel()``/``should_stop``, Ctrl-C, and SIGTERM, which the CLI raises
+        as SystemExit), anything else "failed".  Readers mapped before the unlink keep the
+        last state they can see: never leave them a "running" that will not move again."""
         if self._mm.closed or self.snapshot().finished:
             return
-        stopped = exc_type is not None and issubclass(exc_type, (KeyboardInterrupt, SystemExit))
+        stopped = exc_type is not None and issubclass(exc_type, _STOPS)
         self.set_state("cancelled" if stopped else "failed")
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
-from ._errors import CancelledError
 from ._plan import Plan
 from ._pool import AUTO_MAX, PoolResult, run_pool
 from ._progress import ProgressSegment
@@ -19,28 +18,20 @@ __all__ = ["run_warm"]
 
 
 def run_warm(plan: Plan, paths: Sequence[str], chosen: Sequence[int], before: Sequence[int], strategy: str,
-             workers: int | None, on_start: Callable[[str], None] | None, should_stop, linger: float = 0.0) -> PoolResult:
+             workers: int | None, on_start: Callable[[str], None] | None, should_stop, linger: float = 0.0,
+             require_name: bool = False) -> PoolResult:
     total = sum(plan.chunks[i].length for i in chosen)
-    segment = ProgressSegment.create(total, workers or AUTO_MAX, plan.chunks, plan.n_layers)
-    try:
+    # The segment's context manager settles every way out (cancelled or failed: one rule, in
+    # ProgressSegment._settle), then unlinks and unmaps.
+    with ProgressSegment.create(total, workers or AUTO_MAX, plan.chunks, plan.n_layers, require_name) as segment:
         for index, (chunk, resident) in enumerate(zip(plan.chunks, before)):
             if resident >= chunk.length:
                 segment.set_chunk_state(index, "done")  # warm already: its layers are ready
         segment.set_state("running")
         if on_start:
             on_start(segment.name)
-        try:
-            outcome = run_pool(paths, plan.chunks, chosen, strategy, segment, workers, should_stop)
-        except (CancelledError, KeyboardInterrupt):
-            segment.set_state("cancelled")
-            raise
-        except BaseException:
-            segment.set_state("failed")
-            raise
+        outcome = run_pool(paths, plan.chunks, chosen, strategy, segment, workers, should_stop)
         segment.set_state("done")
-        if linger:
+        if linger and segment.named:  # only a name can have late readers
             time.sleep(linger)
         return outcome
-    finally:
-        segment.unlink()
-        segment.close()

@@ -1,4 +1,4 @@
-"""Sizes as people write them ("64M", "1.5GiB", "80%") and as we print them."""
+"""Sizes as people write them ("64M", "1.5GiB", "1.7GB", "80%") and as we print them."""
 
 from __future__ import annotations
 
@@ -6,15 +6,24 @@ import re
 
 __all__ = ["format_bytes", "parse_size"]
 
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+_POWERS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:([KMGT])(I?B)?|B)?\s*$", re.IGNORECASE)
 
 
-def parse_size(text: str, *, total: int | None = None) -> int:
-    """Bytes from "4096", "64M", "1.5G", "2GiB"; "80%" of ``total`` when one is given.
+def parse_size(text: str | int, *, total: int | None = None) -> int:
+    """Bytes from a size as GNU coreutils (``dd``, ``truncate -s``) read it; the one parser.
 
-    Raises ValueError (argparse turns it into a usage error) for anything else.
+    * ``4096``, ``4096B``: bytes.  An ``int`` is taken as bytes.
+    * ``64K``, ``1.5G``, ``2T`` and ``64KiB``, ``1.5GiB``: powers of 1024 (memory sizes, as
+      ``--budget 8G`` means).
+    * ``64KB``, ``1.7GB``: powers of 1000 (disk and download sizes).
+    * ``80%``: that share of ``total``, when one is given.
+
+    Letters are case-insensitive.  Raises ValueError (argparse turns it into a usage error) for
+    anything else.
     """
+    if isinstance(text, int):
+        return text
     text = str(text).strip()
     if text.endswith("%") and total is not None:
         pct = float(text[:-1])
@@ -23,8 +32,10 @@ def parse_size(text: str, *, total: int | None = None) -> int:
         return int(total * pct / 100)
     m = _SIZE.match(text)
     if not m:
-        raise ValueError(f"not a size: {text!r} (examples: 4096, 64M, 1.5G)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+        raise ValueError(f"not a size: {text!r} (examples: 4096, 64M, 1.5GiB, 1.7GB)")
+    number, unit, suffix = m.groups()
+    base = 1000 if suffix and suffix.upper() == "B" else 1024
+    return int(float(number) * base ** _POWERS[(unit or "").upper()])
 
 
 def format_bytes(n: float) -> str:

@@ -15,27 +15,43 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from . import _platform
-from ._errors import FileChangedError
+from ._errors import FileChangedError, PlatformError
 from ._layout import read_layout
 from ._log import logger
 from ._plan import DEFAULT_CHUNK_SIZE, Plan, contiguous_runs, layer_key, make_plan
 from ._select import Selection
+from ._strategy import check_strategy
 
-__all__ = ["LayerResidency", "Residency", "WarmResult", "evict", "plan_model", "residency", "resolve_strategy", "warm"]
+__all__ = ["FileResidency", "LayerResidency", "Residency", "WarmResult", "evict", "plan_model", "residency",
+           "residency_hidden", "resolve_strategy", "warm"]
+
+
+# What a reader is told when the kernel hides a file's residency (docs/design.md).
+HIDDEN = "residency hidden by the kernel (not the owner, not writable)"
+HIDDEN_FIX = "run as the file's owner, or with CAP_FOWNER or write permission on it, to see it"
+
+
+class FileResidency(NamedTuple):
+    path: str
+    bytes_selected: int  # page-rounded bytes of the selection in this file
+    bytes_resident: int | None  # None: the kernel hides this file's residency
+    hidden: bool
 
 
 class WarmResult(NamedTuple):
     path: str
     bytes_selected: int  # page-rounded bytes of the selected tensors
-    bytes_already_resident: int  # of those, resident before the warm
-    bytes_warmed: int  # read in by this warm
-    bytes_left_cold: int  # not resident after it (budget, skip, failure)
+    bytes_already_resident: int | None  # of those, resident before the warm; None when hidden
+    bytes_warmed: int  # read in by this warm (hidden files: what its workers faulted in)
+    bytes_left_cold: int  # not resident after it (budget, skip, failure; hidden files: not faulted in)
     seconds: float
     workers: int
     strategy: str
-    resident_fraction: float  # of the selection, measured after the warm
+    resident_fraction: float | None  # of the selection, measured after the warm; None when hidden
     skipped: bool
     reason: str  # the policy's decision and why
+    residency_hidden: bool = False  # the kernel hides residency of some file of the model
+    files: tuple[FileResidency, ...] = ()  # per file, after the warm
 
     def summary(self) -> str:
         gib = 2**30
@@ -43,27 +59,43 @@ class WarmResult(NamedTuple):
         if self.skipped:
             head = f"skipped: {self.reason}"
         else:
-            head = (f"warmed {self.bytes_warmed / gib:.2f} GiB of {self.bytes_selected / gib:.2f} GiB selected "
-                    f"({self.bytes_already_resident / gib:.2f} GiB already resident) in {self.seconds:.2f} s, "
-                    f"{rate:.2f} GB/s, {self.workers} workers, {self.strategy}")
+            already = ("" if self.bytes_already_resident is None
+                       else f" ({self.bytes_already_resident / gib:.2f} GiB already resident)")
+            head = (f"warmed {self.bytes_warmed / gib:.2f} GiB of {self.bytes_selected / gib:.2f} GiB selected"
+                    f"{already} in {self.seconds:.2f} s, {rate:.2f} GB/s, {self.workers} workers, {self.strategy}")
             if self.bytes_left_cold >= self.bytes_selected / 1000:  # not a few stray pages
                 why = f" ({self.reason})" if "left cold" in self.reason else ""
                 head += f"; {self.bytes_left_cold / gib:.2f} GiB left cold{why}"
+        if self.resident_fraction is None:
+            return f"{head}; {hidden_note(self.files)}"
         return f"{head}; {self.resident_fraction:.1%} resident"
+
+    def to_dict(self) -> dict:
+        """The fields as JSON-ready values (``files`` as objects)."""
+        return {**self._asdict(), "files": [f._asdict() for f in self.files]}
+
+
+def hidden_note(files: tuple[FileResidency, ...]) -> str:
+    """One clause: residency unknown, which files, and what would reveal it."""
+    hidden = [f.path for f in files if f.hidden]
+    which = "" if len(hidden) == len(files) else f" for {', '.join(os.path.basename(p) for p in hidden)}"
+    return f"{HIDDEN}{which}: {HIDDEN_FIX}"
 
 
 class LayerResidency(NamedTuple):
     layer: int  # layer key: -1 input, 0..n-1 blocks, n output
     bytes_selected: int
-    bytes_resident: int
+    bytes_resident: int | None  # None: some of it lies in a file whose residency is hidden
 
 
 class Residency(NamedTuple):
     path: str
     bytes_selected: int
-    bytes_resident: int
-    resident_fraction: float
+    bytes_resident: int | None  # None when the kernel hides residency for any file of the model
+    resident_fraction: float | None
     layers: tuple[LayerResidency, ...]
+    residency_hidden: bool = False
+    files: tuple[FileResidency, ...] = ()
 
 
 def plan_model(path: str | os.PathLike[str], *, n_gpu_layers: int | None = None, cpu_moe: bool = False,
@@ -87,6 +119,8 @@ class _OpenFiles:
             self.close()
             raise FileChangedError(f"cannot open: {e.strerror}", path) from None
         self.identity = [self._identity(os.fstat(fd)) for fd in self.fds]
+        # Asked before any residency vector is trusted: mincore lies about these files.
+        self.hidden = [_platform.residency_hidden(fd) for fd in self.fds]
 
     @staticmethod
     def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
@@ -101,19 +135,30 @@ class _OpenFiles:
             if now != before:
                 raise FileChangedError("the file was replaced or modified while it was being warmed", path)
 
-    def resident(self, plan: Plan, *, quick: bool = False) -> list[int]:
-        """Resident bytes of each chunk (page granular).
+    def resident(self, plan: Plan, *, quick: bool = False) -> list[int | None]:
+        """Resident bytes of each chunk (page granular); None in a file whose residency is hidden.
 
         ``quick`` uses cachestat where the kernel has it: one syscall per chunk and no mapping,
-        ~1000x cheaper than mincore (11.7 ms per 512 MiB here), which is what keeps a warm of an
-        already-resident model fast.  It also counts pages whose read is still in flight, so the
-        verdict after a warm uses mincore, which counts only pages that have arrived.
+        orders of magnitude cheaper than mincore (docs/bench/platform.md), which is what keeps a
+        warm of an already-resident model fast.  It also counts pages whose read is still in
+        flight, so the verdict after a warm uses mincore, which counts only pages that have arrived.
         """
-        sizes = []
+        sizes: list[int | None] = []
         for c in plan.chunks:
+            if self.hidden[c.file]:
+                sizes.append(None)
+                continue
             cached = _platform.cached_bytes(self.fds[c.file], c.offset, c.length) if quick else None
             sizes.append(cached if cached is not None else _platform.resident_bytes(self.fds[c.file], c.offset, c.length))
         return sizes
+
+    def per_file(self, plan: Plan, resident: list[int | None]) -> tuple[FileResidency, ...]:
+        rows = [[0, 0] for _ in self.paths]
+        for c, r in zip(plan.chunks, resident):
+            rows[c.file][0] += c.length
+            rows[c.file][1] += r or 0
+        return tuple(FileResidency(path, selected, None if hidden else got, hidden)
+                     for path, (selected, got), hidden in zip(self.paths, rows, self.hidden))
 
     def close(self) -> None:
         for fd in self.fds:
@@ -131,7 +176,10 @@ _noted: set[str] = set()
 
 
 def resolve_strategy(strategy: str) -> str:
-    """``auto`` is MADV_POPULATE_READ where the kernel has it (Linux >= 5.14), else touch."""
+    """``auto`` is MADV_POPULATE_READ where the kernel has it (Linux >= 5.14), else touch.
+
+    Raises WarmError for a name that is not ``auto`` or one of ``STRATEGIES``."""
+    check_strategy(strategy, allow_auto=True)
     if strategy != "auto":
         return strategy
     if _platform.supports_populate():
@@ -146,56 +194,97 @@ def resolve_strategy(strategy: str) -> str:
 def warm(path: str | os.PathLike[str], *, workers: int | None = None, strategy: str = "auto",
          chunk_size: int = DEFAULT_CHUNK_SIZE, budget: int | None = None, force: bool = False,
          env: dict | None = None, memory=None, on_start: Callable[[object], None] | None = None,
-         should_stop=None, linger: float = 0.0, plan: Plan | None = None, **selection) -> WarmResult:
+         should_stop=None, linger: float = 0.0, plan: Plan | None = None, require_name: bool = False,
+         **selection) -> WarmResult:
     """Fault the selected tensors of a GGUF model into the page cache and verify with mincore.
 
     ``selection`` takes llama.cpp's flags (``n_gpu_layers``, ``cpu_moe``, ``n_cpu_moe``,
     ``overrides``).  ``on_start(segment)`` is called with the progress segment once workers are
-    about to start; ``should_stop`` (a callable or threading.Event) cancels.
+    about to start; ``should_stop`` (a callable or threading.Event) cancels.  ``require_name``:
+    the segment must have a /dev/shm name (a reader in another process will look for it);
+    otherwise an unnamed one serves when /dev/shm is full, read-only or missing.
+
+    A file whose residency the kernel hides (``residency_hidden``) is warmed whole and the result
+    says so: ``residency_hidden`` True, ``resident_fraction`` and ``bytes_already_resident`` None.
     """
     from ._policy import decide
 
+    check_strategy(strategy, allow_auto=True)
     plan = plan or plan_model(path, chunk_size=chunk_size, **selection)
     started = time.perf_counter()
     with _OpenFiles(plan) as files:
-        before = files.resident(plan, quick=True)
+        measured = files.resident(plan, quick=True)
+        # A file whose residency is hidden counts as cold: warm every selected page of it.
+        before = [r or 0 for r in measured]
         cold = [c.length - r for c, r in zip(plan.chunks, before)]
         decision = decide(cold, env=env, force=force, budget=budget, memory=memory)
-        logger.info("{}: {}", plan.files[0].path, decision.reason)
+        hidden = any(files.hidden)
+        reason = f"{decision.reason} (residency hidden: counted all cold)" if hidden else decision.reason
+        logger.info("%s: %s", plan.files[0].path, reason)
         result = dict(path=plan.files[0].path, bytes_selected=plan.bytes_planned,
-                      bytes_already_resident=sum(before), seconds=0.0, workers=0, reason=decision.reason)
+                      bytes_already_resident=None if hidden else sum(before), seconds=0.0, workers=0,
+                      reason=reason, residency_hidden=hidden)
         if not decision.chunks:
             resident = sum(before)
             return WarmResult(**result, bytes_warmed=0, bytes_left_cold=plan.bytes_planned - resident,
-                              strategy=strategy, resident_fraction=resident / (plan.bytes_planned or 1),
-                              skipped=decision.action == "skip")
+                              strategy=strategy, resident_fraction=_fraction(resident, plan, hidden),
+                              skipped=decision.action == "skip", files=files.per_file(plan, measured))
         strategy = resolve_strategy(strategy)
         from ._run import run_warm
 
-        outcome = run_warm(plan, files.paths, decision.chunks, before, strategy, workers, on_start, should_stop, linger)
+        outcome = run_warm(plan, files.paths, decision.chunks, before, strategy, workers, on_start, should_stop, linger,
+                           require_name=require_name)
         files.check_unchanged()
-        after = files.resident(plan)
+        measured = files.resident(plan)
+        chosen = set(decision.chunks)
+        # Hidden files: the warm's own account (every chosen chunk faulted in), not a measurement.
+        after = [r if r is not None else (c.length if i in chosen else 0)
+                 for i, (c, r) in enumerate(zip(plan.chunks, measured))]
+        per_file = files.per_file(plan, measured)
     resident = sum(after)
     result.update(seconds=time.perf_counter() - started, workers=outcome.workers)
     # What this warm made resident: a worker's own faults plus what readahead from a neighbouring
     # chunk brought in first (the worker then finds those pages resident and skips them).
     warmed = max(resident - sum(before), 0)
     return WarmResult(**result, bytes_warmed=warmed, bytes_left_cold=plan.bytes_planned - resident,
-                      strategy=strategy, resident_fraction=resident / (plan.bytes_planned or 1), skipped=False)
+                      strategy=strategy, resident_fraction=_fraction(resident, plan, hidden), skipped=False,
+                      files=per_file)
+
+
+def _fraction(resident: int, plan: Plan, hidden: bool) -> float | None:
+    return None if hidden else resident / (plan.bytes_planned or 1)
+
+
+def residency_hidden(path: str | os.PathLike[str]) -> bool:
+    """Whether the kernel hides this file's page-cache residency from this process (Linux >= 5.2:
+    not the owner and not writable; docs/design.md).  Such a file is warmed whole and its
+    residency reported as None."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise FileChangedError(f"cannot open: {e.strerror}", os.fspath(path)) from None
+    try:
+        return _platform.residency_hidden(fd)
+    finally:
+        os.close(fd)
 
 
 class _ResidentPages:
-    """One mincore pass over a plan's chunks, then queried by byte range (no more syscalls)."""
+    """One mincore pass over a plan's chunks, then queried by byte range (no more syscalls).
+    Files whose residency is hidden are not asked (mincore would say "all resident")."""
 
     def __init__(self, files: _OpenFiles, plan: Plan) -> None:
         self.page = _platform.PAGE_SIZE
         self.chunks: dict[int, list[tuple[int, bytes]]] = {}
-        self.total = 0  # bytes; the page holding EOF counts only its real bytes, like resident_bytes
-        for c in sorted(plan.chunks, key=lambda c: (c.file, c.offset)):
+        # bytes per chunk; the page holding EOF counts only its real bytes, like resident_bytes
+        self.per_chunk: list[int | None] = [None] * len(plan.chunks)
+        for i, c in sorted(enumerate(plan.chunks), key=lambda ic: (ic[1].file, ic[1].offset)):
+            if files.hidden[c.file]:
+                continue
             vector = _platform.resident_pages(files.fds[c.file], c.offset, c.length)
             self.chunks.setdefault(c.file, []).append((c.offset, vector))
             past_eof = len(vector) * self.page - c.length if vector[-1:] == b"\x01" else 0
-            self.total += vector.count(1) * self.page - past_eof
+            self.per_chunk[i] = vector.count(1) * self.page - past_eof
         self.starts = {file: [offset for offset, _ in chunks] for file, chunks in self.chunks.items()}
 
     def pages(self, file: int, start: int, end: int) -> int:
@@ -214,32 +303,40 @@ def residency(path: str | os.PathLike[str], *, plan: Plan | None = None, **selec
     """How much of the selection is resident now, in total and per layer (no data is read)."""
     plan = plan or plan_model(path, **selection)
     page = _platform.PAGE_SIZE
-    per_layer: dict[int, list[int]] = {}
+    per_layer: dict[int, list] = {}
     with _OpenFiles(plan) as files:
         resident = _ResidentPages(files, plan)
+        per_file = files.per_file(plan, resident.per_chunk)
+        hidden = any(files.hidden)
     for t in plan.selected:
         first, end = t.offset // page, -(-(t.offset + t.nbytes) // page)
         row = per_layer.setdefault(layer_key(t, plan.n_layers), [0, 0])
         row[0] += (end - first) * page
-        row[1] += resident.pages(t.file, first * page, end * page) * page
+        if row[1] is not None:
+            row[1] = None if per_file[t.file].hidden else row[1] + resident.pages(t.file, first * page, end * page) * page
     layers = tuple(LayerResidency(k, s, r) for k, (s, r) in sorted(per_layer.items()))
-    return Residency(plan.files[0].path, plan.bytes_planned, resident.total, resident.total / (plan.bytes_planned or 1), layers)
+    total = None if hidden else sum(resident.per_chunk)
+    fraction = None if total is None else total / (plan.bytes_planned or 1)
+    return Residency(plan.files[0].path, plan.bytes_planned, total, fraction, layers, hidden, per_file)
 
 
-def evict(path: str | os.PathLike[str], *, plan: Plan | None = None, **selection) -> int:
+def evict(path: str | os.PathLike[str], *, plan: Plan | None = None, **selection) -> int | None:
     """Drop the selection's pages from the page cache (POSIX_FADV_DONTNEED).
 
-    DONTNEED skips dirty pages, so the files are flushed first (fdatasync works on a read-only
-    fd: a freshly copied or downloaded model is otherwise all dirty and nothing is evicted).
-    Pages that a live process maps or locks stay.  Returns the bytes still resident afterwards.
+    ``_platform.evict_ranges`` does it (flush, then DONTNEED; a file system that cannot write
+    back is fine).  Pages that a live process maps or locks stay.  Returns the bytes still
+    resident afterwards, or None when the kernel hides residency for a file of the model.
     """
     plan = plan or plan_model(path, **selection)
+    # One call per run of adjacent chunks: DONTNEED keeps a large folio that straddles the
+    # range's edge, so evicting chunk by chunk would keep one folio per chunk boundary.
+    runs = contiguous_runs(plan.chunks)
     with _OpenFiles(plan) as files:
-        for fd in files.fds:
-            os.fdatasync(fd)
-        # One call per run of adjacent chunks: DONTNEED keeps a large folio that straddles the
-        # range's edge, so evicting chunk by chunk would keep one folio per chunk boundary.
-        for file, runs in contiguous_runs(plan.chunks).items():
-            for start, end in runs:
-                _platform.evict(files.fds[file], start, end - start)
-        return sum(files.resident(plan))
+        for file, fd in enumerate(files.fds):
+            try:
+                _platform.evict_ranges(fd, [(start, end - start) for start, end in runs.get(file, [])])
+            except PlatformError as e:
+                e.path = e.path or files.paths[file]
+                raise
+        left = files.resident(plan)
+        return None if None in left else sum(left)

@@ -22,11 +22,11 @@ from . import _platform
 from ._errors import FileChangedError, WarmpoolError
 from ._plan import contiguous_runs
 from ._progress import WorkerCounter
+from ._strategy import STRATEGIES  # re-exported: the names _ChunkWarmer implements
 
 __all__ = ["FAULT_READAHEAD_MIN", "FAULT_THREADS", "STEP", "STRATEGIES", "Guards", "nonresident_runs", "serve", "worker_main"]
 
 STEP = 8 * 1024 * 1024  # progress grain, and the most one populate/touch/pread call covers
-STRATEGIES = ("populate", "touch", "read", "willneed")
 # From this readahead size up, populate/touch let the kernel's fault readahead read the inside
 # of an extent and keep hints (WILLNEED) for the edges (see Guards).  Hints read 4 KiB folios
 # (force_page_cache_ra); faults read ahead in large ones.  With a small window (FUSE/NFS and
@@ -122,11 +122,12 @@ class _ChunkWarmer:
         self.huge = _platform.huge_folio_size() if strategy in ("populate", "touch") else None
         self.threads: _FaultThreads | None = None
         self.marks = _Marks(paths, self.huge) if self.huge else None
+        self.hidden: set[int] = set()  # files whose mincore vector is made up: trust none of it
 
     def warm(self, fd: int, file: int, offset: int, length: int) -> None:
         """Warm [offset, offset+length); resident pages count as done at once."""
         with _platform.FileWindow(fd, offset, length) as window:
-            vector = window.resident()
+            vector = bytes(-(-length // self.page)) if file in self.hidden else window.resident()
             runs = [(s * self.page, min(e * self.page, length)) for s, e in nonresident_runs(vector)]
             self.counter.add(length - sum(end - start for start, end in runs))
             if not runs:
@@ -163,7 +164,7 @@ class _ChunkWarmer:
         if self.threads is None:
             self.threads = _FaultThreads(FAULT_THREADS)
         self.threads.run(window, [(lo - offset, hi - lo) for lo, hi in blocks], self.strategy, self.counter)
-        if self.marks:
+        if self.marks and file not in self.hidden:  # hidden residency: the "cached" check would lie
             self.marks.add(file, whole_blocks, self.guards._extent(file, offset)[1], _platform.readahead_size(fd))
         return True
 
@@ -187,7 +188,8 @@ class _ChunkWarmer:
     def _warm_run(self, fd: int, window: _platform.FileWindow, rel: int, rel_end: int, hint: bool) -> None:
         if hint:
             # Queue the whole run's reads at once (exact, async), then fault: the faults find the
-            # pages arriving and readahead never spills past the selection (docs/folios.md).
+            # pages arriving and readahead never spills past the selection (docs/design.md,
+            # "Readahead and hints").
             _platform.prefetch(fd, window.offset + rel, rel_end - rel)
         for step in range(rel, rel_end, STEP):
             n = min(STEP, rel_end - step)
@@ -323,13 +325,19 @@ def worker_main(paths: Sequence[str], chunks: Sequence[tuple[int, int, int]], sh
     # Ctrl-C reaches the whole process group; the coordinator decides how to stop, so a worker
     # must not die half-way through a report with a KeyboardInterrupt traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    counter = WorkerCounter.attach(shm_name, slot)
-    fds = _open_files(paths)
-    if strategy == "read":
-        for fd in fds:
-            _platform.advise_random(fd)  # pread reads exactly the range, no readahead past it
+    try:
+        counter = WorkerCounter.attach(shm_name, slot)
+        fds = _open_files(paths)
+        if strategy == "read":
+            for fd in fds:
+                _platform.advise_random(fd)  # pread reads exactly the range, no readahead past it
+        hidden = {file for file, fd in enumerate(fds) if _platform.residency_hidden(fd)}
+    except WarmpoolError as e:
+        _refuse(conn, e)  # e.g. the file vanished between the plan and this open
+        return
     to_warm = chunks if warmed is None else [chunks[i] for i in warmed]
     warmer = _ChunkWarmer(strategy, counter, Guards(to_warm), paths)
+    warmer.hidden = hidden
     try:
         while (index := conn.recv()) is not None:
             file, offset, length = chunks[index]
@@ -347,6 +355,17 @@ def worker_main(paths: Sequence[str], chunks: Sequence[tuple[int, int, int]], sh
         counter.close()
         for fd in fds:
             os.close(fd)
+
+
+def _refuse(conn: Connection, error: WarmpoolError) -> None:
+    """A start-up failure, answered to the first chunk the coordinator hands out: it then raises
+    the error itself (a traceback here would only end as "worker died")."""
+    try:
+        index = conn.recv()
+        if index is not None:
+            conn.send(("error", index, error))
+    except (EOFError, OSError):
+        pass  # the coordinator went away: nothing left to report to
 
 
 def serve(fd: int) -> None:

@@ -3,8 +3,9 @@
 Each subcommand module has a class with ``name``, ``add_arguments(parser)`` and ``run(args)``;
 its docstring is its help.  Only :func:`main` maps errors to exit codes: 0 ok, 1 bad input or
 I/O error (one line on stderr naming the file, a traceback only with ``-v``), 2 usage,
-3 ``status`` below ``--min-resident``, 130 interrupted, 143 terminated.  Heavy imports (numpy,
-tqdm, loguru, gguf) stay out of these modules' top level so that a warm of an already-resident
+3 ``status`` below ``--min-resident``, 4 ``status`` cannot observe residency (the kernel
+hides it), 130 interrupted, 143 terminated.  Heavy imports (numpy, tqdm, gguf) stay out of
+these modules' top level so that a warm of an already-resident
 model answers in well under 0.3 s.
 """
 
@@ -17,13 +18,13 @@ import traceback
 from collections.abc import Sequence
 
 from .._errors import WarmpoolError
-from ._common import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED
+from ._common import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, UsageError
 
 __all__ = ["build_parser", "main"]
 
 
 # In the order ``warmpool --help`` lists them; each module has a ``Command`` class.
-COMMANDS = ("plan", "warm", "status", "evict", "progress")
+COMMANDS = ("plan", "warm", "status", "evict", "progress", "keep", "listing", "run", "fleet")  # listing.py: a module named list would shadow the builtin here
 
 
 def _commands() -> list:
@@ -65,10 +66,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _split_engine(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """``warmpool CMD [options] -- ENGINE ARGS...``: what follows the first ``--`` is the engine's
+    own command line, kept whole (argparse would read its flags as warmpool's)."""
+    if "--" not in argv:
+        return argv, None
+    at = argv.index("--")
+    return argv[:at], argv[at + 1 :]
+
+
 def _main(argv: Sequence[str] | None) -> int:
     parser, commands = build_parser()
+    argv, engine = _split_engine(list(sys.argv[1:] if argv is None else argv))
     try:
         args = parser.parse_args(argv)
+        if engine is not None and not hasattr(args, "engine"):
+            parser.error(f"{args.command} takes no engine command line (nothing after --)")
+        if engine is not None:
+            args.engine = engine
     except SystemExit as e:  # argparse: 0 for --help, 2 for usage errors
         return int(e.code or 0)
     try:
@@ -80,4 +95,4 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.verbose:
             traceback.print_exc()
         print(f"warmpool: {e}", file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_USAGE if isinstance(e, UsageError) else EXIT_ERROR

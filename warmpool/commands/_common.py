@@ -11,9 +11,11 @@ from .._errors import WarmpoolError
 from .._layout import read_layout
 from .._plan import DEFAULT_CHUNK_SIZE, Plan, make_plan
 from .._select import CATEGORIES, Selection, category, moe_overrides, parse_overrides
+from .._strategy import STRATEGIES
 from .._units import parse_size
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_READY, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_HIDDEN = 4  # ``status``: the kernel hides residency for a file of the model
 EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a process it terminated
 
 
@@ -59,26 +61,87 @@ def selection_from(args: argparse.Namespace) -> Selection:
     return Selection(args.n_gpu_layers, overrides=tuple(args.rules)).validate()
 
 
-def add_model_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", nargs="?", help="a GGUF file (any shard of a split model)")
+class UsageError(WarmpoolError):
+    """The command line is incomplete (main exits 2, as for argparse's own usage errors)."""
+
+
+MODEL_HELP = ("a GGUF file (any shard of a split model), a directory holding one, or a store name: "
+              "ollama:NAME[:TAG], hf:ORG/REPO[:QUANT], lmstudio:PUBLISHER/REPO[/FILE], or a bare name "
+              "(tried as Ollama, Hugging Face, LM Studio); after --, the engine's own command line")
+
+
+def add_model_argument(parser: argparse.ArgumentParser, *, many: bool = False) -> None:
+    if many:  # keep: several models (args.model is a list)
+        parser.add_argument("model", nargs="*", help="models: " + MODEL_HELP)
+    else:
+        parser.add_argument("model", nargs="?", help=MODEL_HELP)
     parser.add_argument("--example", action="store_true", help="use the built-in example MoE model (generated once)")
     parser.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK_SIZE, metavar="SIZE", help="largest chunk a worker takes (default 16M)")
     add_selection_arguments(parser)
+    parser.set_defaults(engine=None)
 
 
-def model_path(args: argparse.Namespace) -> str:
+def say(line: str) -> None:
+    print(f"warmpool: {line}", file=sys.stderr)
+
+
+def target(args: argparse.Namespace) -> tuple[str, Selection]:
+    """The model file and the placement the arguments name, worked out once per command: from
+    warmpool's own flags, or from the engine command line after ``--`` (docs/engines.md)."""
+    if getattr(args, "_target", None):
+        return args._target
+    from .._engine_args import recognized
+
+    # MODEL with an engine warmpool cannot read: placement from warmpool's own flags.
+    if args.engine and (recognized(args.engine) or not (args.model or args.example)):
+        from .._engine_args import fit_placement, parse_engine
+
+        if args.n_gpu_layers is not None or args.rules:
+            raise UsageError("placement flags go either to warmpool or in the engine command line after --, not both")
+        command = parse_engine(args.engine)
+        args.engine_command = command
+        given = args.model if isinstance(args.model, list) else [args.model] if args.model else []
+        if len(given) > 1:
+            raise UsageError("one model with an engine command line after --")
+        ref = given[0] if given else command.model
+        if not ref and not args.example:
+            raise UsageError("no model in the engine command line (-m, -hf, LLAMA_ARG_MODEL, --model) and none given")
+        path = model_path(args, ref)
+        notes = list(command.notes)
+        selection = command.selection
+        if selection is None:
+            selection, note = fit_placement(command, path)
+            notes.append(note)
+        for note in notes:
+            say(note)
+        selection.validate()
+    else:
+        selection = selection_from(args)  # a bad flag is reported before the file is read
+        path = model_path(args, args.model)
+    args._target = (path, selection)
+    return args._target
+
+
+def model_path(args: argparse.Namespace, ref: str | None = None) -> str:
+    """The file to read for the model reference, saying which store it was found in."""
     if args.example:
         from ..example import example_model
 
         return str(example_model())
-    if not args.model:
-        raise WarmpoolError("no model given: pass a GGUF path or --example")
-    return args.model
+    ref = ref or args.model
+    if not ref:
+        raise WarmpoolError("no model given: pass a GGUF path, a model name or --example")
+    from .._stores import _resolve
+
+    resolved = _resolve(ref, strict=False)  # a bad path is read_layout's to report
+    if resolved.store != "path":
+        say(f"{resolved.ref}: {resolved.store} model {resolved.name} at {resolved.paths[0]}")
+    return resolved.paths[0]
 
 
 def plan_from(args: argparse.Namespace) -> Plan:
-    selection = selection_from(args)  # a bad flag is reported before the file is read
-    return make_plan(read_layout(model_path(args)), selection, args.chunk_size)
+    path, selection = target(args)
+    return make_plan(read_layout(path), selection, args.chunk_size)
 
 
 def plan_summary(plan: Plan) -> dict:
@@ -145,6 +208,17 @@ class Bar:
         self.stopped.set()
         if self.thread:
             self.thread.join()
+
+
+STRATEGY_CHOICES = ("auto", *STRATEGIES)
+
+
+def add_warm_arguments(parser: argparse.ArgumentParser) -> None:
+    """How a warm reads (warm, keep): workers, strategy, budget, force."""
+    parser.add_argument("--workers", type=int, metavar="N", help="worker processes (default: grow while throughput rises)")
+    parser.add_argument("--strategy", choices=STRATEGY_CHOICES, default="auto", help="how pages are faulted in (default auto: populate where the kernel has it)")
+    parser.add_argument("--budget", type=budget_syntax, metavar="SIZE|PCT", help="most bytes to read, e.g. 8G or 50%%")
+    parser.add_argument("--force", action="store_true", help="ignore the memory budget")
 
 
 def budget_syntax(text: str) -> str:

@@ -21,6 +21,11 @@ class Command:
 
         plan = plan_from(args)
         left = evict(plan.files[0].path, plan=plan)
+        if left is None:
+            from .._warm import HIDDEN
+
+            print(f"evicted {format_bytes(plan.bytes_planned)} selected; what is still resident is unknown: {HIDDEN}")
+            return EXIT_OK
         note = " (pages mapped or locked by running processes stay)" if left else ""
         print(f"evicted {format_bytes(plan.bytes_planned)} selected; {format_bytes(left)} still resident{note}")
         return EXIT_OK

@@ -22,7 +22,10 @@ class Command:
 
     def run(self, args: argparse.Namespace) -> int:
         from .._progress import ProgressView
+        from .._shm import is_unnamed
 
+        if is_unnamed(args.segment):
+            raise ProgressError("an unnamed segment (/dev/shm was unusable): only the warming process can read it", args.segment)
         with ProgressView.attach(args.segment) as view:
             if args.follow:
                 bar = Bar(not args.json)

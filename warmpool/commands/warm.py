@@ -14,14 +14,11 @@ from ._common import (
     EXIT_OK,
     Bar,
     add_model_argument,
-    budget_syntax,
-    model_path,
+    add_warm_arguments,
     plan_from,
     resolve_budget,
-    selection_from,
+    target,
 )
-
-STRATEGY_CHOICES = ("auto", "populate", "touch", "read", "willneed")
 
 
 class Command:
@@ -35,10 +32,7 @@ class Command:
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         add_model_argument(parser)
-        parser.add_argument("--workers", type=int, metavar="N", help="worker processes (default: grow while throughput rises)")
-        parser.add_argument("--strategy", choices=STRATEGY_CHOICES, default="auto", help="how pages are faulted in (default auto: populate where the kernel has it)")
-        parser.add_argument("--budget", type=budget_syntax, metavar="SIZE|PCT", help="most bytes to read, e.g. 8G or 50%%")
-        parser.add_argument("--force", action="store_true", help="ignore the memory budget")
+        add_warm_arguments(parser)
         parser.add_argument("--no-progress", action="store_true", help="no progress bar")
         parser.add_argument("--json", action="store_true", help="print one JSON object")
         parser.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
@@ -61,20 +55,28 @@ class Command:
             _show_cold_start(plan)
         bar = Bar(not (args.no_progress or args.json or args.quiet or args.report_segment) and sys.stderr.isatty())
 
+        reported = []
+
         def on_start(name: str) -> None:
             if args.report_segment:  # tell the detaching parent, then go quiet
                 _report_to_parent(name)
+                reported.append(name)
             bar.start(name)
 
         try:
             result = warm(plan.files[0].path, plan=plan, workers=args.workers, strategy=args.strategy,
-                          budget=budget, force=args.force, on_start=on_start, linger=args.linger)
+                          budget=budget, force=args.force, on_start=on_start, linger=args.linger,
+                          require_name=args.report_segment)
+        except WarmpoolError as e:
+            if args.report_segment and not reported:  # the parent prints why, as its one line
+                _report_to_parent(f"! {e}")
+            raise
         finally:
             bar.stop()
         if args.report_segment:
             _report_to_parent(f"- {result.reason}")
         if args.json:
-            print(json.dumps(result._asdict()))
+            print(json.dumps(result.to_dict()))
         elif not args.quiet:
             print(result.summary())
         return EXIT_OK
@@ -87,7 +89,8 @@ def _show_cold_start(plan) -> None:
     evict(plan.files[0].path, plan=plan)
     before = residency(plan.files[0].path, plan=plan)
     print(f"example    {plan.files[0].path}")
-    print(f"           evicted; {before.resident_fraction:.1%} of {format_bytes(before.bytes_selected)} selected resident before the warm")
+    share = "unknown" if before.resident_fraction is None else f"{before.resident_fraction:.1%}"
+    print(f"           evicted; {share} of {format_bytes(before.bytes_selected)} selected resident before the warm")
 
 
 def _report_to_parent(line: str) -> None:
@@ -104,8 +107,8 @@ def _report_to_parent(line: str) -> None:
 
 def _detach(args: argparse.Namespace) -> int:
     """Start the same warm in a new session and print its segment name when it has one."""
-    selection = selection_from(args)
-    argv = ["warm", os.path.abspath(model_path(args)), "--chunk-size", str(args.chunk_size), "--strategy", args.strategy]
+    path, selection = target(args)
+    argv = ["warm", os.path.abspath(path), "--chunk-size", str(args.chunk_size), "--strategy", args.strategy]
     if selection.n_gpu_layers is not None:
         argv += ["-ngl", str(selection.n_gpu_layers)]
     argv += [f"--override-tensor={pattern}={buft}" for pattern, buft in selection.rules]  # order kept
@@ -120,6 +123,9 @@ def _detach(args: argparse.Namespace) -> int:
     if not line:
         code = child.wait()
         raise WarmpoolError(f"the detached warm exited with status {code} before starting (run it without --detach to see why)")
+    if line.startswith("! "):
+        child.wait()
+        raise WarmpoolError(f"cannot detach: {line[2:]} (a detached warm needs a named segment that `warmpool progress` can open)")
     if line.startswith("- "):
         print(f"nothing to warm in the background: {line[2:]}", file=sys.stderr)
         return EXIT_OK

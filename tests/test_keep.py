@@ -1,0 +1,147 @@
+"""The keeper in-process (``warmpool.Keeper``): real page cache, real worker processes, real
+reclaim out of its mapping, a real replaced file.  The command is in test_keep_cli.py.
+
+Each test works on a private copy of the test model, so evicting it disturbs no other test.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+
+import pytest
+
+from conftest import evict_file, resident_fraction
+from warmpool import Keeper, evict, plan_model
+from warmpool.example import TINY, write_moe_gguf
+
+pytestmark = pytest.mark.pagecache
+
+INTERVAL = 0.5
+
+
+def _fraction_within(path, deadline_s: float, want: float = 0.99) -> tuple[float, float]:
+    """(fraction, seconds) once ``path`` is ``want`` resident, or at the deadline."""
+    start = time.monotonic()
+    while True:
+        fraction = resident_fraction(path)
+        elapsed = time.monotonic() - start
+        if fraction >= want or elapsed >= deadline_s:
+            return fraction, elapsed
+        time.sleep(0.02)
+
+
+def _events() -> tuple[list[dict], callable]:
+    seen: list[dict] = []
+    return seen, seen.append
+
+
+# -- in-process keeper --------------------------------------------------------------------
+
+
+def test_evicted_pages_back_within_two_intervals(private_model):
+    evict_file(private_model)
+    events, on_event = _events()
+    with Keeper([private_model], interval=INTERVAL, hold="none", on_event=on_event) as keeper:
+        assert keeper.wait_warm(30)
+        assert resident_fraction(private_model) >= 0.99
+        for k in (1, 2):  # twice: the keeper keeps at it, not once
+            assert evict(private_model) < 0.05 * os.path.getsize(private_model)
+            assert resident_fraction(private_model) < 0.05
+            fraction, took = _fraction_within(private_model, 2 * INTERVAL)
+            assert fraction >= 0.99, f"{fraction:.1%} resident {took:.2f} s after the eviction"
+            deadline = time.monotonic() + INTERVAL
+            while keeper.status()[0]["rewarms_total"] < k and time.monotonic() < deadline:
+                time.sleep(0.02)  # the pages are back; the keeper is finishing its books
+        row = keeper.status()[0]
+    assert row["rewarms_total"] >= 2
+    assert row["bytes_rewarmed_total"] >= 2 * 0.95 * row["bytes_selected"]
+    assert [e["event"] for e in events][:2] == ["started", "warmed"]
+    assert "rewarmed" in {e["event"] for e in events} and events[-1]["event"] == "stopped"
+
+
+MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim these pages now, as memory pressure would
+
+
+def test_reclaimed_from_the_held_mapping_comes_back(private_model):
+    """The default hold: the kernel reclaims pages out of the keeper's own mapping (MADV_PAGEOUT
+    unmaps and frees them, as reclaim does); the keeper reads them in and maps them again."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    with Keeper([private_model], interval=INTERVAL) as keeper:
+        assert keeper.wait_warm(30)
+        assert evict(private_model) > 0.99 * os.path.getsize(private_model) - 8192  # mapped: DONTNEED spares them
+        for _, _, held in keeper.models[0].held:
+            if libc.madvise(held.address, held.length, MADV_PAGEOUT) != 0:
+                pytest.skip(f"MADV_PAGEOUT refused here (errno {ctypes.get_errno()}): cannot reclaim on demand")
+        assert resident_fraction(private_model) < 0.5
+        fraction, took = _fraction_within(private_model, 2 * INTERVAL)
+        assert fraction >= 0.99, f"{fraction:.1%} resident {took:.2f} s after the reclaim"
+        mapped = b"".join(held.resident() for _, _, held in keeper.models[0].held)
+        assert mapped.count(1) >= 0.99 * len(mapped)
+
+
+def test_replaced_and_deleted_model_file(private_model, tmp_path):
+    events, on_event = _events()
+    replacement = tmp_path / "new.gguf"
+    write_moe_gguf(replacement, TINY, seed=7)
+    new_selected = plan_model(replacement).bytes_planned
+    with Keeper([private_model], interval=INTERVAL, on_event=on_event) as keeper:
+        assert keeper.wait_warm(30)
+        old_selected = keeper.status()[0]["bytes_selected"]
+        assert old_selected != new_selected
+        os.unlink(private_model)  # deleted (an engine upgrade removes the old file first)
+        deadline = time.monotonic() + 4 * INTERVAL
+        while keeper.status()[0]["state"] != "missing" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        row = keeper.status()[0]
+        assert row["state"] == "missing" and row["bytes_resident"] is None and not keeper.ready()
+        os.replace(replacement, private_model)  # the new file appears under the same name
+        deadline = time.monotonic() + 6 * INTERVAL
+        while not keeper.ready() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        row = keeper.status()[0]
+        assert keeper.ready() and row["bytes_selected"] == new_selected, row
+        assert keeper._thread.is_alive()
+    replaced = [e for e in events if e["event"] == "replaced"]
+    assert replaced[0]["deleted"] and not replaced[0]["replanned"]
+    assert replaced[-1]["replanned"] and replaced[-1]["bytes_selected"] == new_selected
+    assert not [e for e in events if e["event"] == "error"]
+
+
+def test_budget_backs_off_and_is_not_ready(private_model):
+    """A budget smaller than the selection: warm what fits, report, back off, /ready false."""
+    evict_file(private_model)
+    events, on_event = _events()
+    with Keeper([private_model], interval=INTERVAL, hold="none", budget=8 << 20, on_event=on_event,
+                min_resident=0.99) as keeper:
+        assert keeper.wait_warm(30)
+        time.sleep(3 * INTERVAL)
+        row = keeper.status()[0]
+        assert not keeper.ready()
+        assert row["resident_fraction"] is not None and row["resident_fraction"] < 0.5
+    backoffs = [e for e in events if e["event"] == "backoff"]
+    assert backoffs and "exceeds the --budget" in backoffs[0]["reason"], events
+
+
+def test_engine_adapter_keeps_what_it_warmed(private_model):
+    from engine_adapter import start_warmup
+
+    evict_file(private_model)
+    events, on_event = _events()
+    with start_warmup(private_model, cpu_moe=True) as warmup:
+        with warmup.keep(interval=INTERVAL, hold="none", on_event=on_event) as keeper:
+            assert warmup.result is not None and warmup.result.bytes_warmed > 0
+            assert keeper.wait_warm(30) and keeper.ready()
+            selected = keeper.status()[0]["bytes_selected"]
+            assert selected == warmup.result.bytes_selected  # the same selection (--cpu-moe)
+            warmed = next(e for e in events if e["event"] == "warmed")
+            assert warmed["bytes_warmed"] == 0  # the warm-up had read it all already
+            assert evict(private_model, cpu_moe=True) < 0.05 * selected
+            deadline = time.monotonic() + 2 * INTERVAL
+            while not keeper.status()[0]["rewarms_total"] and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert keeper.ready() and keeper.status()[0]["rewarms_total"] == 1, keeper.status()
+            assert resident_fraction(private_model) > 0.5  # the experts are most of the file
+    assert any(e["event"] == "rewarmed" for e in events)

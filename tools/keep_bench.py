@@ -1,0 +1,281 @@
+"""A lazy engine serving a request every N seconds for minutes: without warmpool, after a
+one-shot warm, with ``warmpool keep``, with ``warmpool keep --lock``.
+
+    python tools/keep_bench.py [--seconds 180] [--every 5] [--tokens 1] [--configs none,oneshot,keep,keep-lock]
+
+The engine is tools/engine_sim.py's simulated CPU-MoE engine (plain lazy ``mmap``, no
+pre-fault) on a private copy of the ~1.76 GB synthetic qwen3moe (``warmpool.example.BENCH``:
+16 layers, top-8 of 64 experts), generated once into ``~/.cache/warmpool/keep-bench`` (other
+tools evict their own copy; this one must not be disturbed mid-run).  Request ``i`` routes with
+seed ``i`` through a skewed router (``--skew``: a few experts are routed often, most rarely, as
+in real MoE models), so each request reaches some experts no earlier request touched: those
+pages were warmed at the start and since then mapped by nobody but a keeper, which is what the
+proactive reclaim on our VMs takes (docs/keep.md).  Each request is followed at once by
+the same request in a twin engine: its own lazy mapping of the file that has served the same
+requests, so it pays the same page-table set-up (minor faults, which a lazy engine pays the first
+time it touches a page however warm the cache is) but finds the page cache warm: that is the
+request's steady time, and load from other jobs moves both alike.  The same request a third time
+in the engine's own mapping (every page mapped) is shown as "hot".  Per configuration, one after another from an evicted file:
+
+* request time p50/p99 as a multiple of steady (paired per request) and in ms;
+* bytes the engine read from disk (its /proc/self/io read_bytes) and bytes the keeper re-read
+  (its ``rewarmed`` events); the engine's major faults;
+* the keeper's CPU share (its own and its reaped workers' CPU time over the wall time) and peak
+  RssAnon of the keeper plus any live worker, sampled before every request;
+* the model's resident fraction at the end, and the 1-minute load average before and after.
+
+Prints a table, one JSON line per configuration and a last JSON line with all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+TOOLS = Path(__file__).resolve().parent
+ROOT = TOOLS.parent
+sys.path[:0] = [str(ROOT), str(TOOLS)]
+
+import numpy as np  # noqa: E402
+from engine_sim import MoeEngine  # noqa: E402
+from first_request import resident  # noqa: E402
+
+from warmpool import _platform  # noqa: E402
+from warmpool.example import BENCH, model_nbytes, write_moe_gguf  # noqa: E402
+
+CONFIGS = ("none", "oneshot", "keep", "keep-lock")
+MODEL_NAME = "keep-bench-qwen3moe-v1.gguf"
+
+
+def bench_model(directory: str | None) -> Path:
+    base = Path(directory or Path.home() / ".cache" / "warmpool" / "keep-bench")
+    base.mkdir(parents=True, exist_ok=True)
+    path = base / MODEL_NAME
+    if not path.exists() or path.stat().st_size != model_nbytes(BENCH):
+        print(f"generating {path} ({model_nbytes(BENCH) / 1e9:.2f} GB, once) ...", file=sys.stderr)
+        write_moe_gguf(path, BENCH)
+    return path
+
+
+def loadavg() -> float:
+    with open("/proc/loadavg") as f:
+        return float(f.read().split()[0])
+
+
+def read_bytes(pid: int | str = "self") -> int:
+    with open(f"/proc/{pid}/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("read_bytes:"))
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the process and of its children it has waited for (the workers)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_anon_tree(pid: int) -> int:
+    """RssAnon (bytes) of a process and its live children."""
+    import psutil
+
+    total = 0
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    for p in procs:
+        try:
+            with open(f"/proc/{p.pid}/status") as f:
+                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
+        except (OSError, StopIteration):
+            pass
+    return total
+
+
+class Keeper:
+    """``warmpool keep MODEL --json`` in a child process, its events collected."""
+
+    def __init__(self, path: Path, lock: bool, interval: float) -> None:
+        argv = [sys.executable, "-m", "warmpool", "keep", str(path), "--json", "--interval", str(interval)]
+        self.proc = subprocess.Popen(argv + (["--lock"] if lock else []), stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        self.events: queue.Queue = queue.Queue()
+        self.seen: list[dict] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        self.wait_for("locked" if lock else "warmed")
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.events.put(json.loads(line))
+
+    def wait_for(self, kind: str, timeout: float = 300) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            event = self.events.get(timeout=max(deadline - time.monotonic(), 0.01))
+            self.seen.append(event)
+            if event["event"] == kind:
+                return event
+
+    def drain(self) -> list[dict]:
+        while True:
+            try:
+                self.seen.append(self.events.get_nowait())
+            except queue.Empty:
+                return self.seen
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(10)
+        time.sleep(0.1)
+        self.drain()
+        return code
+
+
+def run_config(name: str, path: Path, seconds: float, every: float, tokens: int, interval: float, skew: float) -> dict:
+    _platform.evict_file(path)
+    load_before = loadavg()
+    cold = resident(path)
+    keeper = None
+    prep_start = time.monotonic()
+    if name == "oneshot":
+        subprocess.run([sys.executable, "-m", "warmpool", "warm", str(path), "--quiet", "--no-progress"], check=True, cwd=ROOT)
+    elif name.startswith("keep"):
+        keeper = Keeper(path, lock=name == "keep-lock", interval=interval)
+    prep = time.monotonic() - prep_start
+    start_wall = time.monotonic()
+    cpu0 = cpu_seconds(keeper.proc.pid) if keeper else 0.0
+    rows, rss_peak = [], 0
+    engine_read0 = read_bytes()
+    with MoeEngine(path, skew=skew) as engine, MoeEngine(path, skew=skew) as twin:
+        start = time.monotonic()
+        i = 0
+        while True:
+            due = start + i * every
+            if due - start > seconds:
+                break
+            time.sleep(max(due - time.monotonic(), 0))
+            if keeper:
+                rss_peak = max(rss_peak, rss_anon_tree(keeper.proc.pid))
+            engine.seed = twin.seed = 1000 + i
+            majflt0 = _majflt()
+            t0 = time.perf_counter()
+            engine.request(tokens)
+            t1 = time.perf_counter()
+            majflt = _majflt() - majflt0
+            twin.request(tokens)  # same request, same mapping history, page cache now warm
+            t2 = time.perf_counter()
+            engine.request(tokens)  # again in the engine's own mapping: every page mapped
+            t3 = time.perf_counter()
+            rows.append({"t": round(due - start, 1), "first_s": t1 - t0, "steady_s": t2 - t1, "hot_s": t3 - t2,
+                         "majflt": majflt})
+            i += 1
+    engine_read = read_bytes() - engine_read0
+    wall = time.monotonic() - start_wall
+    result = {"config": name, "requests": len(rows), "seconds": round(wall, 1), "every_s": every, "tokens": tokens, "skew": skew,
+              "cold_fraction_at_start": round(cold, 4), "prep_s": round(prep, 2)}
+    if keeper:
+        cpu = cpu_seconds(keeper.proc.pid) - cpu0
+        rss_peak = max(rss_peak, rss_anon_tree(keeper.proc.pid))
+        locked = next((e for e in keeper.drain() if e["event"] == "locked"), None)
+        result.update(keeper_cpu_share=round(cpu / wall, 5), keeper_cpu_s=round(cpu, 3),
+                      keeper_rss_anon_peak_mb=round(rss_peak / 2**20, 1),
+                      bytes_locked=locked["bytes_locked"] if locked else None)
+    result["resident_fraction_end"] = round(resident(path), 4)
+    if keeper:
+        result["keeper_exit"] = keeper.stop()
+        events = keeper.seen
+        result["keeper_bytes_rewarmed"] = sum(e.get("bytes_rewarmed", 0) for e in events if e["event"] == "rewarmed")
+        result["keeper_rewarms"] = sum(1 for e in events if e["event"] == "rewarmed")
+    ratios = np.array([r["first_s"] / r["steady_s"] for r in rows])
+    hot = np.array([r["first_s"] / r["hot_s"] for r in rows])
+    firsts = np.array([r["first_s"] for r in rows])
+    steadies = np.array([r["steady_s"] for r in rows])
+    result.update(
+        p50_x_steady=round(float(np.percentile(ratios, 50)), 3), p99_x_steady=round(float(np.percentile(ratios, 99)), 3),
+        max_x_steady=round(float(ratios.max()), 3),
+        p50_x_hot=round(float(np.percentile(hot, 50)), 3), p99_x_hot=round(float(np.percentile(hot, 99)), 3),
+        p50_ms=round(float(np.percentile(firsts, 50)) * 1e3, 1), p99_ms=round(float(np.percentile(firsts, 99)) * 1e3, 1),
+        steady_median_ms=round(float(np.median(steadies)) * 1e3, 1),
+        engine_bytes_read=engine_read, engine_majflt=int(sum(r["majflt"] for r in rows)),
+        slow_requests=int((ratios > 1.2).sum()),
+        load_before=load_before, load_after=loadavg(),
+        per_request=[[r["t"], round(r["first_s"] * 1e3, 1), round(r["steady_s"] * 1e3, 1), round(r["hot_s"] * 1e3, 1),
+                      r["majflt"]] for r in rows],
+    )
+    return result
+
+
+def _warm_up_python() -> None:
+    """One request on a tiny model first: numpy's first calls in a process cost tens of ms,
+    which would otherwise land on the first configuration's first request."""
+    import tempfile
+
+    from warmpool.example import TINY
+
+    with tempfile.TemporaryDirectory() as d:
+        write_moe_gguf(Path(d) / "tiny.gguf", TINY)
+        with MoeEngine(Path(d) / "tiny.gguf") as engine:
+            engine.request(2)
+
+
+def _majflt() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_majflt
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=180, help="length of each configuration's run (default 180)")
+    ap.add_argument("--every", type=float, default=5, help="seconds between requests (default 5)")
+    ap.add_argument("--tokens", type=int, default=1, help="tokens per request (default 1)")
+    ap.add_argument("--interval", type=float, default=10, help="the keeper's --interval (default 10)")
+    ap.add_argument("--skew", type=float, default=1.0, help="router skew (engine_sim): 0 uniform; 1 (default) leaves "
+                    "~30%% of experts untouched after 37 requests and reaches new ones throughout")
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--model-dir", default=None)
+    ap.add_argument("--json-out", default=None, help="also append the JSON lines to this file")
+    args = ap.parse_args(argv)
+    path = bench_model(args.model_dir)
+    configs = args.configs.split(",")
+    if "keep-lock" in configs and os.geteuid() != 0 and shutil.which("true"):
+        print("note: keep-lock without root locks only RLIMIT_MEMLOCK's worth", file=sys.stderr)
+    print(f"model {path} ({path.stat().st_size / 1e9:.2f} GB); a request ({args.tokens} token, router skew {args.skew:g}) every {args.every:g} s "
+          f"for {args.seconds:g} s per configuration; keeper --interval {args.interval:g}; cpus {os.cpu_count()}", flush=True)
+    _warm_up_python()
+    results = []
+    for name in configs:
+        r = run_config(name, path, args.seconds, args.every, args.tokens, args.interval, args.skew)
+        results.append(r)
+        brief = {k: v for k, v in r.items() if k != "per_request"}
+        print(json.dumps(brief), flush=True)
+        if args.json_out:
+            with open(args.json_out, "a") as f:
+                f.write(json.dumps(r) + "\n")
+    print()
+    head = f"{'config':<10} {'p50 x':>6} {'p99 x':>6} {'max x':>6} {'p50 ms':>7} {'p99 ms':>7} {'steady':>7} {'hot x':>6} {'slow':>5} " \
+           f"{'disk MB':>8} {'rewarm MB':>9} {'cpu %':>6} {'RssAnon':>8} {'end res':>7} {'load':>9}"
+    print(head)
+    for r in results:
+        print(f"{r['config']:<10} {r['p50_x_steady']:>6.2f} {r['p99_x_steady']:>6.2f} {r['max_x_steady']:>6.2f} "
+              f"{r['p50_ms']:>7.1f} {r['p99_ms']:>7.1f} {r['steady_median_ms']:>7.1f} {r['p50_x_hot']:>6.1f} {r['slow_requests']:>5} "
+              f"{r['engine_bytes_read'] / 1e6:>8.1f} {r.get('keeper_bytes_rewarmed', 0) / 1e6:>9.1f} "
+              f"{100 * r.get('keeper_cpu_share', 0):>6.2f} {r.get('keeper_rss_anon_peak_mb', 0):>6.1f}MB "
+              f"{r['resident_fraction_end']:>7.1%} {r['load_before']:>4.1f}/{r['load_after']:<4.1f}")
+    print("x: a request's time over steady, the same request right after in a twin engine (its own lazy mapping, same"
+          " request history, so the same page-table set-up) when the page cache is warm; slow: requests over 1.2x;"
+          " disk MB: the engine's own reads; rewarm MB: the keeper's; load: 1-min load average before/after")
+    print(json.dumps({"keep_bench": [{k: v for k, v in r.items() if k != "per_request"} for r in results]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

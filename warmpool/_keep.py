@@ -1,0 +1,284 @@
+"""The keeper: warm once, then keep the selection resident for as long as an engine runs.
+
+One background thread per keeper.  It warms each model with the ordinary warm (same pool,
+policy and progress segment), then holds the selection (``hold``: a mapping of its own whose
+pages are mapped, see docs/keep.md for why that is what keeps them here) and, if asked, mlocks
+it in plan order.  Every ``interval`` it asks the kernel per chunk what is still resident
+(cachestat, mincore where the kernel lacks it), re-warms evicted chunks through the same
+``warm`` restricted to them (real faults in worker processes, never a WILLNEED hint, which
+lands on the inactive list and is reclaimed first), and re-maps them.  It backs off instead of
+fighting the kernel when memory is really short (PSI) or the budget says no.  A model file
+replaced or deleted while kept is reported and re-planned from the new file.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from . import _platform
+from ._errors import CancelledError, FileChangedError, WarmpoolError
+from ._kept import KeptModel, identity
+from ._plan import Plan
+
+__all__ = ["HOLD_MODES", "Keeper", "PSI_BACKOFF"]
+
+HOLD_MODES = ("map", "touch", "none")
+# PSI memory "some" avg10 (percent) from which re-warming is postponed: at that level tasks
+# already stall on memory a tenth of the time, and our reads would only evict someone else's.
+PSI_BACKOFF = 10.0
+BACKOFF_MAX = 32  # at most this many intervals between tries while backing off
+UNDONE_LIMIT = 3  # consecutive checks that re-warm the same chunks before backing off
+_POLL = 0.1  # how often the thread looks at the stop flag and --for-pid while it waits
+
+
+class Keeper:
+    """Keep the selection of one or more models resident while an engine runs.
+
+    ``models`` are paths (or plans); ``**selection`` takes llama.cpp's flags as ``warm`` does.
+    ``hold`` chooses how pages are kept from looking idle between checks: ``map`` (default) holds
+    a populated mapping, ``touch`` also reads one byte per page every interval, ``none`` only
+    checks and re-warms.  ``on_warm_start(segment)`` is called when a first warm starts its
+    workers (a progress bar reads the segment); ``for_pid`` ends the keeper when that process
+    does.  Events go to ``on_event`` as dicts with an ``"event"`` key.
+    """
+
+    def __init__(self, models: Sequence[str | os.PathLike | Plan], *, interval: float = 10.0,
+                 lock: bool = False, min_resident: float = 0.99, listen: str | None = None,
+                 workers: int | None = None, strategy: str = "auto", budget: int | None = None,
+                 force: bool = False, on_event: Callable[[dict], None] | None = None,
+                 hold: str = "map", for_pid: int | None = None,
+                 on_warm_start: Callable[[str], None] | None = None, **selection) -> None:
+        from ._warm import plan_model
+
+        if interval <= 0:
+            raise WarmpoolError(f"interval must be positive, got {interval}")
+        if not 0 <= min_resident <= 1:
+            raise WarmpoolError(f"min_resident must be in [0, 1], got {min_resident}")
+        if hold not in HOLD_MODES:
+            raise WarmpoolError(f"hold must be one of {', '.join(HOLD_MODES)}, got {hold!r}")
+        if not models:
+            raise WarmpoolError("no model to keep")
+        self.interval, self.lock, self.min_resident, self.hold = interval, lock, min_resident, hold
+        self.workers, self.strategy, self.budget, self.force = workers, strategy, budget, force
+        self.for_pid, self.on_warm_start, self._on_event = for_pid, on_warm_start, on_event
+        self.models: list[KeptModel] = []
+        for source in models:
+            plan = source if isinstance(source, Plan) else plan_model(source, **selection)
+            self.models.append(KeptModel(plan, plan.files[0].path if isinstance(source, Plan) else os.fspath(source)))
+        self._listen = listen
+        self._server = None
+        self._stop = threading.Event()
+        self._warm_done = threading.Event()
+        self._finished = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.check_observers: list[Callable[[float], None]] = []
+        self.exit_reason: str | None = None
+
+    # -- public --------------------------------------------------------------------------
+
+    def start(self) -> Keeper:
+        if self._thread is not None:
+            return self
+        if self._listen is not None:
+            from ._keep_http import serve
+
+            self._server = serve(self, self._listen)  # binds now: a taken port is the caller's error
+        self._emit("started", models=[m.path for m in self.models], interval=self.interval, lock=self.lock,
+                   hold=self.hold, address=self.address and f"{self.address[0]}:{self.address[1]}")
+        self._thread = threading.Thread(target=self._run, name="warmpool-keeper", daemon=True)
+        self._thread.start()
+        return self
+
+    def wait_warm(self, timeout: float | None = None) -> bool:
+        """True once the first warm of every model finished (or the keeper ended)."""
+        return self._warm_done.wait(timeout)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once the keeper ended (stopped, or the ``for_pid`` process exited)."""
+        return self._finished.wait(timeout)
+
+    def status(self) -> list[dict]:
+        return [m.row() for m in self.models]
+
+    def ready(self) -> bool:
+        rows = self.status()
+        return all(r["resident_fraction"] is not None and r["resident_fraction"] >= self.min_resident for r in rows)
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        return self._server.server_address[:2] if self._server is not None else None
+
+    def stop(self, timeout: float = 3.0) -> None:
+        """Stop checking, cancel a running warm, release locks and mappings, close the port."""
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if thread is None or not thread.is_alive():
+            self._release_all()  # the thread did it already; this covers a keeper never started
+        if not self._finished.is_set():
+            self._finished.set()
+            self._warm_done.set()
+            if thread is not None:  # a keeper that never started has nothing to report
+                self._emit("stopped", reason=self.exit_reason or "stopped")
+
+    def __enter__(self) -> Keeper:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- the thread ----------------------------------------------------------------------
+
+    def _emit(self, event: str, **fields) -> None:
+        if self._on_event is not None:
+            try:
+                self._on_event({"event": event, "time": round(time.time(), 3), **fields})
+            except Exception:  # noqa: BLE001 - a caller's callback must not stop the keeper
+                pass
+
+    def _run(self) -> None:
+        try:
+            for model in self.models:
+                if self._stop.is_set():
+                    return
+                self._guard(model, lambda m=model: self._first_warm(m))
+            self._warm_done.set()
+            while not self._wait(self.interval):
+                for model in self.models:
+                    if self._stop.is_set():
+                        break
+                    if model.state == "missing" or not model.warmed:
+                        self._guard(model, lambda m=model: self._first_warm(m))
+                    else:
+                        self._guard(model, lambda m=model: self._check(m))
+        finally:
+            self._warm_done.set()
+            self._release_all()
+            if self.exit_reason is not None:  # ended on its own (--for-pid): say so once
+                self._finished.set()
+                self._emit("stopped", reason=self.exit_reason)
+
+    def _wait(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``; True when the keeper should end."""
+        deadline = time.monotonic() + seconds
+        while True:
+            if self.for_pid is not None and not _platform.pid_alive(self.for_pid):
+                self.exit_reason = f"process {self.for_pid} exited"
+                self._stop.set()
+            left = deadline - time.monotonic()
+            if self._stop.is_set() or left <= 0:
+                return self._stop.is_set()
+            self._stop.wait(min(_POLL, left))
+
+    def _guard(self, model: KeptModel, step: Callable[[], None]) -> None:
+        """Run one step; a replaced file re-plans, any other failure is reported, never fatal."""
+        try:
+            step()
+        except CancelledError:
+            pass
+        except FileChangedError:
+            self._replaced(model)
+        except (WarmpoolError, OSError) as e:
+            if identity(model.path) != (model.identity[0] if model.identity else None):
+                self._replaced(model)
+            else:
+                self._emit("error", model=model.name, message=str(e))
+        except Exception as e:  # noqa: BLE001 - a service survives what it can and says so
+            self._emit("error", model=model.name, message=f"{type(e).__name__}: {e}")
+
+    def _first_warm(self, model: KeptModel) -> None:
+        if model.state == "missing":
+            if identity(model.path) is None:
+                return  # still gone: try again next interval
+            model.replan()
+            self._emit("replaced", model=model.name, path=model.path, replanned=True,
+                       bytes_selected=model.plan.bytes_planned)
+        model.release()
+        model.note_identity()
+        model.set(state="warming")
+        result = self._warm(model, model.plan, self.on_warm_start if not model.warmed else None)
+        model.hold(mapped=self.hold != "none" or self.lock)
+        model.warmed = True
+        model.measure()
+        model.set(state="kept")
+        self._emit("warmed", model=model.name, bytes_selected=result.bytes_selected,
+                   bytes_warmed=result.bytes_warmed, seconds=round(result.seconds, 3), workers=result.workers,
+                   reason=result.reason, resident_fraction=model.row()["resident_fraction"])
+        if self.lock:
+            self._emit("locked", **model.lock())
+
+    def _warm(self, model: KeptModel, plan: Plan, on_start=None):
+        from ._warm import warm
+
+        return warm(model.path, plan=plan, workers=self.workers, strategy=self.strategy, budget=self.budget,
+                    force=self.force, on_start=on_start, should_stop=self._stop)
+
+    def _check(self, model: KeptModel) -> None:
+        if model.changed():
+            raise FileChangedError("the model file was replaced or deleted while kept", model.path)
+        started = time.perf_counter()
+        model.measure()
+        seconds = time.perf_counter() - started
+        for observe in self.check_observers:
+            observe(seconds)
+        if self.hold == "touch":
+            model.touch_all()
+        if model.hidden:
+            return  # nothing to compare against: unknown is not cold
+        evicted = model.cold_chunks()
+        if not evicted:
+            model.undone = model.backoff_steps = 0
+            return
+        if time.monotonic() < model.backoff_until:
+            return
+        why = self._backoff_reason(model, evicted)
+        if why is None:
+            self._rewarm(model, evicted)
+            return
+        model.backoff_steps = min(max(model.backoff_steps * 2, 1), BACKOFF_MAX)
+        model.backoff_until = time.monotonic() + model.backoff_steps * self.interval
+        model.set(state="backoff")
+        self._emit("backoff", model=model.name, reason=why, seconds=round(model.backoff_steps * self.interval, 3),
+                   bytes_cold=sum(model.plan.chunks[i].length - model.chunk_resident[i] for i in evicted))
+
+    def _backoff_reason(self, model: KeptModel, evicted: list[int]) -> str | None:
+        pressure = _platform.memory_pressure()
+        if pressure is not None and pressure >= PSI_BACKOFF:
+            return f"memory pressure: PSI some avg10 {pressure:.1f}% >= {PSI_BACKOFF:.0f}%"
+        model.undone = model.undone + 1 if model.last_rewarmed & set(evicted) else 0
+        if model.undone >= UNDONE_LIMIT:
+            model.undone = 0
+            return f"the last {UNDONE_LIMIT} re-warms were undone by the kernel"
+        return None
+
+    def _rewarm(self, model: KeptModel, evicted: list[int]) -> None:
+        sub = model.plan._replace(chunks=tuple(model.plan.chunks[i] for i in evicted))
+        result = self._warm(model, sub)
+        model.remap(evicted)
+        model.measure()
+        rewarmed = result.bytes_warmed or 0  # what the warm measured it read in (None: unknown)
+        model.set(bytes_rewarmed_total=model.bytes_rewarmed_total + rewarmed, rewarms_total=model.rewarms_total + 1,
+                  state="kept", last_rewarmed=frozenset(evicted))
+        self._emit("rewarmed", model=model.name, chunks=len(evicted), bytes_rewarmed=rewarmed,
+                   seconds=round(result.seconds, 3), reason=result.reason, resident_fraction=model.row()["resident_fraction"])
+        if result.bytes_left_cold and "exceeds" in result.reason:
+            self._emit("backoff", model=model.name, reason=result.reason, seconds=round(self.interval, 3),
+                       bytes_cold=result.bytes_left_cold)
+
+    def _replaced(self, model: KeptModel) -> None:
+        gone = identity(model.path) is None
+        model.release()
+        model.set(state="missing", bytes_resident=None, chunk_resident=[])
+        self._emit("replaced", model=model.name, path=model.path, deleted=gone, replanned=False)
+
+    def _release_all(self) -> None:
+        for model in self.models:
+            model.release()

@@ -1,0 +1,144 @@
+"""``warmpool keep``: warm, then keep the selection resident for as long as an engine runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+
+from .._errors import WarmpoolError
+from .._units import format_bytes
+from ._common import (
+    EXIT_OK,
+    Bar,
+    add_model_argument,
+    add_warm_arguments,
+    plan_from,
+    resolve_budget,
+    selection_from,
+)
+
+
+class Command:
+    """Warm the selection, then keep it resident: check every --interval, re-warm what the
+    kernel evicted, optionally mlock it (--lock), serve /metrics, /ready and /status (--listen).
+
+    Runs until SIGTERM/SIGINT (exit 0) or until the --for-pid process ends.
+    """
+
+    name = "keep"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        add_model_argument(parser, many=True)
+        add_warm_arguments(parser)
+        parser.add_argument("--interval", type=float, default=10.0, metavar="SECONDS", help="seconds between residency checks (default 10)")
+        parser.add_argument("--lock", action="store_true", help="mlock the selection in plan order (as much as RLIMIT_MEMLOCK allows without CAP_IPC_LOCK)")
+        parser.add_argument("--hold", choices=("map", "touch", "none"), default="map", help="how pages are kept from looking idle: map (default) holds a populated mapping, touch also reads a byte per page every interval, none only re-warms")
+        parser.add_argument("--listen", metavar="HOST:PORT", help="serve GET /metrics, /ready and /status")
+        parser.add_argument("--min-resident", type=float, default=0.99, metavar="F", help="/ready answers 200 from this resident fraction (default 0.99)")
+        parser.add_argument("--for-pid", type=int, metavar="PID", help="exit 0 when this process ends")
+        parser.add_argument("--no-progress", action="store_true", help="no progress bar for the first warm")
+        parser.add_argument("--json", action="store_true", help="print one JSON event per line")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from .. import _platform
+        from .._keep import Keeper
+        from .._log import enable_cli_logging
+
+        enable_cli_logging(getattr(args, "verbose", False))
+        if args.workers is not None and args.workers < 1:
+            raise WarmpoolError(f"--workers must be at least 1, got {args.workers}")
+        if args.for_pid is not None and not _platform.pid_alive(args.for_pid):
+            raise WarmpoolError(f"--for-pid {args.for_pid}: no such process")
+        if not 0 <= args.min_resident <= 1:
+            raise WarmpoolError(f"--min-resident must be in [0, 1], got {args.min_resident}")
+        models = [] if args.engine else _models(args)
+        bars: list[Bar] = []
+        tty = not (args.no_progress or args.json) and sys.stderr.isatty()
+
+        def on_warm_start(segment: str) -> None:
+            for bar in bars:
+                bar.stop()
+            bars.append(Bar(tty))
+            bars[-1].start(segment)
+
+        def on_event(event: dict) -> None:
+            for bar in bars if event["event"] != "started" else ():
+                bar.stop()
+            print(json.dumps(event) if args.json else _describe(event), flush=True)
+
+        from .._layout import read_layout
+        from .._plan import make_plan
+
+        if args.engine:  # model and placement from the engine's command line after --
+            plans = [plan_from(args)]
+        else:
+            selection = selection_from(args)
+            plans = [make_plan(read_layout(m), selection, args.chunk_size) for m in models]
+        keeper = Keeper(plans, interval=args.interval, lock=args.lock, min_resident=args.min_resident,
+                        listen=args.listen, workers=args.workers, strategy=args.strategy,
+                        budget=resolve_budget(args.budget), force=args.force, on_event=on_event,
+                        hold=args.hold, for_pid=args.for_pid, on_warm_start=on_warm_start if tty else None)
+        stop = threading.Event()
+        previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            keeper.start()
+            while not stop.wait(0.1) and not keeper.wait(0):
+                pass
+        finally:
+            keeper.stop()
+            for bar in bars:
+                bar.stop()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        return EXIT_OK
+
+
+def _models(args: argparse.Namespace) -> list[str]:
+    if args.example:
+        from ..example import example_model
+
+        return [str(example_model()), *args.model]
+    if not args.model:
+        raise WarmpoolError("no model given: pass one or more GGUF paths or --example")
+    # A directory names every model in it (docs/stores.md); other references resolve in read_layout.
+    return [path for ref in args.model for path in (_directory_models(ref) or [ref])]
+
+
+def _directory_models(ref: str) -> list[str]:
+    from .._stores import models_in
+
+    return [m.paths[0] for m in models_in(ref)] if os.path.isdir(ref) and not ref.lower().endswith(".gguf") else []
+
+
+def _describe(event: dict) -> str:
+    """One human line per event."""
+    kind = event["event"]
+    model = event.get("model", "")
+    if kind == "started":
+        where = f", serving http://{event['address']}" if event.get("address") else ""
+        return f"keep: keeping {len(event['models'])} model(s), checking every {event['interval']:g} s{where}"
+    if kind == "warmed":
+        fraction = event["resident_fraction"]
+        shown = "unknown (hidden)" if fraction is None else f"{fraction:.1%}"
+        return f"keep: {model}: warmed {format_bytes(event['bytes_warmed'])} in {event['seconds']:.2f} s; {shown} resident"
+    if kind == "rewarmed":
+        return f"keep: {model}: re-warmed {format_bytes(event['bytes_rewarmed'])} ({event['chunks']} chunks evicted) in {event['seconds']:.2f} s"
+    if kind == "locked":
+        line = f"keep: {model}: locked {format_bytes(event['bytes_locked'])} of {format_bytes(event['bytes_selected'])}"
+        if event.get("partial"):
+            limit = event.get("memlock_limit")
+            line += (f" (mlock: {event['error']}; RLIMIT_MEMLOCK {format_bytes(limit) if limit else 'unlimited'};"
+                     f" fix: {event['fix']})")
+        return line
+    if kind == "backoff":
+        return f"keep: {model}: backing off for {event['seconds']:g} s: {event['reason']}"
+    if kind == "replaced":
+        what = "deleted" if event.get("deleted") else "re-planned from the new file" if event.get("replanned") else "replaced"
+        return f"keep: {model}: model file {what}"
+    if kind == "error":
+        return f"keep: {model}: {event['message']}"
+    return f"keep: stopped ({event.get('reason', '')})"

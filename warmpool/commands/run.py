@@ -1,0 +1,85 @@
+"""``warmpool run [options] [MODEL] -- ENGINE ARGS...``: start the engine, warm and keep its model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .._units import format_bytes
+from ._common import UsageError, add_model_argument, budget_syntax, resolve_budget, say
+
+
+class Command:
+    """Start an engine (its command line after --) and keep its model warm while it runs.
+
+    The model and placement come from the engine's command line (or MODEL and warmpool's flags).
+    The engine starts at once with warmpool's stdin, stdout, stderr and environment; the first
+    warm runs beside its start-up, then the model is kept resident until the engine exits.
+    SIGINT, SIGTERM and SIGHUP are passed on; warmpool exits with the engine's status.
+    """
+
+    name = "run"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        add_model_argument(parser)
+        parser.add_argument("--listen", metavar="HOST:PORT", help="serve the keeper's GET /metrics, /ready and /status")
+        parser.add_argument("--interval", type=float, default=10.0, metavar="SECONDS", help="seconds between residency checks (default 10)")
+        parser.add_argument("--lock", action="store_true", help="mlock the selection (as RLIMIT_MEMLOCK allows)")
+        parser.add_argument("--min-resident", type=float, default=0.99, metavar="F", help="/ready answers 200 from this resident fraction")
+        parser.add_argument("--workers", type=int, metavar="N", help="worker processes for warms")
+        parser.add_argument("--budget", type=budget_syntax, metavar="SIZE|PCT", help="most bytes to warm")
+        parser.add_argument("--force", action="store_true", help="ignore the memory budget")
+        parser.add_argument("--json", action="store_true", help="print the keeper's events, one JSON object per line, on stderr")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from .._engine_args import parse_engine
+        from .._run_engine import print_report, run_engine
+
+        if not args.engine:
+            raise UsageError("run needs the engine's command line after --, e.g. warmpool run -- llama-server -m MODEL")
+        if not (args.model or args.example or parse_engine(args.engine).model):
+            raise UsageError("no model in the engine command line (-m, -hf, LLAMA_ARG_MODEL, --model) and none given")
+        budget = resolve_budget(args.budget) if args.budget else None
+
+        def start(fail):
+            return _keep(args, budget, fail)
+
+        return run_engine(args.engine, start, print_report)
+
+
+def _keep(args: argparse.Namespace, budget: int | None, fail):
+    """warmpool's part: plan, then keep (the first warm runs in the keeper's thread)."""
+    from ._common import plan_from
+
+    plan = plan_from(args)
+    command = getattr(args, "engine_command", None)
+    if command is not None and not command.reads_page_cache:
+        say("the model is warmed once for the engine's load; it is not kept")
+
+    def on_event(event: dict) -> None:
+        if args.json:
+            print(json.dumps(event), file=sys.stderr, flush=True)
+        elif event.get("event") == "warmed":
+            share = event.get("resident_fraction")
+            say(f"warmed {format_bytes(event.get('bytes_warmed') or 0)} of {format_bytes(event.get('bytes_selected') or 0)} "
+                f"selected; {'unknown' if share is None else f'{share:.1%}'} resident")
+        if event.get("event") == "error":
+            fail(f"keeping {plan.files[0].path}: {event.get('message')}")
+
+    try:
+        from .._keep import Keeper
+    except ImportError:
+        Keeper = None
+    if Keeper is None or (command is not None and not command.reads_page_cache):
+        from .._warm import warm
+
+        if Keeper is None:
+            say("this build has no keeper (warmpool.Keeper): warming once, not keeping" + (", no --listen" if args.listen else ""))
+        result = warm(plan.files[0].path, plan=plan, workers=args.workers, budget=budget, force=args.force)
+        on_event({"event": "warmed", **result._asdict()})
+        return None
+    keeper = Keeper([plan], interval=args.interval, lock=args.lock, min_resident=args.min_resident,
+                    listen=args.listen, workers=args.workers, budget=budget, force=args.force, on_event=on_event)
+    keeper.start()
+    return keeper.stop
