@@ -279,6 +279,8 @@ class FileWindow(_posix.FileWindow):
                 err = ctypes.get_errno()
                 if err in (errno.ENOSYS, errno.EPERM):  # seccomp or no such call: read them here
                     return super().read_pages(rel, n)
+                if err == errno.EFAULT:  # a page past EOF: the file shrank, as populate reports it
+                    raise self._populate_error(err, rel + n)
                 raise _posix._failure("process_vm_readv", err)
 
 

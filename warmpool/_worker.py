@@ -50,10 +50,6 @@ def nonresident_runs(vector: bytes) -> Iterator[tuple[int, int]]:
         start = vector.find(0, end)
 
 
-def _down(n: int, unit: int) -> int:
-    return n - n % unit
-
-
 class Guards:
     """Where reads may go, from the chunks this warm faults, so nothing unselected is read.
 
@@ -83,13 +79,14 @@ class Guards:
     def __init__(self, chunks: Sequence[tuple[int, int, int]]) -> None:
         self.extents = contiguous_runs(chunks)
 
-    def _extent(self, file: int, offset: int) -> tuple[int, int]:
+    def extent(self, file: int, offset: int) -> tuple[int, int]:
+        """The extent [start, end) holding ``offset`` of ``file``."""
         extents = self.extents[file]
         return extents[bisect.bisect_right(extents, (offset, float("inf"))) - 1]
 
     def zones(self, file: int, offset: int, length: int, ra: int) -> list[tuple[int, int]]:
         """Byte ranges to hint before faulting [offset, offset + length) with window ``ra``."""
-        start, end = self._extent(file, offset)
+        start, end = self.extent(file, offset)
         reach_lo, reach_hi = offset - ra, offset + length + 2 * ra
         zones = [(max(lo, reach_lo), min(hi, reach_hi))
                  for lo, hi in ((start, min(start + ra, end)), (max(end - 2 * ra, start), end))]
@@ -102,7 +99,7 @@ class Guards:
         """[offset, offset + length) cut at its extent's block edges: ``(start, end, whole)``,
         ``whole`` for whole aligned blocks (fault under MADV_HUGEPAGE), else an unaligned edge
         (hint, then fault under MADV_RANDOM alone)."""
-        start, end = self._extent(file, offset)
+        start, end = self.extent(file, offset)
         a, b = -(-start // huge) * huge, end - end % huge
         cuts = ((start, a, False), (a, b, True), (b, end, False)) if a < b else ((start, end, False),)
         chunk_end = offset + length
@@ -165,7 +162,7 @@ class _ChunkWarmer:
             self.threads = _FaultThreads(FAULT_THREADS)
         self.threads.run(window, [(lo - offset, hi - lo) for lo, hi in blocks], self.strategy, self.counter)
         if self.marks and file not in self.hidden:  # hidden residency: the "cached" check would lie
-            self.marks.add(file, whole_blocks, self.guards._extent(file, offset)[1], _platform.readahead_size(fd))
+            self.marks.add(file, whole_blocks, self.guards.extent(file, offset)[1], _platform.readahead_size(fd))
         return True
 
     def finish(self) -> None:
@@ -240,18 +237,22 @@ class _Marks:
         self.pending = [p for p in self.pending if not self._clear(*p)]
 
     def _clear(self, file: int, block: int, span: int) -> bool:
+        """True once the block is done with (cleared, or given up: a mark is only a cost)."""
         if file >= len(self.paths):
             return True
-        fd = self.fds.get(file)
-        if fd is None:
-            fd = self.fds[file] = os.open(self.paths[file], os.O_RDONLY)
-        start = block + self.huge
-        cached = _platform.cached_bytes(fd, start, span)
-        if cached is None:
-            cached = _platform.resident_bytes(fd, start, span)
-        if cached < min(span, max(os.fstat(fd).st_size - start, 0)):
-            return False  # a gap within reach: the mark would start a read there
-        _platform.read_byte(fd, block)
+        try:
+            fd = self.fds.get(file)
+            if fd is None:
+                fd = self.fds[file] = os.open(self.paths[file], os.O_RDONLY)
+            start = block + self.huge
+            cached = _platform.cached_bytes(fd, start, span)
+            if cached is None:
+                cached = _platform.resident_bytes(fd, start, span)
+            if cached < min(span, max(os.fstat(fd).st_size - start, 0)):
+                return False  # a gap within reach: the mark would start a read there
+            _platform.read_byte(fd, block)
+        except (OSError, WarmpoolError):
+            pass  # the file changed or vanished: the warm itself reports that
         return True
 
     def close(self) -> None:
