@@ -60,6 +60,10 @@ def cluster(tiny_model):
     # A short private temp dir: Ray's socket paths live under it (108-byte limit), and
     # nothing is left in /tmp/ray afterwards.
     root = tempfile.mkdtemp(prefix="wp-ray-")
+    # Ray also records the cluster's address in $RAY_TMPDIR/ray/ray_current_cluster (default
+    # /tmp/ray, which a fresh machine does not have): keep that file in the private dir too.
+    old_tmpdir = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = root
     started = time.perf_counter()
     dirs = [os.path.join(root, f"node{i}") for i in range(3)]
     for i, d in enumerate(dirs):
@@ -83,6 +87,10 @@ def cluster(tiny_model):
         ray.shutdown()
         c.shutdown()
         shutil.rmtree(root, ignore_errors=True)
+        if old_tmpdir is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = old_tmpdir
 
 
 def by_node(rows):
