@@ -33,6 +33,7 @@ from typing import NamedTuple
 __all__ = [
     "Method",
     "Sample",
+    "after_effects",
     "catalogue",
     "evict_file",
     "file_resident",
@@ -46,6 +47,7 @@ HERE = Path(__file__).resolve().parent
 FILE = "{file}"  # placeholder in a method's argv
 SETTLE_S = 1.0  # a hint's reads complete asynchronously: measure residency this long after it
 COLD = 0.001  # after eviction at most this fraction of the file may be resident
+ENGINE_MIN_RESIDENT = 0.99  # the engine pass runs only after methods that left the file this warm
 
 
 class Method(NamedTuple):
@@ -114,9 +116,13 @@ def catalogue() -> tuple[Method, ...]:
                 for s in ("populate", "touch", "read", "willneed")]
     methods += [Method(f"w{n}", f"warmpool --workers {n}", "warmpool", (*wp, "--workers", str(n)))
                 for n in (1, 2, 4, 8, 16, 32)]
+    # selective warms (a fraction of the file; one extent, and three extents per layer)
+    methods += [Method(key, f"warmpool {' '.join(flags)}", "warmpool", (*wp, *flags))
+                for key, flags in (("sel-ngl8", ("-ngl", "8")), ("sel-ncmoe4", ("-ngl", "99", "--n-cpu-moe", "4")))]
     methods += [
         Method("vmtouch", "vmtouch -t", "peer", ("vmtouch", "-t", FILE), requires="vmtouch"),
         Method("cat", "cat > /dev/null", "peer", ("cat", FILE)),
+        Method("dd", "dd bs=8M", "peer", ("dd", f"if={FILE}", "of=/dev/null", "bs=8M", "status=none")),
         Method("fio", "fio --direct=1", "limit",
                ("fio", "--name=seqread", f"--filename={FILE}", "--rw=read", "--bs=1M", "--iodepth=16",
                 f"--ioengine={engine}", "--direct=1", "--readonly", "--output-format=json"),
@@ -178,7 +184,7 @@ def evict_file(path: str | os.PathLike[str]) -> float:
 def _parse_extra(method: Method, stdout: str) -> dict:
     if method.label.startswith("warmpool"):
         data = json.loads(stdout)
-        return {k: data[k] for k in ("workers", "strategy", "seconds", "resident_fraction")}
+        return {k: data[k] for k in ("workers", "strategy", "seconds", "resident_fraction", "bytes_selected")}
     if method.key == "fio":
         read = json.loads(stdout[stdout.index("{"):])["jobs"][0]["read"]
         return {"fio_bw_bytes": read["bw_bytes"], "fio_runtime_ms": read["runtime"]}
@@ -186,8 +192,9 @@ def _parse_extra(method: Method, stdout: str) -> dict:
 
 
 def run_method(method: Method, path: str, storage: str, round_no: int,
-               selection_fraction: Callable[[], float], timeout_s: float) -> Sample:
-    """Evict, run the method's command, and measure what it left resident."""
+               selection_fraction: Callable[[], float], timeout_s: float, engine: bool = True) -> Sample:
+    """Evict, run the method's command, and measure what it left resident (and, with
+    ``engine``, its folio sizes and an engine's first pass after it: ``after_effects``)."""
     cold = evict_file(path)
     parse = method.label.startswith("warmpool") or method.key == "fio"
     started = time.perf_counter()
@@ -207,8 +214,25 @@ def run_method(method: Method, path: str, storage: str, round_no: int,
             extra = _parse_extra(method, proc.stdout)
         except (ValueError, KeyError, IndexError) as exc:
             error = f"cannot parse its output: {exc}"
+    resident = file_resident(path)
+    if error is None and engine:
+        extra.update(after_effects(path, resident))
     return Sample(method.label, storage, round_no, None if error else seconds, selection_fraction(),
-                  file_resident(path), cold, extra, error)
+                  resident, cold, extra, error)
+
+
+def after_effects(path: str, resident: float) -> dict:
+    """What the method left for an engine: the folio sizes of the file's cache (root only) and
+    a fresh process's first pass over it (``tools/folios.py``).  Not taken where the method
+    left the file mostly cold: the pass would then measure the storage, not the cache."""
+    import folios
+
+    out: dict = {"folios": None, "engine": None}
+    if folios.available() is None:
+        out["folios"] = folios.summary(folios.histogram(path))
+    if resident >= ENGINE_MIN_RESIDENT:
+        out["engine"] = folios.engine_pass(path)
+    return out
 
 
 # -- memory of a warm -------------------------------------------------------------------------

@@ -38,7 +38,7 @@ import _bench_report as report
 
 __all__ = ["main"]
 
-QUICK_METHODS = "warmpool,w1,vmtouch,cat,fio,stride,madv-willneed,seed"
+QUICK_METHODS = "warmpool,w1,vmtouch,cat,dd,fio,stride,madv-willneed,seed"
 LOAD_1M: dict[str, list[float]] = {}  # 1-minute load average before each timed run, per storage
 TIMEOUT_S = 300.0  # one method run; vmtouch -t on 0.55 GB at 5 ms takes ~15 s
 
@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache-dir", help="where synthetic models live (default ~/.cache/warmpool/bench)")
     p.add_argument("--latency-only", action="store_true", help="skip the local-disk comparison")
     p.add_argument("--quick", action="store_true", help="1 round, core methods, 5 ms only, 256MB on FUSE")
+    p.add_argument("--no-engine-pass", action="store_true",
+                   help="skip the folio histogram and the engine pass after each method (faster)")
     args = p.parse_args(argv)
     args.rounds = args.rounds if args.rounds is not None else (1 if args.quick else 3)
     args.latency_ms = args.latency_ms if args.latency_ms is not None else ("5" if args.quick else "")
@@ -161,6 +163,9 @@ def _selection_fraction(path: Path):
     return lambda: warmpool.residency(path, plan=plan).resident_fraction
 
 
+ENGINE_PASS = True  # --no-engine-pass turns it off
+
+
 def run_storage(path: Path, storage: str, methods: list[peers.Method], rounds: int,
                 keep_warm: Path | None = None) -> list[report.Row]:
     """``rounds`` rotated rounds of ``methods`` on ``path``; one Row per method."""
@@ -181,11 +186,15 @@ def run_storage(path: Path, storage: str, methods: list[peers.Method], rounds: i
             if keep_warm is not None and peers.file_resident(keep_warm) < 0.99:
                 _warm_source(keep_warm)  # the backing file must not add disk time to FUSE runs
             loads.append(os.getloadavg()[0])
-            s = peers.run_method(m, str(path), storage, r, selection, TIMEOUT_S)
+            s = peers.run_method(m, str(path), storage, r, selection, TIMEOUT_S, ENGINE_PASS)
+            s.extra["load_1m"] = loads[-1]
             samples.append(s)
             took = "failed: " + s.error if s.error else f"{s.seconds:.2f} s"
+            engine, folios = s.extra.get("engine"), s.extra.get("folios")
+            after = (f"; engine pass {engine['minor_faults']} faults {engine['seconds']:.3f} s" if engine else "") + \
+                (f"; order-0 {folios['order0_fraction']:.1%}, PMD {folios['pmd_fraction']:.1%}" if folios else "")
             log(f"[{storage} {r + 1}/{rounds}] {m.label}: {took}, {s.file_resident:.1%} resident"
-                f" (cold before: {s.cold_before:.2%})")
+                f" (cold before: {s.cold_before:.2%}){after}; load {loads[-1]:.2f}")
     for m in runnable:
         rows[m.label] = report.summarize(m, storage, [s for s in samples if s.method == m.label], samples, size)
     return [rows[m.label] for m in methods]
@@ -258,7 +267,7 @@ def memory_peak(path: Path, storage: str) -> dict:
 # -- output ------------------------------------------------------------------------------------------
 
 
-def acceptance(rows: dict[str, list[report.Row]], extras: list[dict]) -> list[str]:
+def acceptance(rows: dict[str, list[report.Row]], extras: list[dict], sizes: dict[str, int]) -> list[str]:
     """The issue's figures in one place, each derived from the rows above."""
     out = []
     for storage, table in rows.items():
@@ -271,6 +280,19 @@ def acceptance(rows: dict[str, list[report.Row]], extras: list[dict]) -> list[st
         if wp.fraction_of_fio is not None:
             line += f", {wp.gbps:.2f} GB/s = {wp.fraction_of_fio:.0%} of fio"
         out.append(line)
+        for r in table:
+            if r.family != "warmpool" or r.ratio_vs_seq is None:
+                continue
+            line = f"{storage}: {r.method}: {r.ratio_vs_seq:.2f}× the faster of cat and dd bs=8M (paired median)"
+            size = sizes.get(storage)
+            if r.bytes_selected and size and r.bytes_selected < 0.99 * size:
+                f = r.bytes_selected / size
+                outside = (r.file_resident_fraction * size - r.bytes_selected) / (size - r.bytes_selected)
+                line += (f"; selects f = {f:.2f} of the file (target <= {f + 0.1:.2f}×); "
+                         f"unselected pages resident after it: {max(outside, 0.0):.2%}")
+            if r.faults_vs_dd is not None:
+                line += f"; engine pass {r.engine_faults:,.0f} faults = {r.faults_vs_dd:.2f}× dd's"
+            out.append(line)
     for e in extras:
         if e["record"] == "hot_run":
             out.append(f"hot run `{e['command']}`: median {e['median_s']:.3f} s of {len(e['seconds'])}")
@@ -284,7 +306,9 @@ def acceptance(rows: dict[str, list[report.Row]], extras: list[dict]) -> list[st
 
 
 def main(argv: list[str] | None = None) -> int:
+    global ENGINE_PASS
     args = parse_args(argv)
+    ENGINE_PASS = not args.no_engine_pass
     command = shlex.join(["python", "tools/bench_warm.py", *(sys.argv[1:] if argv is None else argv)])
     started = time.perf_counter()
     model = resolve_model(args.model, args.cache_dir)
@@ -319,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
         size = info["model_bytes"] if storage == "local disk" else info["latency_model_bytes"]
         print(f"\n### {storage} ({size / 1e9:.2f} GB, {args.rounds} rounds)\n\n{report.markdown_table(table)}")
     loads = [f"{k}: 1-min load {v[0]}-{v[2]} (median {v[1]})" for k, v in info["load_1m_min_median_max"].items()]
-    print("\n" + "\n".join(acceptance(tables, extras) + skipped + loads) + "\n")
+    sizes = {k: info["model_bytes"] if k == "local disk" else info.get("latency_model_bytes") for k in tables}
+    print("\n" + "\n".join(acceptance(tables, extras, sizes) + skipped + loads) + "\n")
     lines = [json.dumps(r, ensure_ascii=False) for r in records]
     print("\n".join(lines))
     if args.json_out:

@@ -38,12 +38,14 @@ __all__ = [
     "evict",
     "evict_file",
     "evict_ranges",
+    "huge_folio_size",
     "locked_bytes",
     "memlock_limit",
     "memory_pressure",
     "pid_alive",
     "platform_notes",
     "prefetch",
+    "read_byte",
     "read_range",
     "readahead_size",
     "residency_hidden",
@@ -58,8 +60,10 @@ FileWindow = _backend.FileWindow
 advise_random = _backend.advise_random
 cached_bytes = _backend.cached_bytes
 evict = _backend.evict
+huge_folio_size = _backend.huge_folio_size
 platform_notes = _backend.platform_notes
 prefetch = _backend.prefetch
+read_byte = _backend.read_byte
 read_range = _backend.read_range
 readahead_size = _backend.readahead_size
 resident_bytes = _backend.resident_bytes

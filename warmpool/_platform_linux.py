@@ -19,6 +19,7 @@ from warmpool._platform_posix import (
     PAGE_SIZE,
     advise_random,
     evict,
+    read_byte,
     read_range,
     resident_bytes,
     resident_pages,
@@ -31,8 +32,10 @@ __all__ = [
     "advise_random",
     "cached_bytes",
     "evict",
+    "huge_folio_size",
     "platform_notes",
     "prefetch",
+    "read_byte",
     "read_range",
     "readahead_size",
     "residency_hidden",
@@ -111,6 +114,22 @@ def prefetch(fd: int, offset: int, length: int) -> None:
     ``FileWindow.populate`` waits for what is still in flight.
     """
     _posix._stepped_willneed(fd, offset, length, readahead_size(fd))
+
+
+# -- huge folios ---------------------------------------------------------------------
+
+_huge_folio_size: int | None | bool = False  # False: not probed yet
+
+
+def huge_folio_size() -> int | None:
+    """Bytes of a PMD-size folio (2 MiB on x86-64 and arm64 with 4 KiB pages), or None where
+    the kernel has no transparent huge pages: the size a fault under MADV_HUGEPAGE reads and
+    caches at once (``do_sync_mmap_readahead``, mm/filemap.c).  Read once from sysfs."""
+    global _huge_folio_size
+    if _huge_folio_size is False:
+        size = _read_kb("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size")  # bytes, despite the helper's name
+        _huge_folio_size = size if size and size % PAGE_SIZE == 0 else None
+    return _huge_folio_size
 
 
 # -- cachestat -----------------------------------------------------------------------
@@ -227,11 +246,42 @@ def _populate_probe() -> bool:
         _posix._unmap(address, PAGE_SIZE)
 
 
+class _IoVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+_process_vm_readv = _posix._bind("process_vm_readv", ctypes.c_ssize_t, ctypes.c_int, ctypes.c_void_p,
+                                 ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong)
+_IOV_MAX = 1024
+
+
 class FileWindow(_posix.FileWindow):
     """The POSIX window plus ``populate``: MADV_POPULATE_READ faults the range in and
     returns EFAULT on a page past EOF, where touching the bytes would raise SIGBUS."""
 
     _POPULATE_ADVICE = MADV_POPULATE_READ
+
+    def read_pages(self, rel: int, n: int) -> None:
+        """As the POSIX window's, but the kernel reads the bytes (process_vm_readv of our own
+        pages, up to 1024 one-byte pieces a call): no SIGBUS (a page past EOF ends the call
+        short), and the calling thread releases the GIL while it waits, so the threads of a
+        worker read pages at once."""
+        if _process_vm_readv is None:
+            return super().read_pages(rel, n)
+        address, size = self._span(rel, n)
+        pid, pages = os.getpid(), size // PAGE_SIZE
+        sink = ctypes.create_string_buffer(_IOV_MAX)
+        local = _IoVec(ctypes.addressof(sink), _IOV_MAX)
+        for first in range(0, pages, _IOV_MAX):
+            count = min(_IOV_MAX, pages - first)
+            remote = (_IoVec * count)(*((address + (first + i) * PAGE_SIZE, 1) for i in range(count)))
+            if _process_vm_readv(pid, ctypes.byref(local), 1, remote, count, 0) < 0:
+                err = ctypes.get_errno()
+                if err in (errno.ENOSYS, errno.EPERM):  # seccomp or no such call: read them here
+                    return super().read_pages(rel, n)
+                if err == errno.EFAULT:  # a page past EOF: the file shrank, as populate reports it
+                    raise self._populate_error(err, rel + n)
+                raise _posix._failure("process_vm_readv", err)
 
 
 # -- features ------------------------------------------------------------------------

@@ -27,8 +27,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_READAHEAD", "FileWindow", "PAGE_SIZE", "advise_random", "cached_bytes", "evict",
-    "platform_notes", "prefetch", "read_range", "readahead_size", "residency_hidden", "resident_bytes",
-    "resident_pages", "supports_cachestat", "supports_populate",
+    "huge_folio_size", "platform_notes", "prefetch", "read_byte", "read_range", "readahead_size",
+    "residency_hidden", "resident_bytes", "resident_pages", "supports_cachestat", "supports_populate",
 ]
 
 PAGE_SIZE: int = mmap.PAGESIZE
@@ -177,6 +177,11 @@ def prefetch(fd: int, offset: int, length: int) -> None:
     _stepped_willneed(fd, offset, length, readahead_size(fd))
 
 
+def huge_folio_size() -> int | None:
+    """No transparent huge pages known here."""
+    return None
+
+
 def advise_random(fd: int) -> None:
     """Turn off readahead on this open file so reads bring in exactly what they ask."""
     _fadvise(fd, 0, 0, "POSIX_FADV_RANDOM")
@@ -240,6 +245,19 @@ def _pread_into(fd: int, view: memoryview, position: int) -> int:
     data = os.pread(fd, len(view), position)
     view[: len(data)] = data
     return len(data)
+
+
+def read_byte(fd: int, offset: int) -> None:
+    """read(2) one byte at ``offset`` through the page cache (a cached page is not read again).
+
+    What a plain read of a cached folio does besides copying: if the folio carries the
+    readahead mark, the kernel clears it and starts async readahead from the first missing
+    page within the file's readahead window (``page_cache_async_ra``, mm/readahead.c); with
+    every page of that window cached it reads nothing."""
+    try:
+        os.pread(fd, 1, offset)
+    except OSError as exc:
+        raise PlatformError(f"pread at byte {offset} failed: {exc.strerror}") from exc
 
 
 def read_range(fd: int, offset: int, length: int, buf: bytearray) -> None:
@@ -327,6 +345,25 @@ class FileWindow:
         if err:
             raise _failure("madvise(MADV_WILLNEED)", err)
 
+    # madvise advice a window may carry, by name (Python's mmap module spells the numbers).
+    _ADVICE = {"normal": "MADV_NORMAL", "random": "MADV_RANDOM", "sequential": "MADV_SEQUENTIAL",
+               "hugepage": "MADV_HUGEPAGE", "nohugepage": "MADV_NOHUGEPAGE"}
+
+    def advise(self, rel: int, n: int, advice: str) -> bool:
+        """Set an access pattern on the pages of ``[rel, rel + n)`` of this mapping: ``normal``,
+        ``random``, ``sequential``, ``hugepage``, ``nohugepage``.  The kernel splits the mapping
+        where the advice changes, so parts of one window can read differently.  Returns False
+        where this OS or kernel lacks the advice (it is advice: nothing else changes)."""
+        number = getattr(mmap, self._ADVICE[advice], None)
+        if number is None:
+            return False
+        err = self._madvise(rel, n, number)
+        if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            return False  # e.g. MADV_HUGEPAGE on a kernel without transparent huge pages
+        if err:
+            raise _failure(f"madvise({self._ADVICE[advice]})", err)
+        return True
+
     def populate(self, rel: int, n: int) -> None:
         """Fault the range in as if read (MADV_POPULATE_READ); waits for the I/O."""
         if self._POPULATE_ADVICE is None:
@@ -334,6 +371,16 @@ class FileWindow:
         err = self._madvise(rel, n, self._POPULATE_ADVICE)
         if err:
             raise self._populate_error(err, rel + n)
+
+    def read_pages(self, rel: int, n: int) -> None:
+        """Load the first byte of each page of the range through the mapping (one strided copy
+        in C, no numpy).  For pages already mapped (after ``populate``) this costs a few ns
+        per page on bare metal; in a VM the first CPU access to a page whose contents arrived
+        by DMA can cost microseconds (measured: docs/folios.md), paid here instead of in the
+        engine's first request.  Same SIGBUS danger as ``touch`` on a page past EOF."""
+        address, size = self._span(rel, n)
+        view = memoryview((ctypes.c_ubyte * size).from_address(address)).cast("B")
+        view[::PAGE_SIZE].tobytes()
 
     def touch(self, rel: int, n: int) -> None:
         """Read one byte per page of the range, which faults each page in.

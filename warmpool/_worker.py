@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import os
 import signal
+import threading
 from collections.abc import Iterator, Sequence
 from multiprocessing.connection import Connection
 
@@ -23,19 +24,19 @@ from ._plan import contiguous_runs
 from ._progress import WorkerCounter
 from ._strategy import STRATEGIES  # re-exported: the names _ChunkWarmer implements
 
-__all__ = ["FAULT_READAHEAD_MIN", "STEP", "STRATEGIES", "Guards", "nonresident_runs", "serve", "worker_main"]
+__all__ = ["FAULT_READAHEAD_MIN", "FAULT_THREADS", "STEP", "STRATEGIES", "Guards", "nonresident_runs", "serve", "worker_main"]
 
 STEP = 8 * 1024 * 1024  # progress grain, and the most one populate/touch/pread call covers
 # From this readahead size up, populate/touch let the kernel's fault readahead read the inside
-# of an extent and hint (WILLNEED) only its edges (see Guards).  A WILLNEED hint reads in 2 MiB
-# pieces of 4 KiB folios (force_page_cache_ra); faults read ahead in large folios.  On this
-# project's 2-core VM (virtio disk, read_ahead_kb 8192), one process warming 1.65 GB in 16 MiB
-# chunks, paired runs: whole chunk hinted 2.3-2.7 s (0.9 s CPU, ~1 MiB requests), faults alone
-# 0.95-1.5 s (0.13 s CPU, ~3 MiB requests), vmtouch -t 1.1-1.7 s.  With a small window
-# (FUSE/NFS and many disks: 128 KiB) fault readahead keeps ~2 requests in flight per process
-# while the stepped hints queue the whole chunk (64 in flight from one worker on latency_fs),
-# so there the whole chunk is still hinted.
+# of an extent and keep hints (WILLNEED) for the edges (see Guards).  Hints read 4 KiB folios
+# (force_page_cache_ra); faults read ahead in large ones.  With a small window (FUSE/NFS and
+# many disks: 128 KiB) fault readahead keeps ~2 requests in flight per process while stepped
+# hints queue the whole chunk (64 in flight from one worker on latency_fs), so there the whole
+# chunk is still hinted.  Measurements: docs/folios.md.
 FAULT_READAHEAD_MIN = 1024 * 1024
+# Threads per worker faulting PMD-size blocks at once (one read in flight each); measured on
+# the local disk: docs/folios.md.
+FAULT_THREADS = 4
 
 
 def nonresident_runs(vector: bytes) -> Iterator[tuple[int, int]]:
@@ -50,28 +51,42 @@ def nonresident_runs(vector: bytes) -> Iterator[tuple[int, int]]:
 
 
 class Guards:
-    """Where fault readahead could read past what this warm faults, from its chunks.
+    """Where reads may go, from the chunks this warm faults, so nothing unselected is read.
 
     Extents are the chunks to be warmed, merged where they touch; a planned chunk left out (over
-    the budget, or already resident) is outside, like an unselected tensor.  A fault that misses
-    reads around itself (mmap read-around: half a window before, half after) and every readahead
-    window it starts can start one more past its end (mm/filemap.c, mm/readahead.c), so faults
-    may read up to ``ra / 2`` before and ``2 * ra`` after the pages they fault.  Pages already in
-    the cache are skipped by readahead but do not stop it, and carry no readahead mark if a
-    WILLNEED hint put them there.  So hinting the first ``ra`` and the last ``2 * ra`` bytes of
-    each extent before any fault can reach them keeps every read inside the extents: a worker
-    hints the guard zones within reach of its chunk before faulting it.  Checked on the 1.65 GB
-    bench model (-ngl 8; -ngl 99 --n-cpu-moe 2; -ot ffn_up_exps=CPU; half-budget warms; 1, 2 and
-    4 workers, populate and touch): 0 bytes read outside the extents.
+    the budget, or already resident) is outside, like an unselected tensor.
+
+    Huge folios (``parts``, the default where the kernel has them; docs/folios.md): the worker
+    maps its chunk with MADV_HUGEPAGE + MADV_RANDOM.  A fault that misses then reads exactly the
+    aligned PMD-size block around it, as one PMD-size folio, and starts no readahead
+    (``do_sync_mmap_readahead`` reads ``HPAGE_PMD_NR`` pages at the aligned index and
+    ``do_async_mmap_readahead`` returns early for VM_RAND_READ, mm/filemap.c); where some pages of
+    the block are cached, ``page_cache_ra_order`` falls back to reading the block's gaps.  So an
+    extent [S, E) is faulted that way over its whole blocks [A, B) (A = S rounded up, B = E
+    rounded down to a block), and its unaligned head [S, A) and tail [B, E) are hinted (WILLNEED
+    reads exactly the range, in 4 KiB folios) and faulted under MADV_RANDOM alone, which reads
+    at most the faulted page.  No read crosses an extent's edge whatever the readahead size.
+
+    Without huge folios (``zones``): a fault that misses reads around itself (mmap read-around:
+    half a window before, half after) and every readahead window it starts can start one more
+    past its end, so faults may read up to ``ra / 2`` before and ``2 * ra`` after the pages they
+    fault.  Pages already in the cache are skipped by readahead but do not stop it, and carry no
+    readahead mark if a WILLNEED hint put them there.  So hinting the first ``ra`` and the last
+    ``2 * ra`` bytes of each extent before any fault can reach them keeps every read inside the
+    extents.  Both are tested (tests/test_warm.py, tests/test_folios.py).
     """
 
     def __init__(self, chunks: Sequence[tuple[int, int, int]]) -> None:
         self.extents = contiguous_runs(chunks)
 
+    def extent(self, file: int, offset: int) -> tuple[int, int]:
+        """The extent [start, end) holding ``offset`` of ``file``."""
+        extents = self.extents[file]
+        return extents[bisect.bisect_right(extents, (offset, float("inf"))) - 1]
+
     def zones(self, file: int, offset: int, length: int, ra: int) -> list[tuple[int, int]]:
         """Byte ranges to hint before faulting [offset, offset + length) with window ``ra``."""
-        extents = self.extents[file]
-        start, end = extents[bisect.bisect_right(extents, (offset, float("inf"))) - 1]
+        start, end = self.extent(file, offset)
         reach_lo, reach_hi = offset - ra, offset + length + 2 * ra
         zones = [(max(lo, reach_lo), min(hi, reach_hi))
                  for lo, hi in ((start, min(start + ra, end)), (max(end - 2 * ra, start), end))]
@@ -80,16 +95,30 @@ class Guards:
             zones = [(zones[0][0], max(zones[0][1], zones[1][1]))]
         return zones
 
+    def parts(self, file: int, offset: int, length: int, huge: int) -> list[tuple[int, int, bool]]:
+        """[offset, offset + length) cut at its extent's block edges: ``(start, end, whole)``,
+        ``whole`` for whole aligned blocks (fault under MADV_HUGEPAGE), else an unaligned edge
+        (hint, then fault under MADV_RANDOM alone)."""
+        start, end = self.extent(file, offset)
+        a, b = -(-start // huge) * huge, end - end % huge
+        cuts = ((start, a, False), (a, b, True), (b, end, False)) if a < b else ((start, end, False),)
+        chunk_end = offset + length
+        return [(max(lo, offset), min(hi, chunk_end), whole) for lo, hi, whole in cuts
+                if max(lo, offset) < min(hi, chunk_end)]
+
 
 class _ChunkWarmer:
     """Applies one strategy to the non-resident runs of a chunk, reporting as it goes."""
 
-    def __init__(self, strategy: str, counter: WorkerCounter, guards: Guards) -> None:
+    def __init__(self, strategy: str, counter: WorkerCounter, guards: Guards, paths: Sequence[str] = ()) -> None:
         self.strategy = strategy
         self.counter = counter
         self.guards = guards
         self.buffer = bytearray(STEP) if strategy == "read" else None
         self.page = _platform.PAGE_SIZE
+        self.huge = _platform.huge_folio_size() if strategy in ("populate", "touch") else None
+        self.threads: _FaultThreads | None = None
+        self.marks = _Marks(paths, self.huge) if self.huge else None
         self.hidden: set[int] = set()  # files whose mincore vector is made up: trust none of it
 
     def warm(self, fd: int, file: int, offset: int, length: int) -> None:
@@ -98,9 +127,48 @@ class _ChunkWarmer:
             vector = bytes(-(-length // self.page)) if file in self.hidden else window.resident()
             runs = [(s * self.page, min(e * self.page, length)) for s, e in nonresident_runs(vector)]
             self.counter.add(length - sum(end - start for start, end in runs))
-            hint_runs = self._hint_edges(fd, file, offset, length) if runs else False
+            if not runs:
+                return
+            if self.strategy in ("populate", "touch") and self._warm_huge(fd, window, file, runs):
+                return
+            hint_runs = self._hint_edges(fd, file, offset, length)
             for start, end in runs:
                 self._warm_run(fd, window, start, end, hint_runs)
+
+    def _warm_huge(self, fd: int, window: _platform.FileWindow, file: int, runs: list[tuple[int, int]]) -> bool:
+        """Fault the runs in PMD-size folios, exactly (see Guards); False where this kernel or
+        device does not take that path (then nothing was done)."""
+        if not self.huge or _platform.readahead_size(fd) < FAULT_READAHEAD_MIN:
+            return False
+        if not window.advise(0, window.length, "hugepage"):
+            return False  # no transparent huge pages: nothing changed
+        if not window.advise(0, window.length, "random"):
+            window.advise(0, window.length, "nohugepage")
+            return False
+        offset, blocks, whole_blocks = window.offset, [], []
+        for lo, hi, whole in self.guards.parts(file, offset, window.length, self.huge):
+            if not whole:
+                window.advise(lo - offset, hi - lo, "nohugepage")
+        for start, end in runs:
+            for lo, hi, whole in self.guards.parts(file, offset + start, end - start, self.huge):
+                if whole:  # one task per block: the threads keep several block reads in flight
+                    starts = [lo, *range(lo - lo % self.huge + self.huge, hi, self.huge)]
+                    blocks += [(p, min(p - p % self.huge + self.huge, hi)) for p in starts]
+                    whole_blocks += [p - p % self.huge for p in starts]
+                else:
+                    _platform.prefetch(fd, lo, hi - lo)
+                    blocks.append((lo, hi))
+        if self.threads is None:
+            self.threads = _FaultThreads(FAULT_THREADS)
+        self.threads.run(window, [(lo - offset, hi - lo) for lo, hi in blocks], self.strategy, self.counter)
+        if self.marks and file not in self.hidden:  # hidden residency: the "cached" check would lie
+            self.marks.add(file, whole_blocks, self.guards.extent(file, offset)[1], _platform.readahead_size(fd))
+        return True
+
+    def finish(self) -> None:
+        """Before the worker exits: clear what readahead marks can now be cleared safely."""
+        if self.marks:
+            self.marks.close()
 
     def _hint_edges(self, fd: int, file: int, offset: int, length: int) -> bool:
         """Where fault readahead pays, hint the extent edges within reach and return False
@@ -122,15 +190,119 @@ class _ChunkWarmer:
             _platform.prefetch(fd, window.offset + rel, rel_end - rel)
         for step in range(rel, rel_end, STEP):
             n = min(STEP, rel_end - step)
-            if self.strategy == "populate":
-                window.populate(step, n)
-            elif self.strategy == "touch":
-                window.touch(step, n)
-            elif self.strategy == "read":
-                _platform.read_range(fd, window.offset + step, n, self.buffer)
-            else:
-                window.willneed(step, n)
+            _fault(window, step, n, self.strategy, fd, self.buffer)
             self.counter.add(n)
+
+
+def _fault(window: _platform.FileWindow, rel: int, n: int, strategy: str, fd: int, buffer) -> None:
+    if strategy == "populate":
+        window.populate(rel, n)
+        # Populating maps pages without reading them; in a VM the first CPU read of a page the
+        # disk wrote can cost microseconds, which an engine would otherwise pay in its first
+        # request (docs/folios.md).
+        window.read_pages(rel, n)
+    elif strategy == "touch":
+        window.touch(rel, n)
+    elif strategy == "read":
+        _platform.read_range(fd, window.offset + rel, n, buffer)
+    else:
+        window.willneed(rel, n)
+
+
+class _Marks:
+    """Clears the readahead marks the huge-folio faults leave, where that reads nothing.
+
+    A fault under MADV_HUGEPAGE + MADV_RANDOM marks the PMD-size folio it reads for async
+    readahead (its window is the folio itself, all of it "async"; ``ra_alloc_folio``).  An
+    engine's first fault on a marked folio bypasses fault-around and runs
+    ``page_cache_async_ra``, which scans the page cache up to a readahead window ahead and
+    reads from the first gap: measured, one such call per folio on the engine's first pass
+    (docs/folios.md).  A read(2) of one byte clears the mark the same way; done from a file
+    description of our own (fresh readahead state) and only once the whole window after the
+    folio is cached, that scan finds no gap and nothing is read.  Blocks within a window of
+    their extent's end wait for pages past the extent, which this warm does not read: they
+    keep their mark unless those pages are cached already.
+    """
+
+    def __init__(self, paths: Sequence[str], huge: int) -> None:
+        self.paths, self.huge = paths, huge
+        self.fds: dict[int, int] = {}
+        self.pending: list[tuple[int, int, int]] = []  # (file, block offset, bytes after it to be cached)
+        self.last: list[tuple[int, int, int]] = []  # near an extent's end: tried once more at the end
+
+    def add(self, file: int, blocks: list[int], extent_end: int, ra: int) -> None:
+        span = ra + self.huge  # the scan: a readahead window past the folio's first page, with margin
+        for b in blocks:
+            (self.pending if b + self.huge + span <= extent_end else self.last).append((file, b, span))
+        self.pending = [p for p in self.pending if not self._clear(*p)]
+
+    def _clear(self, file: int, block: int, span: int) -> bool:
+        """True once the block is done with (cleared, or given up: a mark is only a cost)."""
+        if file >= len(self.paths):
+            return True
+        try:
+            fd = self.fds.get(file)
+            if fd is None:
+                fd = self.fds[file] = os.open(self.paths[file], os.O_RDONLY)
+            start = block + self.huge
+            cached = _platform.cached_bytes(fd, start, span)
+            if cached is None:
+                cached = _platform.resident_bytes(fd, start, span)
+            if cached < min(span, max(os.fstat(fd).st_size - start, 0)):
+                return False  # a gap within reach: the mark would start a read there
+            _platform.read_byte(fd, block)
+        except (OSError, WarmpoolError):
+            pass  # the file changed or vanished: the warm itself reports that
+        return True
+
+    def close(self) -> None:
+        """Once every chunk is done: all that can be cleared now."""
+        self.pending = [p for p in self.pending + self.last if not self._clear(*p)]
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+class _FaultThreads:
+    """A few threads of one worker faulting blocks of the current chunk at once.
+
+    Under MADV_RANDOM a fault reads only its own block and waits for it, so one thread keeps a
+    single read in flight; the device needs several (docs/folios.md).  madvise and numpy's
+    reduction release the GIL while they fault.  The first error stops the chunk and is
+    raised in the worker's thread."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.lock = threading.Lock()
+
+    def run(self, window: _platform.FileWindow, spans: list[tuple[int, int]], strategy: str,
+            counter: WorkerCounter) -> None:
+        todo = list(reversed(spans))
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            while True:
+                with self.lock:
+                    if errors or not todo:
+                        return
+                    rel, n = todo.pop()
+                try:
+                    _fault(window, rel, n, strategy, window.fd, None)
+                except BaseException as e:  # noqa: BLE001 - handed to the worker's thread
+                    with self.lock:
+                        errors.append(e)
+                    return
+                with self.lock:
+                    counter.add(n)
+
+        threads = [threading.Thread(target=work, daemon=True) for _ in range(min(self.n, len(spans)) - 1)]
+        for t in threads:
+            t.start()
+        work()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
 
 
 def _open_files(paths: Sequence[str]) -> list[int]:
@@ -165,7 +337,7 @@ def worker_main(paths: Sequence[str], chunks: Sequence[tuple[int, int, int]], sh
         _refuse(conn, e)  # e.g. the file vanished between the plan and this open
         return
     to_warm = chunks if warmed is None else [chunks[i] for i in warmed]
-    warmer = _ChunkWarmer(strategy, counter, Guards(to_warm))
+    warmer = _ChunkWarmer(strategy, counter, Guards(to_warm), paths)
     warmer.hidden = hidden
     try:
         while (index := conn.recv()) is not None:
@@ -177,6 +349,7 @@ def worker_main(paths: Sequence[str], chunks: Sequence[tuple[int, int, int]], sh
                 conn.send(("error", index, e))
                 return
             conn.send(("done", index))
+        warmer.finish()  # the coordinator sends None once every chunk is done
     except (EOFError, BrokenPipeError):
         pass  # the coordinator went away: nothing left to report to
     finally:
