@@ -17,6 +17,7 @@ import resource
 
 from warmpool import _platform_posix as _posix
 from warmpool._errors import PlatformError
+from warmpool._platform_window import FileWindow
 
 __all__ = ["HeldMapping", "locked_bytes", "memlock_limit", "memory_pressure", "pid_alive"]
 
@@ -27,17 +28,14 @@ _munlock = _posix._bind("munlock", ctypes.c_int, ctypes.c_void_p, ctypes.c_size_
 PAGE_SIZE = _posix.PAGE_SIZE
 
 
-class HeldMapping:
+class HeldMapping(FileWindow):
     """A read-only shared mapping of ``[offset, offset + length)`` of an open file that the
     caller keeps for as long as it wants the pages kept: mapped pages are what a reclaimer
     that skips mapped folios leaves alone, their accessed bits are what reclaim asks
     (``folio_referenced``), and ``mlock`` pins them."""
 
     def __init__(self, fd: int, offset: int, length: int) -> None:
-        if offset % mmap.ALLOCATIONGRANULARITY or length <= 0:
-            raise PlatformError(f"held mapping [{offset}, +{length}) must start on a page and be non-empty")
-        self.offset, self.length = offset, length
-        self.address = _posix._map_readonly(fd, offset, length)
+        super().__init__(fd, offset, length)
         self._view = None  # numpy view for touch(), made on first use
 
     def _span(self, rel: int, n: int) -> tuple[int, int]:
@@ -100,17 +98,8 @@ class HeldMapping:
 
     def close(self) -> None:
         """Unmap (which also unlocks); later calls do nothing."""
-        address, self.address = self.address, 0
         self._view = None
-        if address:
-            _posix._unmap(address, self.length)
-
-    def __del__(self) -> None:
-        if getattr(self, "address", 0):
-            try:
-                self.close()
-            except Exception:  # noqa: BLE001 - nothing to report to from a finalizer
-                pass
+        super().close()
 
 
 def memlock_limit() -> int | None:
