@@ -8,6 +8,7 @@ instead of failing.
 
 from __future__ import annotations
 
+import array
 import ctypes
 import errno
 import mmap
@@ -246,13 +247,21 @@ def _populate_probe() -> bool:
         _posix._unmap(address, PAGE_SIZE)
 
 
-class _IoVec(ctypes.Structure):
-    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
-
-
-_process_vm_readv = _posix._bind("process_vm_readv", ctypes.c_ssize_t, ctypes.c_int, ctypes.c_void_p,
-                                 ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong)
+_pwritev = _posix._bind("pwritev", ctypes.c_ssize_t, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_long)
 _IOV_MAX = 1024
+_sink: list[int] = []  # one memfd per process: pwritev's destination, overwritten at offset 0
+
+
+def _sink_fd() -> int | None:
+    if not _sink:
+        try:
+            fd = os.memfd_create("warmpool-read-pages", os.MFD_CLOEXEC)
+        except (AttributeError, OSError):
+            return None
+        _sink.append(fd)  # two threads may race here: the loser's fd is closed below
+        if _sink[0] != fd:
+            os.close(fd)
+    return _sink[0]
 
 
 class FileWindow(_posix.FileWindow):
@@ -262,26 +271,31 @@ class FileWindow(_posix.FileWindow):
     _POPULATE_ADVICE = MADV_POPULATE_READ
 
     def read_pages(self, rel: int, n: int) -> None:
-        """As the POSIX window's, but the kernel reads the bytes (process_vm_readv of our own
-        pages, up to 1024 one-byte pieces a call): no SIGBUS (a page past EOF ends the call
-        short), and the calling thread releases the GIL while it waits, so the threads of a
-        worker read pages at once."""
-        if _process_vm_readv is None:
+        """As the POSIX window's, but the kernel reads the bytes: ``pwritev`` of one byte per
+        page, up to 1024 pages a call, into a memfd of this process (always at offset 0, so it
+        stays one page).  The kernel copies them with ordinary user accesses (copy_from_user),
+        the calling thread releases the GIL meanwhile, and a page past EOF ends the call with
+        EFAULT instead of SIGBUS.  process_vm_readv, used before, pins every page
+        (get_user_pages) and cost about 1 µs a page more (docs/bench/warm_speed.txt)."""
+        sink = _sink_fd() if _pwritev is not None else None
+        if sink is None:
             return super().read_pages(rel, n)
         address, size = self._span(rel, n)
-        pid, pages = os.getpid(), size // PAGE_SIZE
-        sink = ctypes.create_string_buffer(_IOV_MAX)
-        local = _IoVec(ctypes.addressof(sink), _IOV_MAX)
+        pages = size // PAGE_SIZE
         for first in range(0, pages, _IOV_MAX):
             count = min(_IOV_MAX, pages - first)
-            remote = (_IoVec * count)(*((address + (first + i) * PAGE_SIZE, 1) for i in range(count)))
-            if _process_vm_readv(pid, ctypes.byref(local), 1, remote, count, 0) < 0:
+            base = address + first * PAGE_SIZE
+            # (address, 1) pairs built by slice assignment: C loops, not one ctypes object a page
+            pairs = [1] * (2 * count)
+            pairs[0::2] = range(base, base + count * PAGE_SIZE, PAGE_SIZE)
+            iov = array.array("Q" if ctypes.sizeof(ctypes.c_void_p) == 8 else "L", pairs)
+            if _pwritev(sink, iov.buffer_info()[0], count, 0) < 0:
                 err = ctypes.get_errno()
-                if err in (errno.ENOSYS, errno.EPERM):  # seccomp or no such call: read them here
-                    return super().read_pages(rel, n)
                 if err == errno.EFAULT:  # a page past EOF: the file shrank, as populate reports it
                     raise self._populate_error(err, rel + n)
-                raise _posix._failure("process_vm_readv", err)
+                if err in (errno.ENOSYS, errno.EPERM):
+                    return super().read_pages(rel, n)
+                raise _posix._failure("pwritev", err)
 
 
 # -- features ------------------------------------------------------------------------

@@ -48,10 +48,13 @@ from ._strategy import check_strategy
 __all__ = ["AUTO_MAX", "AUTO_START", "PoolResult", "run_pool"]
 
 # A worker costs a fresh interpreter's start-up and a few MB, and one worker already keeps many
-# requests in flight (stepped hints on latency-bound storage, fault readahead on a local disk):
-# so start with one and double only while that pays.  Past 16 the CLI and its workers outgrow
-# issue 3's 200 MB memory bound.  Figures and how they were measured: docs/bench/pool.md.
-AUTO_START, AUTO_MAX = 1, 16
+# requests in flight (stepped hints on latency-bound storage, PMD-size faults from its threads on
+# a local disk), so the pool grows only while that pays.  It starts with one worker per CPU (at
+# most 4), not one: each worker also reads every page once with the CPU (read_pages), and a
+# single worker left the second core idle for ~0.3 s of a 1 s warm before the first doubling
+# (docs/bench/warm_speed.txt).  Past 16 the CLI and its workers outgrow issue 3's 200 MB
+# memory bound.  Figures and how they were measured: docs/bench/pool.md.
+AUTO_START, AUTO_MAX = max(1, min(os.cpu_count() or 1, 4)), 16
 AUTO_GAIN = 1.15  # grow again only while a doubling bought at least 15% more throughput
 # A measurement window spans at least 64 MiB and 16 MiB (one default chunk) per worker, and at
 # least 0.25 s: 64 MiB alone passes in tens of ms, mostly scheduling noise on a busy machine.
