@@ -177,6 +177,26 @@ def test_touch_on_a_truncated_file_dies_of_sigbus(cold: ColdFile) -> None:
 
 
 @pytest.mark.pagecache
+def test_read_pages_reads_every_page(cold: ColdFile) -> None:
+    # read_pages exists to load each page with the CPU; on a cold window that faults every page in.
+    with FileWindow(cold.fd, 4 * MiB, 8 * MiB) as window:
+        window.read_pages(0, 8 * MiB)
+        assert window.resident() == b"\1" * (8 * MiB // PAGE_SIZE)
+
+
+@pytest.mark.pagecache
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel-side read_pages is Linux's")
+def test_read_pages_on_a_truncated_file_raises_file_changed(cold: ColdFile) -> None:
+    # The kernel reads the bytes (pwritev from the mapping), so a page past EOF is an error,
+    # not SIGBUS in this process.
+    with FileWindow(cold.fd, 0, SIZE) as window:
+        os.truncate(cold.path, 4 * MiB)
+        window.read_pages(0, 4 * MiB)  # what is still file is fine
+        with pytest.raises(FileChangedError, match="shrank"):
+            window.read_pages(0, SIZE)
+
+
+@pytest.mark.pagecache
 def test_read_range_on_a_truncated_file_raises_file_changed(cold: ColdFile) -> None:
     os.truncate(cold.path, 5 * MiB + 3)
     with pytest.raises(FileChangedError, match="shrank"):
