@@ -22,7 +22,8 @@ worker writes only its own byte counter.
 
 Worker count: ``workers=None`` grows the pool while it pays.  It starts with
 ``AUTO_START`` workers and doubles, up to ``AUTO_MAX``, each time a measurement window shows
-the throughput still rising by ``AUTO_GAIN``: on a local disk one reader already saturates the
+the throughput still rising by ``AUTO_GAIN``, and undoes the last doubling when it did not pay
+(the extra workers stop after their chunk): on a local disk one reader already saturates the
 device and the pool stays small; on latency-bound storage (network block devices, NFS, FUSE)
 throughput keeps rising with concurrency and the pool grows (docs/design.md; figures:
 docs/bench/pool.md).
@@ -144,7 +145,11 @@ class _Growth:
             return
         rate = (done_bytes - self.mark_bytes) / (now - self.mark_time)
         if self.last_rate and rate < self.last_rate * AUTO_GAIN:
-            self.growing = False  # the last doubling did not pay: keep what we have
+            # The last doubling did not pay: go back to the half.  Keeping the extra workers cost
+            # time, not only CPU: on the 2-core VM 4 workers took 1.37 s where 2 took 0.95 s
+            # (docs/bench/warm_speed_cpu.txt).
+            self.growing = False
+            self.target = max(self.target // 2, 1)
         else:
             self.target = min(self.target * 2, self.limit)
             self.growing = self.target < self.limit
@@ -161,6 +166,7 @@ class _Coordinator:
         self.strategy, self.segment, self.should_stop = strategy, segment, should_stop
         self.growth = _Growth(workers, len(order))
         self.workers: list[_Worker] = []
+        self.retired: set[int] = set()  # slots told to stop when the pool shrank back
         self.busy: dict[int, int] = {}  # slot -> chunk index
         self.completed_bytes = 0
         self.peak = 0
@@ -199,6 +205,13 @@ class _Coordinator:
         self.completed_bytes += self.chunks[index][2]
         self.segment.set_chunk_state(index, "done")
         self.growth.update(self.completed_bytes)
+        if len(self.workers) - len(self.retired) > self.growth.target:
+            self.retired.add(worker.slot)  # the pool shrank back: this one stops (shutdown reaps it)
+            try:
+                worker.conn.send(None)
+            except OSError:
+                pass
+            return
         self._dispatch(worker)
 
     def _on_death(self, worker: _Worker) -> None:
@@ -233,6 +246,8 @@ class _Coordinator:
     def shutdown(self) -> None:
         """Stop every worker, politely if it is idle, by force otherwise; never leave one."""
         for w in self.workers:
+            if w.slot in self.retired:
+                continue  # told already
             try:
                 w.conn.send(None)
             except OSError:
