@@ -275,8 +275,9 @@ class FileWindow(_posix.FileWindow):
         page, up to 1024 pages a call, into a memfd of this process (always at offset 0, so it
         stays one page).  The kernel copies them with ordinary user accesses (copy_from_user),
         the calling thread releases the GIL meanwhile, and a page past EOF ends the call with
-        EFAULT instead of SIGBUS.  process_vm_readv, used before, pins every page
-        (get_user_pages) and cost about 1 µs a page more (docs/bench/warm_speed.txt)."""
+        EFAULT instead of SIGBUS.  The iovecs are built by slice assignment: one ctypes
+        structure per page cost ~1 µs a page, most of what this call used to cost
+        (docs/bench/warm_speed_phases.md)."""
         sink = _sink_fd() if _pwritev is not None else None
         if sink is None:
             return super().read_pages(rel, n)

@@ -53,7 +53,7 @@ __all__ = ["AUTO_MAX", "AUTO_START", "PoolResult", "run_pool"]
 # a local disk), so the pool grows only while that pays.  It starts with one worker per CPU (at
 # most 4), not one: each worker also reads every page once with the CPU (read_pages), and a
 # single worker left the second core idle for ~0.3 s of a 1 s warm before the first doubling
-# (docs/bench/warm_speed.txt).  Past 16 the CLI and its workers outgrow issue 3's 200 MB
+# (docs/bench/warm_speed_phases.md).  Past 16 the CLI and its workers outgrow issue 3's 200 MB
 # memory bound.  Figures and how they were measured: docs/bench/pool.md.
 AUTO_START, AUTO_MAX = max(1, min(os.cpu_count() or 1, 4)), 16
 AUTO_GAIN = 1.15  # grow again only while a doubling bought at least 15% more throughput
