@@ -48,11 +48,12 @@ sys.path[:0] = [str(ROOT), str(TOOLS)]
 import numpy as np  # noqa: E402
 from engine_sim import MoeEngine  # noqa: E402
 from first_request import resident  # noqa: E402
+from mem_pressure import Hog, MemoryCage, make_file  # noqa: E402
 
 from warmpool import _platform  # noqa: E402
 from warmpool.example import BENCH, model_nbytes, write_moe_gguf  # noqa: E402
 
-CONFIGS = ("none", "oneshot", "keep", "keep-lock")
+CONFIGS = ("none", "oneshot", "keep", "keep-touch", "keep-lock")
 MODEL_NAME = "keep-bench-qwen3moe-v1.gguf"
 
 
@@ -104,8 +105,9 @@ def rss_anon_tree(pid: int) -> int:
 class Keeper:
     """``warmpool keep MODEL --json`` in a child process, its events collected."""
 
-    def __init__(self, path: Path, lock: bool, interval: float) -> None:
+    def __init__(self, path: Path, lock: bool, interval: float, hold: str | None = None) -> None:
         argv = [sys.executable, "-m", "warmpool", "keep", str(path), "--json", "--interval", str(interval)]
+        argv += ["--hold", hold] if hold else []
         self.proc = subprocess.Popen(argv + (["--lock"] if lock else []), stdout=subprocess.PIPE, text=True, cwd=ROOT)
         self.events: queue.Queue = queue.Queue()
         self.seen: list[dict] = []
@@ -139,8 +141,11 @@ class Keeper:
         return code
 
 
-def run_config(name: str, path: Path, seconds: float, every: float, tokens: int, interval: float, skew: float) -> dict:
+def run_config(name: str, path: Path, seconds: float, every: float, tokens: int, interval: float, skew: float,
+               hog_file: Path | None = None, hog_rate: float = 0, touch_interval: float = 3) -> dict:
     _platform.evict_file(path)
+    if hog_file:
+        _platform.evict_file(hog_file)
     load_before = loadavg()
     cold = resident(path)
     keeper = None
@@ -148,8 +153,11 @@ def run_config(name: str, path: Path, seconds: float, every: float, tokens: int,
     if name == "oneshot":
         subprocess.run([sys.executable, "-m", "warmpool", "warm", str(path), "--quiet", "--no-progress"], check=True, cwd=ROOT)
     elif name.startswith("keep"):
-        keeper = Keeper(path, lock=name == "keep-lock", interval=interval)
+        touch = name == "keep-touch"
+        keeper = Keeper(path, lock=name == "keep-lock", interval=touch_interval if touch else interval,
+                        hold="touch" if touch else None)
     prep = time.monotonic() - prep_start
+    hog = Hog(hog_file, hog_rate) if hog_file else None
     start_wall = time.monotonic()
     cpu0 = cpu_seconds(keeper.proc.pid) if keeper else 0.0
     rows, rss_peak = [], 0
@@ -165,20 +173,30 @@ def run_config(name: str, path: Path, seconds: float, every: float, tokens: int,
             if keeper:
                 rss_peak = max(rss_peak, rss_anon_tree(keeper.proc.pid))
             engine.seed = twin.seed = 1000 + i
-            majflt0 = _majflt()
+            kcpu0 = cpu_seconds(keeper.proc.pid) if keeper else 0.0
+            u0, wall0 = _usage(), time.time()
             t0 = time.perf_counter()
             engine.request(tokens)
             t1 = time.perf_counter()
-            majflt = _majflt() - majflt0
+            u1, wall1 = _usage(), time.time()
+            kcpu = cpu_seconds(keeper.proc.pid) - kcpu0 if keeper else 0.0
             twin.request(tokens)  # same request, same mapping history, page cache now warm
             t2 = time.perf_counter()
+            u2 = _usage()
             engine.request(tokens)  # again in the engine's own mapping: every page mapped
             t3 = time.perf_counter()
-            rows.append({"t": round(due - start, 1), "first_s": t1 - t0, "steady_s": t2 - t1, "hot_s": t3 - t2,
-                         "majflt": majflt})
+            # Why a request was slow, observed rather than guessed: its major faults (disk), its
+            # involuntary context switches (another runnable task took the CPU: load), the
+            # keeper's CPU ticks while it ran, and the model's resident fraction after it.
+            rows.append({"t": round(due - start, 1), "wall": (wall0, wall1), "first_s": t1 - t0, "steady_s": t2 - t1,
+                         "hot_s": t3 - t2, "majflt": u1.ru_majflt - u0.ru_majflt,
+                         "nivcsw": u1.ru_nivcsw - u0.ru_nivcsw, "steady_nivcsw": u2.ru_nivcsw - u1.ru_nivcsw,
+                         "keeper_cpu_s": kcpu, "resident": resident(path)})
             i += 1
     engine_read = read_bytes() - engine_read0
     wall = time.monotonic() - start_wall
+    if hog:
+        hog.stop()
     result = {"config": name, "requests": len(rows), "seconds": round(wall, 1), "every_s": every, "tokens": tokens, "skew": skew,
               "cold_fraction_at_start": round(cold, 4), "prep_s": round(prep, 2)}
     if keeper:
@@ -194,6 +212,12 @@ def run_config(name: str, path: Path, seconds: float, every: float, tokens: int,
         events = keeper.seen
         result["keeper_bytes_rewarmed"] = sum(e.get("bytes_rewarmed", 0) for e in events if e["event"] == "rewarmed")
         result["keeper_rewarms"] = sum(1 for e in events if e["event"] == "rewarmed")
+        result["keeper_backoffs"] = sum(1 for e in events if e["event"] == "backoff")
+        result["per_request_keeper_events"] = [e for e in events if e["event"] in ("rewarmed", "backoff", "error")]
+        result["keeper_backoff_reasons"] = sorted({e["reason"].split(":")[0] for e in events if e["event"] == "backoff"})
+        rewarms = [(e["time"] - e.get("seconds", 0), e["time"]) for e in events if e["event"] == "rewarmed"]
+        for r in rows:  # a re-warm overlapping the request (event time is its end, seconds its length)
+            r["rewarm_overlap"] = any(a <= r["wall"][1] and b >= r["wall"][0] for a, b in rewarms)
     ratios = np.array([r["first_s"] / r["steady_s"] for r in rows])
     hot = np.array([r["first_s"] / r["hot_s"] for r in rows])
     firsts = np.array([r["first_s"] for r in rows])
@@ -206,9 +230,14 @@ def run_config(name: str, path: Path, seconds: float, every: float, tokens: int,
         steady_median_ms=round(float(np.median(steadies)) * 1e3, 1),
         engine_bytes_read=engine_read, engine_majflt=int(sum(r["majflt"] for r in rows)),
         slow_requests=int((ratios > 1.2).sum()),
+        resident_min=round(min(r["resident"] for r in rows), 4),
+        **_causes(rows, ratios),
         load_before=load_before, load_after=loadavg(),
+        per_request_fields=["t", "first_ms", "steady_ms", "hot_ms", "majflt", "nivcsw", "steady_nivcsw",
+                            "keeper_cpu_ms", "rewarm_overlap", "resident"],
         per_request=[[r["t"], round(r["first_s"] * 1e3, 1), round(r["steady_s"] * 1e3, 1), round(r["hot_s"] * 1e3, 1),
-                      r["majflt"]] for r in rows],
+                      r["majflt"], r["nivcsw"], r["steady_nivcsw"], round(r["keeper_cpu_s"] * 1e3),
+                      r.get("rewarm_overlap", False), round(r["resident"], 4)] for r in rows],
     )
     return result
 
@@ -226,21 +255,51 @@ def _warm_up_python() -> None:
             engine.request(2)
 
 
-def _majflt() -> int:
+def _usage():
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_majflt
+    return resource.getrusage(resource.RUSAGE_SELF)
+
+
+def _causes(rows: list[dict], ratios: np.ndarray) -> dict:
+    """Slow requests (> 1.2x) by what was seen during them, first match wins: major faults (the
+    engine read the disk), the keeper re-warming or using CPU, preemption (an involuntary
+    context switch during the request or its steady twin: other runnable tasks), none seen.
+    And p99 over the requests where none of the request, its twin or the keeper was preempted or
+    busy, shown beside the p99 of all requests, never instead of it."""
+    causes = {"disk": 0, "keeper": 0, "preempted": 0, "unexplained": 0}
+    quiet = []
+    for r, x in zip(rows, ratios):
+        keeper = r.get("rewarm_overlap") or r["keeper_cpu_s"] > 0
+        preempted = r["nivcsw"] + r["steady_nivcsw"] > 0
+        if not keeper and not preempted:
+            quiet.append(x)
+        if x <= 1.2:
+            continue
+        cause = "disk" if r["majflt"] else "keeper" if keeper else "preempted" if preempted else "unexplained"
+        causes[cause] += 1
+    return {"slow_by_cause": causes, "quiet_requests": len(quiet),
+            "p99_x_steady_quiet": round(float(np.percentile(quiet, 99)), 3) if quiet else None}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=180, help="length of each configuration's run (default 180)")
-    ap.add_argument("--every", type=float, default=5, help="seconds between requests (default 5)")
+    ap.add_argument("--every", type=float, default=2, help="seconds between requests (default 2: ~90 requests in 3 "
+                    "minutes, so p99 is not just the slowest one)")
     ap.add_argument("--tokens", type=int, default=1, help="tokens per request (default 1)")
     ap.add_argument("--interval", type=float, default=10, help="the keeper's --interval (default 10)")
     ap.add_argument("--skew", type=float, default=1.0, help="router skew (engine_sim): 0 uniform; 1 (default) leaves "
                     "~30%% of experts untouched after 37 requests and reaches new ones throughout")
     ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--touch-interval", type=float, default=3, help="keep-touch's --interval (with --hold touch; "
+                    "default 3: not a multiple of --every, so touches do not fall in step with requests)")
+    ap.add_argument("--pressure", choices=("cgroup", "none"), default="cgroup",
+                    help="cgroup (default): run everything in a child memory cgroup limited to the model plus "
+                         "--headroom, with a co-tenant streaming through --hog-size of another file; none: no pressure")
+    ap.add_argument("--headroom", default="512M", help="cgroup limit over the model's size (default 512M)")
+    ap.add_argument("--hog-size", default="2G", help="the co-tenant's file (default 2G)")
+    ap.add_argument("--hog-rate", type=float, default=128, help="the co-tenant's read rate, MB/s (default 128)")
     ap.add_argument("--model-dir", default=None)
     ap.add_argument("--json-out", default=None, help="also append the JSON lines to this file")
     args = ap.parse_args(argv)
@@ -251,29 +310,64 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {path} ({path.stat().st_size / 1e9:.2f} GB); a request ({args.tokens} token, router skew {args.skew:g}) every {args.every:g} s "
           f"for {args.seconds:g} s per configuration; keeper --interval {args.interval:g}; cpus {os.cpu_count()}", flush=True)
     _warm_up_python()
+    cage = hog_file = None
+    if args.pressure == "cgroup":
+        from warmpool._units import parse_size
+
+        hog_file = make_file(path.parent / "co-tenant.bin", parse_size(args.hog_size))
+        try:
+            cage = MemoryCage(path.stat().st_size + parse_size(args.headroom))
+        except OSError as e:
+            print(f"keep_bench: cannot make a memory cgroup ({e}); use --pressure none", file=sys.stderr)
+            return 1
+        print(f"memory cgroup {cage.path} limit {cage.limit / 2**20:.0f} MiB (model + {args.headroom}); co-tenant "
+              f"streams {hog_file.stat().st_size / 2**30:.1f} GiB at {args.hog_rate:g} MB/s from the end of each warm", flush=True)
+    try:
+        results = _run_all(args, path, configs, hog_file)
+    finally:
+        if cage:
+            cage.close()
+    return _report(results)
+
+
+def _run_all(args, path: Path, configs: list[str], hog_file: Path | None) -> list[dict]:
     results = []
     for name in configs:
-        r = run_config(name, path, args.seconds, args.every, args.tokens, args.interval, args.skew)
+        r = run_config(name, path, args.seconds, args.every, args.tokens, args.interval, args.skew,
+                       hog_file=hog_file, hog_rate=args.hog_rate, touch_interval=args.touch_interval)
         results.append(r)
-        brief = {k: v for k, v in r.items() if k != "per_request"}
+        brief = {k: v for k, v in r.items() if not k.startswith("per_request")}
         print(json.dumps(brief), flush=True)
         if args.json_out:
             with open(args.json_out, "a") as f:
                 f.write(json.dumps(r) + "\n")
+    return results
+
+
+def _fmt(x: float | None) -> str:
+    return f"{x:>5.2f}" if x is not None else "  n/a"
+
+
+def _report(results: list[dict]) -> int:
     print()
     head = f"{'config':<10} {'p50 x':>6} {'p99 x':>6} {'max x':>6} {'p50 ms':>7} {'p99 ms':>7} {'steady':>7} {'hot x':>6} {'slow':>5} " \
-           f"{'disk MB':>8} {'rewarm MB':>9} {'cpu %':>6} {'RssAnon':>8} {'end res':>7} {'load':>9}"
+           f"{'disk MB':>8} {'rewarm MB':>9} {'cpu %':>6} {'RssAnon':>8} {'min res':>7} {'end res':>7} {'quiet p99':>10} {'slow d/k/p/u':>12} {'load':>9}"
     print(head)
     for r in results:
         print(f"{r['config']:<10} {r['p50_x_steady']:>6.2f} {r['p99_x_steady']:>6.2f} {r['max_x_steady']:>6.2f} "
               f"{r['p50_ms']:>7.1f} {r['p99_ms']:>7.1f} {r['steady_median_ms']:>7.1f} {r['p50_x_hot']:>6.1f} {r['slow_requests']:>5} "
               f"{r['engine_bytes_read'] / 1e6:>8.1f} {r.get('keeper_bytes_rewarmed', 0) / 1e6:>9.1f} "
               f"{100 * r.get('keeper_cpu_share', 0):>6.2f} {r.get('keeper_rss_anon_peak_mb', 0):>6.1f}MB "
-              f"{r['resident_fraction_end']:>7.1%} {r['load_before']:>4.1f}/{r['load_after']:<4.1f}")
+              f"{r['resident_min']:>7.1%} {r['resident_fraction_end']:>7.1%} "
+              f"{_fmt(r['p99_x_steady_quiet'])}x/{r['quiet_requests']:<3} {'/'.join(str(v) for v in r['slow_by_cause'].values()):>12} "
+              f"{r['load_before']:>4.1f}/{r['load_after']:<4.1f}")
     print("x: a request's time over steady, the same request right after in a twin engine (its own lazy mapping, same"
           " request history, so the same page-table set-up) when the page cache is warm; slow: requests over 1.2x;"
-          " disk MB: the engine's own reads; rewarm MB: the keeper's; load: 1-min load average before/after")
-    print(json.dumps({"keep_bench": [{k: v for k, v in r.items() if k != "per_request"} for r in results]}))
+          " disk MB: the engine's own reads; rewarm MB: the keeper's; min/end res: the model's resident fraction, lowest"
+          " after any request / at the end; quiet p99: over the requests (count after /) where neither the request, its"
+          " twin nor the keeper was preempted or busy; slow d/k/p/u: slow requests with major faults / keeper busy /"
+          " preempted / none of these; load: 1-min load average before/after")
+    print(json.dumps({"keep_bench": [{k: v for k, v in r.items() if not k.startswith("per_request")} for r in results]}))
     return 0
 
 
