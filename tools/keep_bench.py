@@ -1,30 +1,44 @@
-"""A lazy engine serving a request every N seconds for minutes: without warmpool, after a
-one-shot warm, with ``warmpool keep``, with ``warmpool keep --lock``.
+"""A lazy engine serving a request every N seconds for minutes under real memory pressure:
+without warmpool, after a one-shot warm, with ``warmpool keep`` (defaults), with ``keep --hold
+touch`` at a short interval, with ``keep --lock``.
 
-    python tools/keep_bench.py [--seconds 180] [--every 5] [--tokens 1] [--configs none,oneshot,keep,keep-lock]
+    python tools/keep_bench.py [--seconds 180] [--every 2] [--configs none,oneshot,keep,keep-touch,keep-lock]
+                               [--pressure cgroup|none] [--headroom 512M] [--hog-size 2G] [--hog-rate 128]
 
 The engine is tools/engine_sim.py's simulated CPU-MoE engine (plain lazy ``mmap``, no
 pre-fault) on a private copy of the ~1.76 GB synthetic qwen3moe (``warmpool.example.BENCH``:
 16 layers, top-8 of 64 experts), generated once into ``~/.cache/warmpool/keep-bench`` (other
 tools evict their own copy; this one must not be disturbed mid-run).  Request ``i`` routes with
 seed ``i`` through a skewed router (``--skew``: a few experts are routed often, most rarely, as
-in real MoE models), so each request reaches some experts no earlier request touched: those
-pages were warmed at the start and since then mapped by nobody but a keeper, which is what the
-proactive reclaim on our VMs takes (docs/keep.md).  Each request is followed at once by
-the same request in a twin engine: its own lazy mapping of the file that has served the same
-requests, so it pays the same page-table set-up (minor faults, which a lazy engine pays the first
-time it touches a page however warm the cache is) but finds the page cache warm: that is the
-request's steady time, and load from other jobs moves both alike.  The same request a third time
-in the engine's own mapping (every page mapped) is shown as "hot".  Per configuration, one after another from an evicted file:
+in real MoE models), so each request reaches some experts no earlier request touched.
+
+Eviction is real (tools/mem_pressure.py, ``--pressure cgroup``, the default): the bench moves
+itself into a child memory cgroup limited to the model's size plus ``--headroom``, so the warm,
+the keeper, their workers, the engine and a co-tenant all share that limit, and from the end of
+each warm the co-tenant streams through ``--hog-size`` of another file at ``--hog-rate`` MB/s.
+The kernel's LRU reclaim then takes the model pages nobody has referenced lately (docs/keep.md).
+The limit bounds the pressure: nothing outside the cgroup is squeezed.
+
+Each request is followed at once by the same request in a twin engine: its own lazy mapping of
+the file that has served the same requests, so it pays the same page-table set-up but finds the
+page cache warm: that is the request's steady time, and load from other jobs moves both alike.
+The same request a third time in the engine's own mapping is shown as "hot".  Per configuration,
+one after another from an evicted file:
 
 * request time p50/p99 as a multiple of steady (paired per request) and in ms;
 * bytes the engine read from disk (its /proc/self/io read_bytes) and bytes the keeper re-read
   (its ``rewarmed`` events); the engine's major faults;
 * the keeper's CPU share (its own and its reaped workers' CPU time over the wall time) and peak
   RssAnon of the keeper plus any live worker, sampled before every request;
-* the model's resident fraction at the end, and the 1-minute load average before and after.
+* the model's resident fraction after every request (lowest and at the end);
+* why each slow request (> 1.2x) was slow, as observed during it: major faults, the keeper
+  busy (CPU ticks or a re-warm overlapping it), preemption (involuntary context switches of
+  the request or its twin), or none of these; and p99 over the "quiet" requests (none of those)
+  beside, never instead of, p99 over all;
+* the 1-minute load average before and after.
 
-Prints a table, one JSON line per configuration and a last JSON line with all of them.
+Prints a table, one JSON line per configuration and a last JSON line with all of them;
+``--json-out`` also keeps the per-request rows and the keeper's events.
 """
 
 from __future__ import annotations
@@ -141,27 +155,9 @@ class Keeper:
         return code
 
 
-def run_config(name: str, path: Path, seconds: float, every: float, tokens: int, interval: float, skew: float,
-               hog_file: Path | None = None, hog_rate: float = 0, touch_interval: float = 3) -> dict:
-    _platform.evict_file(path)
-    if hog_file:
-        _platform.evict_file(hog_file)
-    load_before = loadavg()
-    cold = resident(path)
-    keeper = None
-    prep_start = time.monotonic()
-    if name == "oneshot":
-        subprocess.run([sys.executable, "-m", "warmpool", "warm", str(path), "--quiet", "--no-progress"], check=True, cwd=ROOT)
-    elif name.startswith("keep"):
-        touch = name == "keep-touch"
-        keeper = Keeper(path, lock=name == "keep-lock", interval=touch_interval if touch else interval,
-                        hold="touch" if touch else None)
-    prep = time.monotonic() - prep_start
-    hog = Hog(hog_file, hog_rate) if hog_file else None
-    start_wall = time.monotonic()
-    cpu0 = cpu_seconds(keeper.proc.pid) if keeper else 0.0
+def _serve(path: Path, seconds: float, every: float, tokens: int, skew: float, keeper: Keeper | None):
+    """The engine's requests, each timed with its steady and hot twins; returns (rows, keeper RssAnon peak)."""
     rows, rss_peak = [], 0
-    engine_read0 = read_bytes()
     with MoeEngine(path, skew=skew) as engine, MoeEngine(path, skew=skew) as twin:
         start = time.monotonic()
         i = 0
@@ -193,10 +189,37 @@ def run_config(name: str, path: Path, seconds: float, every: float, tokens: int,
                          "nivcsw": u1.ru_nivcsw - u0.ru_nivcsw, "steady_nivcsw": u2.ru_nivcsw - u1.ru_nivcsw,
                          "keeper_cpu_s": kcpu, "resident": resident(path)})
             i += 1
-    engine_read = read_bytes() - engine_read0
-    wall = time.monotonic() - start_wall
-    if hog:
-        hog.stop()
+    return rows, rss_peak
+
+
+def run_config(name: str, path: Path, seconds: float, every: float, tokens: int, interval: float, skew: float,
+               hog_file: Path | None = None, hog_rate: float = 0, touch_interval: float = 3) -> dict:
+    _platform.evict_file(path)
+    if hog_file:
+        _platform.evict_file(hog_file)
+    load_before = loadavg()
+    cold = resident(path)
+    keeper = None
+    prep_start = time.monotonic()
+    if name == "oneshot":
+        subprocess.run([sys.executable, "-m", "warmpool", "warm", str(path), "--quiet", "--no-progress"], check=True, cwd=ROOT)
+    elif name.startswith("keep"):
+        touch = name == "keep-touch"
+        keeper = Keeper(path, lock=name == "keep-lock", interval=touch_interval if touch else interval,
+                        hold="touch" if touch else None)
+    prep = time.monotonic() - prep_start
+    hog = Hog(hog_file, hog_rate) if hog_file else None
+    start_wall = time.monotonic()
+    cpu0 = cpu_seconds(keeper.proc.pid) if keeper else 0.0
+    engine_read0 = read_bytes()
+    try:
+        rows, rss_peak = _serve(path, seconds, every, tokens, skew, keeper)
+        # before the co-tenant is reaped: a reaped child's I/O is added to its parent's /proc/PID/io
+        engine_read = read_bytes() - engine_read0
+        wall = time.monotonic() - start_wall
+    finally:
+        if hog:
+            hog.stop()
     result = {"config": name, "requests": len(rows), "seconds": round(wall, 1), "every_s": every, "tokens": tokens, "skew": skew,
               "cold_fraction_at_start": round(cold, 4), "prep_s": round(prep, 2)}
     if keeper:
