@@ -102,3 +102,38 @@ def test_memory_figures_read_from_this_machine():
     m = memory_figures()
     assert 0 < m.available <= m.total
     assert m.cgroup_limit is None or 0 < m.cgroup_limit < 1 << 60
+
+
+def test_page_cache_filling_a_cgroup_still_counts_as_available(tmp_path):
+    """A cgroup at its limit with page cache (what any busy cgroup looks like) must not read as
+    zero headroom: the kernel reclaims that cache at the next allocation."""
+    import os
+    import subprocess
+    import sys
+
+    from warmpool import _platform
+    from warmpool._policy import _cgroup_files
+
+    files = _cgroup_files()
+    if files is None or not files[0].endswith("limit_in_bytes") and not files[0].endswith("memory.max"):
+        pytest.skip("no memory cgroup here")
+    child = os.path.join(os.path.dirname(files[0]), f"warmpool-test-{os.getpid()}")
+    try:
+        os.mkdir(child)
+    except OSError as e:
+        pytest.skip(f"cannot make a child memory cgroup here: {e}")
+    limit = 192 << 20
+    try:
+        with open(os.path.join(child, os.path.basename(files[0])), "w") as f:
+            f.write(str(limit))
+        data = tmp_path / "cache.bin"
+        data.write_bytes(os.urandom(1 << 20) * 300)  # 300 MiB: more than the limit
+        _platform.evict_file(data)
+        script = (f"import os\nopen({os.path.join(child, 'cgroup.procs')!r}, 'w').write(str(os.getpid()))\n"
+                  f"with open({str(data)!r}, 'rb') as f:\n    while f.read(8 << 20): pass\n"
+                  "from warmpool._policy import memory_figures\nprint(memory_figures().available)")
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+        available = int(out.stdout)
+    finally:
+        os.rmdir(child)
+    assert available > limit // 4, f"{available} bytes available in a {limit}-byte cgroup full of page cache"

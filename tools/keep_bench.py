@@ -1,30 +1,44 @@
-"""A lazy engine serving a request every N seconds for minutes: without warmpool, after a
-one-shot warm, with ``warmpool keep``, with ``warmpool keep --lock``.
+"""A lazy engine serving a request every N seconds for minutes under real memory pressure:
+without warmpool, after a one-shot warm, with ``warmpool keep`` (defaults), with ``keep --hold
+touch`` at a short interval, with ``keep --lock``.
 
-    python tools/keep_bench.py [--seconds 180] [--every 5] [--tokens 1] [--configs none,oneshot,keep,keep-lock]
+    python tools/keep_bench.py [--seconds 180] [--every 2] [--configs none,oneshot,keep,keep-touch,keep-lock]
+                               [--pressure cgroup|none] [--headroom 512M] [--hog-size 2G] [--hog-rate 128]
 
 The engine is tools/engine_sim.py's simulated CPU-MoE engine (plain lazy ``mmap``, no
 pre-fault) on a private copy of the ~1.76 GB synthetic qwen3moe (``warmpool.example.BENCH``:
 16 layers, top-8 of 64 experts), generated once into ``~/.cache/warmpool/keep-bench`` (other
 tools evict their own copy; this one must not be disturbed mid-run).  Request ``i`` routes with
 seed ``i`` through a skewed router (``--skew``: a few experts are routed often, most rarely, as
-in real MoE models), so each request reaches some experts no earlier request touched: those
-pages were warmed at the start and since then mapped by nobody but a keeper, which is what the
-proactive reclaim on our VMs takes (docs/keep.md).  Each request is followed at once by
-the same request in a twin engine: its own lazy mapping of the file that has served the same
-requests, so it pays the same page-table set-up (minor faults, which a lazy engine pays the first
-time it touches a page however warm the cache is) but finds the page cache warm: that is the
-request's steady time, and load from other jobs moves both alike.  The same request a third time
-in the engine's own mapping (every page mapped) is shown as "hot".  Per configuration, one after another from an evicted file:
+in real MoE models), so each request reaches some experts no earlier request touched.
+
+Eviction is real (tools/mem_pressure.py, ``--pressure cgroup``, the default): the bench moves
+itself into a child memory cgroup limited to the model's size plus ``--headroom``, so the warm,
+the keeper, their workers, the engine and a co-tenant all share that limit, and from the end of
+each warm the co-tenant streams through ``--hog-size`` of another file at ``--hog-rate`` MB/s.
+The kernel's LRU reclaim then takes the model pages nobody has referenced lately (docs/keep.md).
+The limit bounds the pressure: nothing outside the cgroup is squeezed.
+
+Each request is followed at once by the same request in a twin engine: its own lazy mapping of
+the file that has served the same requests, so it pays the same page-table set-up but finds the
+page cache warm: that is the request's steady time, and load from other jobs moves both alike.
+The same request a third time in the engine's own mapping is shown as "hot".  Per configuration,
+one after another from an evicted file:
 
 * request time p50/p99 as a multiple of steady (paired per request) and in ms;
 * bytes the engine read from disk (its /proc/self/io read_bytes) and bytes the keeper re-read
   (its ``rewarmed`` events); the engine's major faults;
 * the keeper's CPU share (its own and its reaped workers' CPU time over the wall time) and peak
   RssAnon of the keeper plus any live worker, sampled before every request;
-* the model's resident fraction at the end, and the 1-minute load average before and after.
+* the model's resident fraction after every request (lowest and at the end);
+* why each slow request (> 1.2x) was slow, as observed during it: major faults, the keeper
+  busy (CPU ticks or a re-warm overlapping it), preemption (involuntary context switches of
+  the request or its twin), or none of these; and p99 over the "quiet" requests (none of those)
+  beside, never instead of, p99 over all;
+* the 1-minute load average before and after.
 
-Prints a table, one JSON line per configuration and a last JSON line with all of them.
+Prints a table, one JSON line per configuration and a last JSON line with all of them;
+``--json-out`` also keeps the per-request rows and the keeper's events.
 """
 
 from __future__ import annotations
@@ -48,11 +62,12 @@ sys.path[:0] = [str(ROOT), str(TOOLS)]
 import numpy as np  # noqa: E402
 from engine_sim import MoeEngine  # noqa: E402
 from first_request import resident  # noqa: E402
+from mem_pressure import Hog, MemoryCage, make_file  # noqa: E402
 
 from warmpool import _platform  # noqa: E402
 from warmpool.example import BENCH, model_nbytes, write_moe_gguf  # noqa: E402
 
-CONFIGS = ("none", "oneshot", "keep", "keep-lock")
+CONFIGS = ("none", "oneshot", "keep", "keep-touch", "keep-lock")
 MODEL_NAME = "keep-bench-qwen3moe-v1.gguf"
 
 
@@ -104,8 +119,9 @@ def rss_anon_tree(pid: int) -> int:
 class Keeper:
     """``warmpool keep MODEL --json`` in a child process, its events collected."""
 
-    def __init__(self, path: Path, lock: bool, interval: float) -> None:
+    def __init__(self, path: Path, lock: bool, interval: float, hold: str | None = None) -> None:
         argv = [sys.executable, "-m", "warmpool", "keep", str(path), "--json", "--interval", str(interval)]
+        argv += ["--hold", hold] if hold else []
         self.proc = subprocess.Popen(argv + (["--lock"] if lock else []), stdout=subprocess.PIPE, text=True, cwd=ROOT)
         self.events: queue.Queue = queue.Queue()
         self.seen: list[dict] = []
@@ -139,21 +155,9 @@ class Keeper:
         return code
 
 
-def run_config(name: str, path: Path, seconds: float, every: float, tokens: int, interval: float, skew: float) -> dict:
-    _platform.evict_file(path)
-    load_before = loadavg()
-    cold = resident(path)
-    keeper = None
-    prep_start = time.monotonic()
-    if name == "oneshot":
-        subprocess.run([sys.executable, "-m", "warmpool", "warm", str(path), "--quiet", "--no-progress"], check=True, cwd=ROOT)
-    elif name.startswith("keep"):
-        keeper = Keeper(path, lock=name == "keep-lock", interval=interval)
-    prep = time.monotonic() - prep_start
-    start_wall = time.monotonic()
-    cpu0 = cpu_seconds(keeper.proc.pid) if keeper else 0.0
+def _serve(path: Path, seconds: float, every: float, tokens: int, skew: float, keeper: Keeper | None):
+    """The engine's requests, each timed with its steady and hot twins; returns (rows, keeper RssAnon peak)."""
     rows, rss_peak = [], 0
-    engine_read0 = read_bytes()
     with MoeEngine(path, skew=skew) as engine, MoeEngine(path, skew=skew) as twin:
         start = time.monotonic()
         i = 0
@@ -165,20 +169,57 @@ def run_config(name: str, path: Path, seconds: float, every: float, tokens: int,
             if keeper:
                 rss_peak = max(rss_peak, rss_anon_tree(keeper.proc.pid))
             engine.seed = twin.seed = 1000 + i
-            majflt0 = _majflt()
+            kcpu0 = cpu_seconds(keeper.proc.pid) if keeper else 0.0
+            u0, wall0 = _usage(), time.time()
             t0 = time.perf_counter()
             engine.request(tokens)
             t1 = time.perf_counter()
-            majflt = _majflt() - majflt0
+            u1, wall1 = _usage(), time.time()
+            kcpu = cpu_seconds(keeper.proc.pid) - kcpu0 if keeper else 0.0
             twin.request(tokens)  # same request, same mapping history, page cache now warm
             t2 = time.perf_counter()
+            u2 = _usage()
             engine.request(tokens)  # again in the engine's own mapping: every page mapped
             t3 = time.perf_counter()
-            rows.append({"t": round(due - start, 1), "first_s": t1 - t0, "steady_s": t2 - t1, "hot_s": t3 - t2,
-                         "majflt": majflt})
+            # Why a request was slow, observed rather than guessed: its major faults (disk), its
+            # involuntary context switches (another runnable task took the CPU: load), the
+            # keeper's CPU ticks while it ran, and the model's resident fraction after it.
+            rows.append({"t": round(due - start, 1), "wall": (wall0, wall1), "first_s": t1 - t0, "steady_s": t2 - t1,
+                         "hot_s": t3 - t2, "majflt": u1.ru_majflt - u0.ru_majflt,
+                         "nivcsw": u1.ru_nivcsw - u0.ru_nivcsw, "steady_nivcsw": u2.ru_nivcsw - u1.ru_nivcsw,
+                         "keeper_cpu_s": kcpu, "resident": resident(path)})
             i += 1
-    engine_read = read_bytes() - engine_read0
-    wall = time.monotonic() - start_wall
+    return rows, rss_peak
+
+
+def run_config(name: str, path: Path, seconds: float, every: float, tokens: int, interval: float, skew: float,
+               hog_file: Path | None = None, hog_rate: float = 0, touch_interval: float = 3) -> dict:
+    _platform.evict_file(path)
+    if hog_file:
+        _platform.evict_file(hog_file)
+    load_before = loadavg()
+    cold = resident(path)
+    keeper = None
+    prep_start = time.monotonic()
+    if name == "oneshot":
+        subprocess.run([sys.executable, "-m", "warmpool", "warm", str(path), "--quiet", "--no-progress"], check=True, cwd=ROOT)
+    elif name.startswith("keep"):
+        touch = name == "keep-touch"
+        keeper = Keeper(path, lock=name == "keep-lock", interval=touch_interval if touch else interval,
+                        hold="touch" if touch else None)
+    prep = time.monotonic() - prep_start
+    hog = Hog(hog_file, hog_rate) if hog_file else None
+    start_wall = time.monotonic()
+    cpu0 = cpu_seconds(keeper.proc.pid) if keeper else 0.0
+    engine_read0 = read_bytes()
+    try:
+        rows, rss_peak = _serve(path, seconds, every, tokens, skew, keeper)
+        # before the co-tenant is reaped: a reaped child's I/O is added to its parent's /proc/PID/io
+        engine_read = read_bytes() - engine_read0
+        wall = time.monotonic() - start_wall
+    finally:
+        if hog:
+            hog.stop()
     result = {"config": name, "requests": len(rows), "seconds": round(wall, 1), "every_s": every, "tokens": tokens, "skew": skew,
               "cold_fraction_at_start": round(cold, 4), "prep_s": round(prep, 2)}
     if keeper:
@@ -194,6 +235,12 @@ def run_config(name: str, path: Path, seconds: float, every: float, tokens: int,
         events = keeper.seen
         result["keeper_bytes_rewarmed"] = sum(e.get("bytes_rewarmed", 0) for e in events if e["event"] == "rewarmed")
         result["keeper_rewarms"] = sum(1 for e in events if e["event"] == "rewarmed")
+        result["keeper_backoffs"] = sum(1 for e in events if e["event"] == "backoff")
+        result["per_request_keeper_events"] = [e for e in events if e["event"] in ("rewarmed", "backoff", "error")]
+        result["keeper_backoff_reasons"] = sorted({e["reason"].split(":")[0] for e in events if e["event"] == "backoff"})
+        rewarms = [(e["time"] - e.get("seconds", 0), e["time"]) for e in events if e["event"] == "rewarmed"]
+        for r in rows:  # a re-warm overlapping the request (event time is its end, seconds its length)
+            r["rewarm_overlap"] = any(a <= r["wall"][1] and b >= r["wall"][0] for a, b in rewarms)
     ratios = np.array([r["first_s"] / r["steady_s"] for r in rows])
     hot = np.array([r["first_s"] / r["hot_s"] for r in rows])
     firsts = np.array([r["first_s"] for r in rows])
@@ -206,9 +253,14 @@ def run_config(name: str, path: Path, seconds: float, every: float, tokens: int,
         steady_median_ms=round(float(np.median(steadies)) * 1e3, 1),
         engine_bytes_read=engine_read, engine_majflt=int(sum(r["majflt"] for r in rows)),
         slow_requests=int((ratios > 1.2).sum()),
+        resident_min=round(min(r["resident"] for r in rows), 4),
+        **_causes(rows, ratios),
         load_before=load_before, load_after=loadavg(),
+        per_request_fields=["t", "first_ms", "steady_ms", "hot_ms", "majflt", "nivcsw", "steady_nivcsw",
+                            "keeper_cpu_ms", "rewarm_overlap", "resident"],
         per_request=[[r["t"], round(r["first_s"] * 1e3, 1), round(r["steady_s"] * 1e3, 1), round(r["hot_s"] * 1e3, 1),
-                      r["majflt"]] for r in rows],
+                      r["majflt"], r["nivcsw"], r["steady_nivcsw"], round(r["keeper_cpu_s"] * 1e3),
+                      r.get("rewarm_overlap", False), round(r["resident"], 4)] for r in rows],
     )
     return result
 
@@ -226,21 +278,51 @@ def _warm_up_python() -> None:
             engine.request(2)
 
 
-def _majflt() -> int:
+def _usage():
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_majflt
+    return resource.getrusage(resource.RUSAGE_SELF)
+
+
+def _causes(rows: list[dict], ratios: np.ndarray) -> dict:
+    """Slow requests (> 1.2x) by what was seen during them, first match wins: major faults (the
+    engine read the disk), the keeper re-warming or using CPU, preemption (an involuntary
+    context switch during the request or its steady twin: other runnable tasks), none seen.
+    And p99 over the requests where none of the request, its twin or the keeper was preempted or
+    busy, shown beside the p99 of all requests, never instead of it."""
+    causes = {"disk": 0, "keeper": 0, "preempted": 0, "unexplained": 0}
+    quiet = []
+    for r, x in zip(rows, ratios):
+        keeper = r.get("rewarm_overlap") or r["keeper_cpu_s"] > 0
+        preempted = r["nivcsw"] + r["steady_nivcsw"] > 0
+        if not keeper and not preempted:
+            quiet.append(x)
+        if x <= 1.2:
+            continue
+        cause = "disk" if r["majflt"] else "keeper" if keeper else "preempted" if preempted else "unexplained"
+        causes[cause] += 1
+    return {"slow_by_cause": causes, "quiet_requests": len(quiet),
+            "p99_x_steady_quiet": round(float(np.percentile(quiet, 99)), 3) if quiet else None}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=180, help="length of each configuration's run (default 180)")
-    ap.add_argument("--every", type=float, default=5, help="seconds between requests (default 5)")
+    ap.add_argument("--every", type=float, default=2, help="seconds between requests (default 2: ~90 requests in 3 "
+                    "minutes, so p99 is not just the slowest one)")
     ap.add_argument("--tokens", type=int, default=1, help="tokens per request (default 1)")
     ap.add_argument("--interval", type=float, default=10, help="the keeper's --interval (default 10)")
     ap.add_argument("--skew", type=float, default=1.0, help="router skew (engine_sim): 0 uniform; 1 (default) leaves "
                     "~30%% of experts untouched after 37 requests and reaches new ones throughout")
     ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--touch-interval", type=float, default=3, help="keep-touch's --interval (with --hold touch; "
+                    "default 3: not a multiple of --every, so touches do not fall in step with requests)")
+    ap.add_argument("--pressure", choices=("cgroup", "none"), default="cgroup",
+                    help="cgroup (default): run everything in a child memory cgroup limited to the model plus "
+                         "--headroom, with a co-tenant streaming through --hog-size of another file; none: no pressure")
+    ap.add_argument("--headroom", default="512M", help="cgroup limit over the model's size (default 512M)")
+    ap.add_argument("--hog-size", default="2G", help="the co-tenant's file (default 2G)")
+    ap.add_argument("--hog-rate", type=float, default=128, help="the co-tenant's read rate, MB/s (default 128)")
     ap.add_argument("--model-dir", default=None)
     ap.add_argument("--json-out", default=None, help="also append the JSON lines to this file")
     args = ap.parse_args(argv)
@@ -251,29 +333,64 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {path} ({path.stat().st_size / 1e9:.2f} GB); a request ({args.tokens} token, router skew {args.skew:g}) every {args.every:g} s "
           f"for {args.seconds:g} s per configuration; keeper --interval {args.interval:g}; cpus {os.cpu_count()}", flush=True)
     _warm_up_python()
+    cage = hog_file = None
+    if args.pressure == "cgroup":
+        from warmpool._units import parse_size
+
+        hog_file = make_file(path.parent / "co-tenant.bin", parse_size(args.hog_size))
+        try:
+            cage = MemoryCage(path.stat().st_size + parse_size(args.headroom))
+        except OSError as e:
+            print(f"keep_bench: cannot make a memory cgroup ({e}); use --pressure none", file=sys.stderr)
+            return 1
+        print(f"memory cgroup {cage.path} limit {cage.limit / 2**20:.0f} MiB (model + {args.headroom}); co-tenant "
+              f"streams {hog_file.stat().st_size / 2**30:.1f} GiB at {args.hog_rate:g} MB/s from the end of each warm", flush=True)
+    try:
+        results = _run_all(args, path, configs, hog_file)
+    finally:
+        if cage:
+            cage.close()
+    return _report(results)
+
+
+def _run_all(args, path: Path, configs: list[str], hog_file: Path | None) -> list[dict]:
     results = []
     for name in configs:
-        r = run_config(name, path, args.seconds, args.every, args.tokens, args.interval, args.skew)
+        r = run_config(name, path, args.seconds, args.every, args.tokens, args.interval, args.skew,
+                       hog_file=hog_file, hog_rate=args.hog_rate, touch_interval=args.touch_interval)
         results.append(r)
-        brief = {k: v for k, v in r.items() if k != "per_request"}
+        brief = {k: v for k, v in r.items() if not k.startswith("per_request")}
         print(json.dumps(brief), flush=True)
         if args.json_out:
             with open(args.json_out, "a") as f:
                 f.write(json.dumps(r) + "\n")
+    return results
+
+
+def _fmt(x: float | None) -> str:
+    return f"{x:>5.2f}" if x is not None else "  n/a"
+
+
+def _report(results: list[dict]) -> int:
     print()
     head = f"{'config':<10} {'p50 x':>6} {'p99 x':>6} {'max x':>6} {'p50 ms':>7} {'p99 ms':>7} {'steady':>7} {'hot x':>6} {'slow':>5} " \
-           f"{'disk MB':>8} {'rewarm MB':>9} {'cpu %':>6} {'RssAnon':>8} {'end res':>7} {'load':>9}"
+           f"{'disk MB':>8} {'rewarm MB':>9} {'cpu %':>6} {'RssAnon':>8} {'min res':>7} {'end res':>7} {'quiet p99':>10} {'slow d/k/p/u':>12} {'load':>9}"
     print(head)
     for r in results:
         print(f"{r['config']:<10} {r['p50_x_steady']:>6.2f} {r['p99_x_steady']:>6.2f} {r['max_x_steady']:>6.2f} "
               f"{r['p50_ms']:>7.1f} {r['p99_ms']:>7.1f} {r['steady_median_ms']:>7.1f} {r['p50_x_hot']:>6.1f} {r['slow_requests']:>5} "
               f"{r['engine_bytes_read'] / 1e6:>8.1f} {r.get('keeper_bytes_rewarmed', 0) / 1e6:>9.1f} "
               f"{100 * r.get('keeper_cpu_share', 0):>6.2f} {r.get('keeper_rss_anon_peak_mb', 0):>6.1f}MB "
-              f"{r['resident_fraction_end']:>7.1%} {r['load_before']:>4.1f}/{r['load_after']:<4.1f}")
+              f"{r['resident_min']:>7.1%} {r['resident_fraction_end']:>7.1%} "
+              f"{_fmt(r['p99_x_steady_quiet'])}x/{r['quiet_requests']:<3} {'/'.join(str(v) for v in r['slow_by_cause'].values()):>12} "
+              f"{r['load_before']:>4.1f}/{r['load_after']:<4.1f}")
     print("x: a request's time over steady, the same request right after in a twin engine (its own lazy mapping, same"
           " request history, so the same page-table set-up) when the page cache is warm; slow: requests over 1.2x;"
-          " disk MB: the engine's own reads; rewarm MB: the keeper's; load: 1-min load average before/after")
-    print(json.dumps({"keep_bench": [{k: v for k, v in r.items() if k != "per_request"} for r in results]}))
+          " disk MB: the engine's own reads; rewarm MB: the keeper's; min/end res: the model's resident fraction, lowest"
+          " after any request / at the end; quiet p99: over the requests (count after /) where neither the request, its"
+          " twin nor the keeper was preempted or busy; slow d/k/p/u: slow requests with major faults / keeper busy /"
+          " preempted / none of these; load: 1-min load average before/after")
+    print(json.dumps({"keep_bench": [{k: v for k, v in r.items() if not k.startswith("per_request")} for r in results]}))
     return 0
 
 

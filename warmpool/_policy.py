@@ -28,7 +28,7 @@ CGROUP = "/sys/fs/cgroup"
 
 class MemoryFigures(NamedTuple):
     total: int  # physical RAM
-    available: int  # MemAvailable, lowered to the cgroup's headroom when that is smaller
+    available: int  # MemAvailable, lowered to the cgroup's headroom (limit - usage + inactive file) when smaller
     cgroup_limit: int | None  # cgroup v2 memory.max, None when unlimited or absent
 
 
@@ -70,6 +70,16 @@ def _cgroup_files() -> tuple[str, str] | None:
     return None
 
 
+def _inactive_file(cgroup_dir: str) -> int:
+    """The cgroup's inactive file pages (memory.stat: v2 ``inactive_file``, v1 ``total_inactive_file``)."""
+    try:
+        with open(f"{cgroup_dir}/memory.stat") as f:
+            stat = dict(line.split() for line in f if line.count(" ") == 1)
+    except OSError:
+        return 0
+    return int(stat.get("total_inactive_file", stat.get("inactive_file", 0)))
+
+
 def memory_figures() -> MemoryFigures:
     import psutil  # only when a decision is needed: keeps a hot run's imports light
 
@@ -79,7 +89,10 @@ def memory_figures() -> MemoryFigures:
     limit = limit if limit is not None and limit < UNLIMITED else None
     available = vm.available
     if limit is not None:
-        usage = _read_int(files[1]) or 0
+        # A cgroup's usage counts its page cache, and a busy cgroup sits at its limit with cache
+        # the kernel reclaims at the next allocation. Like MemAvailable (and kubelet's working
+        # set), count the inactive file pages as available, or nothing is ever warmed there.
+        usage = (_read_int(files[1]) or 0) - _inactive_file(os.path.dirname(files[1]))
         available = min(available, max(limit - usage, 0))
     return MemoryFigures(vm.total, available, limit)
 
