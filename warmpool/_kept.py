@@ -13,20 +13,12 @@ import threading
 
 from . import _platform
 from ._plan import Chunk, Plan, contiguous_runs, make_plan
+from ._warm import file_identity as identity
 
 __all__ = ["MEMLOCK_FIX", "KeptModel", "identity"]
 
 MEMLOCK_FIX = ("raise the memlock limit: systemd LimitMEMLOCK=infinity, docker --ulimit memlock=-1 "
                "or --cap-add IPC_LOCK, Kubernetes securityContext.capabilities.add: [IPC_LOCK]")
-
-
-def identity(path: str) -> tuple | None:
-    """What tells a replaced or deleted file from the one we planned (None: it is gone)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _hidden(path: str) -> bool:

@@ -147,7 +147,10 @@ def memory_pressure() -> float | None:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether the process exists and is not a zombie."""
+    """Whether the process exists and is not a zombie (a pid <= 0 names no single process:
+    kill(0, 0) would ask about our own process group)."""
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -18,6 +18,7 @@ import time
 from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 from warmpool._errors import CancelledError, ProgressError
+from warmpool._platform import pid_alive
 from warmpool._shm import create_object, is_unnamed, map_object, os_error, posix_name, unlink_object
 
 if TYPE_CHECKING:  # any object with these fields will do
@@ -95,18 +96,6 @@ def _attach(name: str, writable: bool) -> tuple[str, mmap.mmap, _Layout]:
     except BaseException:
         mm.close()
         raise
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by another user
-        pass
-    return True
 
 
 def _native(value: int, size: int) -> int:
@@ -385,7 +374,7 @@ class ProgressView(_Mapped):
         checked from here.
         """
         snap = self.snapshot()
-        return not snap.finished and not _pid_alive(snap.coordinator_pid)
+        return not snap.finished and not pid_alive(snap.coordinator_pid)
 
     def __enter__(self) -> ProgressView:
         return self

@@ -106,6 +106,19 @@ def plan_model(path: str | os.PathLike[str], *, n_gpu_layers: int | None = None,
     return make_plan(read_layout(path), selection, chunk_size)
 
 
+def _stat_identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def file_identity(path: str) -> tuple[int, int, int, int] | None:
+    """What tells a replaced or modified file from the one planned (device, inode, size,
+    mtime); None when the path is gone.  The warm and the keeper both compare these."""
+    try:
+        return _stat_identity(os.stat(path))
+    except OSError:
+        return None
+
+
 class _OpenFiles:
     """The model's files, open read-only, with their identity to notice a replacement."""
 
@@ -118,21 +131,13 @@ class _OpenFiles:
         except OSError as e:
             self.close()
             raise FileChangedError(f"cannot open: {e.strerror}", path) from None
-        self.identity = [self._identity(os.fstat(fd)) for fd in self.fds]
+        self.identity = [_stat_identity(os.fstat(fd)) for fd in self.fds]
         # Asked before any residency vector is trusted: mincore lies about these files.
         self.hidden = [_platform.residency_hidden(fd) for fd in self.fds]
 
-    @staticmethod
-    def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
-        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
     def check_unchanged(self) -> None:
         for path, before in zip(self.paths, self.identity):
-            try:
-                now = self._identity(os.stat(path))
-            except OSError:
-                now = None
-            if now != before:
+            if file_identity(path) != before:
                 raise FileChangedError("the file was replaced or modified while it was being warmed", path)
 
     def resident(self, plan: Plan, *, quick: bool = False) -> list[int | None]:
