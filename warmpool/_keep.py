@@ -31,6 +31,9 @@ HOLD_MODES = ("map", "touch", "none")
 PSI_BACKOFF = 10.0
 BACKOFF_MAX = 32  # at most this many intervals between tries while backing off
 UNDONE_LIMIT = 3  # consecutive checks that re-warm the same chunks before backing off
+# The refresh may use at most this share of one core: when one pass costs more than this share
+# of ``refresh`` seconds (a huge selection in 4 KiB folios), the passes are spaced out instead.
+REFRESH_CPU_SHARE = 0.02
 _POLL = 0.1  # how often the thread looks at the stop flag and --for-pid while it waits
 
 
@@ -39,8 +42,9 @@ class Keeper:
 
     ``models`` are paths (or plans); ``**selection`` takes llama.cpp's flags as ``warm`` does.
     ``hold`` chooses how pages are kept from looking idle between checks: ``map`` (default) holds
-    a populated mapping, ``touch`` also reads one byte per page every interval, ``none`` only
-    checks and re-warms.  ``on_warm_start(segment)`` is called when a first warm starts its
+    a populated mapping and marks its resident pages accessed every ``refresh`` seconds (at
+    most ``REFRESH_CPU_SHARE`` of a core; 0: never), ``touch`` also reads one byte per page every
+    interval, ``none`` only checks and re-warms.  ``on_warm_start(segment)`` is called when a first warm starts its
     workers (a progress bar reads the segment); ``for_pid`` ends the keeper when that process
     does.  Events go to ``on_event`` as dicts with an ``"event"`` key.
     """
@@ -49,7 +53,7 @@ class Keeper:
                  lock: bool = False, min_resident: float = 0.99, listen: str | None = None,
                  workers: int | None = None, strategy: str = "auto", budget: int | None = None,
                  force: bool = False, on_event: Callable[[dict], None] | None = None,
-                 hold: str = "map", for_pid: int | None = None,
+                 hold: str = "map", refresh: float = 1.0, for_pid: int | None = None,
                  on_warm_start: Callable[[str], None] | None = None, **selection) -> None:
         from ._warm import plan_model
 
@@ -57,11 +61,16 @@ class Keeper:
             raise WarmpoolError(f"interval must be positive, got {interval}")
         if not 0 <= min_resident <= 1:
             raise WarmpoolError(f"min_resident must be in [0, 1], got {min_resident}")
+        if refresh < 0:
+            raise WarmpoolError(f"refresh must be 0 (off) or positive, got {refresh}")
         if hold not in HOLD_MODES:
             raise WarmpoolError(f"hold must be one of {', '.join(HOLD_MODES)}, got {hold!r}")
         if not models:
             raise WarmpoolError("no model to keep")
         self.interval, self.lock, self.min_resident, self.hold = interval, lock, min_resident, hold
+        self.refresh = refresh if hold != "none" else 0.0
+        self._next_refresh = 0.0
+        self.refresh_seconds = 0.0  # the time between refreshes now (longer than ``refresh`` when capped)
         self.workers, self.strategy, self.budget, self.force = workers, strategy, budget, force
         self.for_pid, self.on_warm_start, self._on_event = for_pid, on_warm_start, on_event
         self.models: list[KeptModel] = []
@@ -87,7 +96,7 @@ class Keeper:
 
             self._server = serve(self, self._listen)  # binds now: a taken port is the caller's error
         self._emit("started", models=[m.path for m in self.models], interval=self.interval, lock=self.lock,
-                   hold=self.hold, address=self.address and f"{self.address[0]}:{self.address[1]}")
+                   hold=self.hold, refresh=self.refresh, address=self.address and f"{self.address[0]}:{self.address[1]}")
         self._thread = threading.Thread(target=self._run, name="warmpool-keeper", daemon=True)
         self._thread.start()
         return self
@@ -173,10 +182,26 @@ class Keeper:
             if self.for_pid is not None and not _platform.pid_alive(self.for_pid):
                 self.exit_reason = f"process {self.for_pid} exited"
                 self._stop.set()
+            now = time.monotonic()
+            if self.refresh and now >= self._next_refresh and self._warm_done.is_set() and not self._stop.is_set():
+                self._refresh_all(now)
             left = deadline - time.monotonic()
             if self._stop.is_set() or left <= 0:
                 return self._stop.is_set()
             self._stop.wait(min(_POLL, left))
+
+    def _refresh_all(self, now: float) -> None:
+        """Mark every kept model's resident pages accessed, so LRU reclaim finds them referenced
+        (docs/keep.md); spaced so that it costs at most ``REFRESH_CPU_SHARE`` of a core."""
+        started = time.thread_time()
+        for model in self.models:
+            # It reads nothing that is not resident, so it goes on while re-warms back off; where
+            # the kernel hides residency it cannot tell what is resident, and would read on a guess.
+            if model.state in ("kept", "backoff") and model.held and not model.hidden:
+                self._guard(model, model.refresh)
+        cost = time.thread_time() - started
+        self.refresh_seconds = max(self.refresh, cost / REFRESH_CPU_SHARE)
+        self._next_refresh = now + self.refresh_seconds
 
     def _guard(self, model: KeptModel, step: Callable[[], None]) -> None:
         """Run one step; a replaced file re-plans, any other failure is reported, never fatal."""
@@ -236,6 +261,7 @@ class Keeper:
         evicted = model.cold_chunks()
         if not evicted:
             model.undone = model.backoff_steps = 0
+            model.set(state="kept")
             return
         if time.monotonic() < model.backoff_until:
             return

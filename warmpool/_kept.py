@@ -108,6 +108,10 @@ class KeptModel:
                 where[0].populate(where[1], self.plan.chunks[i].length)
                 where[0].touch(where[1], self.plan.chunks[i].length)
 
+    def refresh(self) -> int:
+        """Mark the held selection's resident pages accessed (``HeldMapping.refresh``)."""
+        return sum(held.refresh() for _, _, held in self.held)
+
     def touch_all(self) -> None:
         for _, _, held in self.held:
             held.touch(0, held.length)

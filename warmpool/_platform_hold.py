@@ -26,6 +26,7 @@ _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 _mlock = _posix._bind("mlock", ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t)
 _munlock = _posix._bind("munlock", ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t)
 PAGE_SIZE = _posix.PAGE_SIZE
+_PMD = 2 << 20  # the folio size a default warm leaves (x86-64 and arm64 with 4 KiB pages)
 
 
 class HeldMapping(FileWindow):
@@ -62,6 +63,29 @@ class HeldMapping(FileWindow):
                 return True
             return False
         return True
+
+    def refresh(self) -> int:
+        """Mark every resident page of the mapping accessed, reading nothing that is not resident:
+        mincore, then MADV_POPULATE_READ over each run of resident pages.  Its page walk marks the
+        folios it finds accessed (``FOLL_TOUCH``: ``folio_mark_accessed()``, a young PMD), which
+        is what LRU reclaim asks before it takes a mapped file folio.  A page evicted between the
+        two calls is read back in (one page per race, at most).  Returns bytes refreshed."""
+        vector = self.resident()
+        done, start = 0, vector.find(1)
+        while start >= 0:
+            end = vector.find(0, start)
+            end = len(vector) if end < 0 else end
+            n = min(end * PAGE_SIZE, self.length) - start * PAGE_SIZE
+            if self.populate(start * PAGE_SIZE, n):
+                done += n
+            # The walk sets only the accessed bit of a PMD-mapped 2 MiB folio, and that alone did
+            # not keep such folios under LRU pressure here (docs/keep.md): a 1-byte read of each
+            # marks the folio accessed as any reader would (filemap_read -> folio_mark_accessed).
+            first = self.offset + start * PAGE_SIZE
+            for offset in range(first + (-first % _PMD), first + n, _PMD):
+                os.pread(self.fd, 1, offset)
+            start = vector.find(1, end)
+        return done
 
     def touch(self, rel: int, n: int, stride: int = PAGE_SIZE) -> int:
         """Read one byte every ``stride`` bytes of the range: sets the accessed bit of each

@@ -36,7 +36,8 @@ class Command:
         add_warm_arguments(parser)
         parser.add_argument("--interval", type=float, default=10.0, metavar="SECONDS", help="seconds between residency checks (default 10)")
         parser.add_argument("--lock", action="store_true", help="mlock the selection in plan order (as much as RLIMIT_MEMLOCK allows without CAP_IPC_LOCK)")
-        parser.add_argument("--hold", choices=("map", "touch", "none"), default="map", help="how pages are kept from looking idle: map (default) holds a populated mapping, touch also reads a byte per page every interval, none only re-warms")
+        parser.add_argument("--hold", choices=("map", "touch", "none"), default="map", help="how pages are kept from looking idle: map (default) holds a populated mapping and marks its resident pages accessed every --refresh seconds, touch also reads a byte per page every interval, none only re-warms")
+        parser.add_argument("--refresh", type=float, default=1.0, metavar="SECONDS", help="how often the held pages are marked accessed (default 1; spaced out to stay under 2%% of a core; 0: never)")
         parser.add_argument("--listen", metavar="HOST:PORT", help="serve GET /metrics, /ready and /status")
         parser.add_argument("--min-resident", type=float, default=0.99, metavar="F", help="/ready answers 200 from this resident fraction (default 0.99)")
         parser.add_argument("--for-pid", type=int, metavar="PID", help="exit 0 when this process ends")
@@ -81,7 +82,7 @@ class Command:
         keeper = Keeper(plans, interval=args.interval, lock=args.lock, min_resident=args.min_resident,
                         listen=args.listen, workers=args.workers, strategy=args.strategy,
                         budget=resolve_budget(args.budget), force=args.force, on_event=on_event,
-                        hold=args.hold, for_pid=args.for_pid, on_warm_start=on_warm_start if tty else None)
+                        hold=args.hold, refresh=args.refresh, for_pid=args.for_pid, on_warm_start=on_warm_start if tty else None)
         stop = threading.Event()
         previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
@@ -120,7 +121,8 @@ def _describe(event: dict) -> str:
     model = event.get("model", "")
     if kind == "started":
         where = f", serving http://{event['address']}" if event.get("address") else ""
-        return f"keep: keeping {len(event['models'])} model(s), checking every {event['interval']:g} s{where}"
+        refresh = f", marking held pages accessed every {event['refresh']:g} s" if event.get("refresh") else ""
+        return f"keep: keeping {len(event['models'])} model(s), checking every {event['interval']:g} s{refresh}{where}"
     if kind == "warmed":
         fraction = event["resident_fraction"]
         shown = "unknown (hidden)" if fraction is None else f"{fraction:.1%}"
