@@ -60,7 +60,7 @@ class Channel:
         parts, left = [], n
         while left:
             part = os.read(self.fd, left)
-            if not part:  # the coordinator's end closed
+            if not part:  # the other end closed (a worker died, or its coordinator)
                 raise EOFError("got end of file during message" if left < n else "end of file")
             parts.append(part)
             left -= len(part)
