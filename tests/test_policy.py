@@ -137,3 +137,18 @@ def test_page_cache_filling_a_cgroup_still_counts_as_available(tmp_path):
     finally:
         os.rmdir(child)
     assert available > limit // 4, f"{available} bytes available in a {limit}-byte cgroup full of page cache"
+
+
+def test_physical_memory_agrees_with_psutil():
+    """The policy reads /proc/meminfo itself (psutil's import cost a cold warm ~10 ms); the
+    figures must be psutil's."""
+    import psutil
+
+    from warmpool import _platform
+
+    ram = _platform.physical_memory()
+    if ram is None:
+        pytest.skip("no /proc/meminfo with MemAvailable here: the policy uses psutil")
+    vm = psutil.virtual_memory()
+    assert ram[0] == vm.total
+    assert abs(ram[1] - vm.available) < 64 << 20  # read a moment apart

@@ -42,6 +42,7 @@ __all__ = [
     "locked_bytes",
     "memlock_limit",
     "memory_pressure",
+    "physical_memory",
     "pid_alive",
     "platform_notes",
     "prefetch",
@@ -72,7 +73,14 @@ residency_hidden = _backend.residency_hidden
 supports_cachestat = _backend.supports_cachestat
 supports_populate = _backend.supports_populate
 # A keeper's calls (held mappings, mlock, PSI), POSIX with Linux's /proc where it exists.
-from warmpool._platform_hold import HeldMapping, locked_bytes, memlock_limit, memory_pressure, pid_alive  # noqa: E402
+from warmpool._platform_hold import (  # noqa: E402
+    HeldMapping,
+    locked_bytes,
+    memlock_limit,
+    memory_pressure,
+    physical_memory,
+    pid_alive,
+)
 
 
 # fdatasync errors that mean "this file system cannot write back", not "write-back failed".

@@ -19,7 +19,7 @@ from warmpool import _platform_posix as _posix
 from warmpool._errors import PlatformError
 from warmpool._platform_window import FileWindow
 
-__all__ = ["HeldMapping", "locked_bytes", "memlock_limit", "memory_pressure", "pid_alive"]
+__all__ = ["HeldMapping", "locked_bytes", "memlock_limit", "memory_pressure", "physical_memory", "pid_alive"]
 
 # Linux >= 5.14; elsewhere populate falls back to touching each page.
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
@@ -146,6 +146,25 @@ def _status_kb(pid: int | str, field: str) -> int | None:
 def locked_bytes(pid: int | str = "self") -> int | None:
     """VmLck of a process (bytes the kernel counts as mlocked by it); None where unknown."""
     return _status_kb(pid, "VmLck")
+
+
+def physical_memory() -> tuple[int, int] | None:
+    """(MemTotal, MemAvailable) in bytes from /proc/meminfo; None where either is missing (not
+    Linux, or a kernel before 3.14).  What psutil.virtual_memory() reports as total and
+    available on Linux, without importing psutil (~10 ms before a cold warm's first worker;
+    docs/bench/warm_speed_phases.md)."""
+    found = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("MemTotal", "MemAvailable"):
+                    found[key] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    if len(found) < 2:
+        return None
+    return found["MemTotal"], min(found["MemAvailable"], found["MemTotal"])
 
 
 def memory_pressure() -> float | None:

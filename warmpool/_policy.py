@@ -81,20 +81,25 @@ def _inactive_file(cgroup_dir: str) -> int:
 
 
 def memory_figures() -> MemoryFigures:
-    import psutil  # only when a decision is needed: keeps a hot run's imports light
+    from . import _platform
 
-    vm = psutil.virtual_memory()
+    ram = _platform.physical_memory()
+    if ram is None:  # no /proc/meminfo: psutil knows this platform's way
+        import psutil
+
+        vm = psutil.virtual_memory()
+        ram = vm.total, vm.available
+    total, available = ram
     files = _cgroup_files()
     limit = _read_int(files[0]) if files else None  # "max" (v2) reads as None
     limit = limit if limit is not None and limit < UNLIMITED else None
-    available = vm.available
     if limit is not None:
         # A cgroup's usage counts its page cache, and a busy cgroup sits at its limit with cache
         # the kernel reclaims at the next allocation. Like MemAvailable (and kubelet's working
         # set), count the inactive file pages as available, or nothing is ever warmed there.
         usage = (_read_int(files[1]) or 0) - _inactive_file(os.path.dirname(files[1]))
         available = min(available, max(limit - usage, 0))
-    return MemoryFigures(vm.total, available, limit)
+    return MemoryFigures(total, available, limit)
 
 
 def _budget(memory: MemoryFigures, budget: int | None) -> tuple[int, str]:

@@ -13,7 +13,7 @@ start again in each worker.  A fresh, isolated interpreter without ``site`` star
 imports only the stdlib and ``warmpool._worker``, and runs in its own session, so the
 terminal's Ctrl-C goes to the coordinator alone, which then stops the workers itself.
 
-Each worker has its own pair of pipes, wrapped in ``multiprocessing.connection.Connection``;
+Each worker has its own socket pair (``_wire.Channel``, framed like ``multiprocessing``'s);
 a worker that dies without a word (SIGKILL, the OOM killer, SIGBUS from a truncated file
 under ``touch``) closes its end, so the coordinator sees EOF at once and names the chunk it
 held, rather than hanging the way ``multiprocessing.Pool`` does (docs/design.md, "Worker
@@ -38,13 +38,13 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from multiprocessing.connection import Connection, wait
 from typing import NamedTuple
 
 from ._errors import CancelledError, FileChangedError, WarmError, WorkerDiedError
 from ._plan import Chunk
 from ._progress import ProgressSegment
 from ._strategy import check_strategy
+from ._wire import Channel, wait
 
 __all__ = ["AUTO_MAX", "AUTO_START", "PoolResult", "run_pool"]
 
@@ -73,7 +73,7 @@ WORKER_CODE = "import sys; sys.path[:0] = sys.argv[3:]; from warmpool._worker im
 
 class _Worker(NamedTuple):
     process: subprocess.Popen
-    conn: Connection
+    conn: Channel
     slot: int
 
 
@@ -96,7 +96,7 @@ def _launch(slot: int, job: tuple, shared_fds: tuple[int, ...] = ()) -> _Worker:
         raise
     finally:
         os.close(theirs)
-    worker = _Worker(process, Connection(ours), slot)
+    worker = _Worker(process, Channel(ours), slot)
     try:
         worker.conn.send((*job[:3], slot, *job[3:]))
     except OSError:

@@ -16,13 +16,17 @@ import os
 import signal
 import threading
 from collections.abc import Iterator, Sequence
-from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING
 
 from . import _platform
 from ._errors import FileChangedError, WarmpoolError
 from ._plan import contiguous_runs
 from ._progress import WorkerCounter
 from ._strategy import STRATEGIES  # re-exported: the names _ChunkWarmer implements
+from ._wire import Channel
+
+if TYPE_CHECKING:  # pragma: no cover
+    from multiprocessing.connection import Connection
 
 __all__ = ["FAULT_READAHEAD_MIN", "FAULT_THREADS", "STEP", "STRATEGIES", "Guards", "nonresident_runs", "serve", "worker_main"]
 
@@ -316,7 +320,7 @@ def _open_files(paths: Sequence[str]) -> list[int]:
 
 
 def worker_main(paths: Sequence[str], chunks: Sequence[tuple[int, int, int]], shm_name: str,
-                slot: int, strategy: str, conn: Connection, warmed: Sequence[int] | None = None) -> None:
+                slot: int, strategy: str, conn: Connection | Channel, warmed: Sequence[int] | None = None) -> None:
     """Serve chunk indices from ``conn`` until it sends None; answer each with a report.
 
     ``warmed``: indices of the chunks this warm faults (default: all); reads stay inside them.
@@ -358,7 +362,7 @@ def worker_main(paths: Sequence[str], chunks: Sequence[tuple[int, int, int]], sh
             os.close(fd)
 
 
-def _refuse(conn: Connection, error: WarmpoolError) -> None:
+def _refuse(conn: Connection | Channel, error: WarmpoolError) -> None:
     """A start-up failure, answered to the first chunk the coordinator hands out: it then raises
     the error itself (a traceback here would only end as "worker died")."""
     try:
@@ -371,7 +375,7 @@ def _refuse(conn: Connection, error: WarmpoolError) -> None:
 
 def serve(fd: int) -> None:
     """Entry point of ``python -I -S -c ...`` (see ``_pool``): read the job, then work."""
-    conn = Connection(fd)
+    conn = Channel(fd)
     try:
         paths, chunks, shm_name, slot, strategy, warmed = conn.recv()
     except EOFError:

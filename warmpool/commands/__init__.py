@@ -25,20 +25,34 @@ __all__ = ["build_parser", "main"]
 
 # In the order ``warmpool --help`` lists them; each module has a ``Command`` class.
 COMMANDS = ("plan", "warm", "status", "evict", "progress", "keep", "listing", "run", "fleet")  # listing.py: a module named list would shadow the builtin here
+_MODULE_OF = {"list": "listing"}  # command name -> module, where they differ
 
 
-def _commands() -> list:
+def _commands(only: str | None = None) -> list:
     import importlib
 
-    return [importlib.import_module(f".{name}", __name__).Command() for name in COMMANDS]
+    names = COMMANDS if only is None else (_MODULE_OF.get(only, only),)
+    return [importlib.import_module(f".{name}", __name__).Command() for name in names]
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+def _named_command(argv: Sequence[str]) -> str | None:
+    """The subcommand ``argv`` names, when that is plain (the first word, after -v at most)."""
+    for word in argv:
+        if word not in ("-v", "--verbose"):
+            known = _MODULE_OF.get(word, word) in COMMANDS
+            return word if known and not word.startswith("-") else None
+    return None
+
+
+def build_parser(only: str | None = None) -> tuple[argparse.ArgumentParser, dict]:
+    """The parser; with ``only``, one subcommand's alone: importing every command module (the
+    fleet, engine-argument and store modules with them) cost a cold warm ~12 ms before its first
+    worker started (docs/bench/warm_speed_phases.md)."""
     parser = argparse.ArgumentParser(prog="warmpool", description="Warm the page cache with the parts of a GGUF model an engine keeps on the CPU.")
     parser.add_argument("-v", "--verbose", action="store_true", help="more detail, and tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands = {}
-    for command in _commands():
+    for command in _commands(only):
         doc = command.__doc__.strip()
         p = sub.add_parser(command.name, help=doc.splitlines()[0], description=doc)
         p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="more detail, and tracebacks on errors")
@@ -76,8 +90,8 @@ def _split_engine(argv: list[str]) -> tuple[list[str], list[str] | None]:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    parser, commands = build_parser()
     argv, engine = _split_engine(list(sys.argv[1:] if argv is None else argv))
+    parser, commands = build_parser(_named_command(argv))
     try:
         args = parser.parse_args(argv)
         if engine is not None and not hasattr(args, "engine"):

@@ -90,7 +90,8 @@ def target(args: argparse.Namespace) -> tuple[str, Selection]:
     warmpool's own flags, or from the engine command line after ``--`` (docs/engines.md)."""
     if getattr(args, "_target", None):
         return args._target
-    from .._engine_args import recognized
+    if args.engine:  # imported only then: ~4 ms before a cold warm's first worker otherwise
+        from .._engine_args import recognized
 
     # MODEL with an engine warmpool cannot read: placement from warmpool's own flags.
     if args.engine and (recognized(args.engine) or not (args.model or args.example)):
