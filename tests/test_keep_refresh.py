@@ -79,25 +79,40 @@ def _referenced(held) -> float:
     return float(np.count_nonzero(flags[present] & (KPF_REFERENCED | KPF_ACTIVE))) / float(present.sum())
 
 
-def test_refresh_marks_every_held_folio_accessed(private_model):
-    """The kernel's own flags: after MADV_COLD has cleared them, one refresh marks every folio of
-    a default warm (2 MiB folios mapped by PMDs, 4 KiB ones at extent edges) referenced again;
-    the page walk alone leaves the PMD-mapped ones unmarked."""
+@pytest.mark.parametrize("warmed_by", ["warmpool", "small reads"])
+def test_refresh_marks_every_held_folio_accessed(private_model, warmed_by):
+    """The kernel's own flags: after MADV_COLD has cleared them, one refresh marks every folio
+    referenced again, whether a default warm left them (2 MiB folios mapped by PMDs, 4 KiB ones
+    at extent edges) or 64 KiB reads with readahead off (4 KiB folios, mapped by PTEs); the
+    page walk alone leaves the PMD-mapped ones unmarked."""
     import ctypes
 
     why = folios.available()
     if why:
         pytest.skip(why)
     evict_file(private_model)
-    warmpool.warm(private_model)
+    if warmed_by == "warmpool":
+        warmpool.warm(private_model)
+    else:
+        with open(private_model, "rb", buffering=0) as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
+            while f.read(64 << 10):
+                pass
     fd = os.open(private_model, os.O_RDONLY)
     try:
         held = _platform.HeldMapping(fd, 0, os.fstat(fd).st_size)
         try:
             held.populate(0, held.length)
             libc = ctypes.CDLL(None, use_errno=True)
-            assert libc.madvise(ctypes.c_void_p(held.address), ctypes.c_size_t(held.length), MADV_COLD) == 0
-            assert _referenced(held) < 0.05  # the control: MADV_COLD cleared the marks
+            def cold() -> None:
+                assert libc.madvise(ctypes.c_void_p(held.address), ctypes.c_size_t(held.length), MADV_COLD) == 0
+                assert _referenced(held) < 0.05  # the control: MADV_COLD cleared the marks
+
+            if warmed_by == "warmpool":
+                cold()
+                held.refresh(read_folios=False)
+                assert _referenced(held) < 0.5  # the page walk alone leaves the PMD-mapped folios unmarked
+            cold()
             held.refresh()
             assert _referenced(held) >= 0.99
         finally:

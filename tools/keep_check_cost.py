@@ -8,7 +8,8 @@ does not depend on the selection's size for cachestat (one syscall per chunk) an
 the pages of the chunk for mincore (timed both through a fresh mapping per chunk and through
 the held mapping, which is what the keeper uses without cachestat), so the extrapolation multiplies by the number of 16 MiB
 chunks of the target.  Also times one touch pass (one byte per page through the held mapping,
-the ``--hold touch`` mode) and extrapolates it the same way.  Default model: the keep_bench
+the ``--hold touch`` mode) and the default refresh (``KeptModel.refresh``), and extrapolates
+them the same way.  Default model: the keep_bench
 model.  Prints a table and one JSON line.
 """
 
@@ -25,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
 from warmpool import Keeper, _platform, plan_model, warm  # noqa: E402
+from warmpool._keep import REFRESH_CPU_SHARE  # noqa: E402
 from warmpool._units import parse_size  # noqa: E402
 
 
@@ -66,6 +68,14 @@ def main(argv: list[str] | None = None) -> int:
         touch = time.process_time() - cpu0
         out["touch"] = {"cpu_s_per_pass": round(touch, 4),
                         "target_core_share": round(touch * parse_size(args.target) / plan.bytes_planned / args.interval, 4)}
+        passes = max(args.passes // 10, 1)
+        cpu0 = time.process_time()
+        for _ in range(passes):
+            model.refresh()
+        refresh = (time.process_time() - cpu0) / passes * parse_size(args.target) / plan.bytes_planned
+        out["refresh"] = {"cpu_ms_per_pass": round(refresh * plan.bytes_planned / parse_size(args.target) * 1e3, 3),
+                          "target_core_share_every_1s": round(refresh, 4),
+                          "target_seconds_between_passes": round(max(1.0, refresh / REFRESH_CPU_SHARE), 2)}
     finally:
         model.release()
     print(f"{chunks} chunks, {plan.bytes_planned / 2**30:.2f} GiB selected; extrapolated to {args.target} "
@@ -75,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
             r = out[name]
             print(f"  {name:<12} {r['cpu_us_per_chunk']:8.2f} us CPU per chunk  -> {100 * r['target_core_share']:6.3f}% of one core")
     print(f"  touch     {out['touch']['cpu_s_per_pass']:8.4f} s CPU per pass   -> {100 * out['touch']['target_core_share']:6.3f}% of one core (--hold touch)")
+    r = out["refresh"]
+    print(f"  refresh   {r['cpu_ms_per_pass']:8.3f} ms CPU per pass  -> {100 * r['target_core_share_every_1s']:6.3f}% of one core "
+          f"every 1 s; under the keeper's {100 * REFRESH_CPU_SHARE:g}% cap, one pass every {r['target_seconds_between_passes']:g} s")
     print(json.dumps(out))
     return 0
 

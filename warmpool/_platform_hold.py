@@ -27,6 +27,49 @@ _mlock = _posix._bind("mlock", ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t)
 _munlock = _posix._bind("munlock", ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t)
 PAGE_SIZE = _posix.PAGE_SIZE
 _PMD = 2 << 20  # the folio size a default warm leaves (x86-64 and arm64 with 4 KiB pages)
+_ioctl = _posix._bind("ioctl", ctypes.c_int, ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)
+
+
+class _PageRegion(ctypes.Structure):
+    _fields_ = [("start", ctypes.c_uint64), ("end", ctypes.c_uint64), ("categories", ctypes.c_uint64)]
+
+
+class _PmScanArg(ctypes.Structure):  # struct pm_scan_arg, include/uapi/linux/fs.h (Linux >= 6.7)
+    _fields_ = [(name, ctypes.c_uint64) for name in (
+        "size", "flags", "start", "end", "walk_end", "vec", "vec_len", "max_pages",
+        "category_inverted", "category_mask", "category_anyof_mask", "return_mask")]
+
+
+_PAGEMAP_SCAN = (3 << 30) | (ctypes.sizeof(_PmScanArg) << 16) | (ord("f") << 8) | 16  # _IOWR('f', 16, ...)
+_PAGE_IS_HUGE = 1 << 6
+
+
+def _huge_ranges(address: int, length: int) -> list[tuple[int, int]] | None:
+    """[(start, end)) of ``[address, address + length)`` that are mapped by huge (PMD) entries,
+    from PAGEMAP_SCAN on /proc/self/pagemap; None where the kernel lacks it."""
+    if _ioctl is None:
+        return None
+    regions = (_PageRegion * 512)()
+    out: list[tuple[int, int]] = []
+    start, end = address, address + length
+    try:
+        fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        while start < end:
+            arg = _PmScanArg(size=ctypes.sizeof(_PmScanArg), start=start, end=end, vec=ctypes.addressof(regions),
+                             vec_len=len(regions), category_mask=_PAGE_IS_HUGE, return_mask=_PAGE_IS_HUGE)
+            n = _ioctl(fd, _PAGEMAP_SCAN, ctypes.byref(arg))
+            if n < 0:
+                return None if ctypes.get_errno() in (errno.EINVAL, errno.ENOTTY, errno.EOPNOTSUPP) else out
+            out.extend((regions[i].start, regions[i].end) for i in range(n))
+            if arg.walk_end <= start:
+                break
+            start = arg.walk_end
+    finally:
+        os.close(fd)
+    return out
 
 
 class HeldMapping(FileWindow):
@@ -34,6 +77,8 @@ class HeldMapping(FileWindow):
     caller keeps for as long as it wants the pages kept: mapped pages are what a reclaimer
     that skips mapped folios leaves alone, their accessed bits are what reclaim asks
     (``folio_referenced``), and ``mlock`` pins them."""
+
+    _null: int | None = None  # /dev/null, opened once per process for the refresh's sendfile
 
     def __init__(self, fd: int, offset: int, length: int) -> None:
         super().__init__(fd, offset, length)
@@ -64,28 +109,56 @@ class HeldMapping(FileWindow):
             return False
         return True
 
-    def refresh(self) -> int:
-        """Mark every resident page of the mapping accessed, reading nothing that is not resident:
-        mincore, then MADV_POPULATE_READ over each run of resident pages.  Its page walk marks the
-        folios it finds accessed (``FOLL_TOUCH``: ``folio_mark_accessed()``, a young PMD), which
-        is what LRU reclaim asks before it takes a mapped file folio.  A page evicted between the
-        two calls is read back in (one page per race, at most).  Returns bytes refreshed."""
+    def refresh(self, read_folios: bool = True) -> int:
+        """Mark every resident page of the mapping accessed, reading nothing that is not resident.
+
+        mincore, then ``MADV_POPULATE_READ`` over each run of resident pages (maps what reclaim
+        unmapped), then a read that marks each folio accessed as any reader does
+        (``filemap_read()``/``filemap_splice_read()`` → ``folio_mark_accessed()``, which sets
+        ``PG_referenced`` and activates a folio marked already): one byte per 2 MiB where the
+        mapping maps a whole 2 MiB folio with one PMD (PAGEMAP_SCAN says which), and elsewhere a
+        ``sendfile`` of the run to /dev/null, which hands each page to a pipe without copying
+        it.  The page walk alone does not do it (docs/keep.md).  A page evicted between mincore
+        and the read is read back in (one page per race).  ``read_folios=False`` skips the reads
+        (tools/keep_refresh_probe.py measures what they add).  Returns bytes refreshed."""
         vector = self.resident()
-        done, start = 0, vector.find(1)
+        runs, start = [], vector.find(1)
         while start >= 0:
             end = vector.find(0, start)
             end = len(vector) if end < 0 else end
-            n = min(end * PAGE_SIZE, self.length) - start * PAGE_SIZE
-            if self.populate(start * PAGE_SIZE, n):
-                done += n
-            # The walk sets only the accessed bit of a PMD-mapped 2 MiB folio, and that alone did
-            # not keep such folios under LRU pressure here (docs/keep.md): a 1-byte read of each
-            # marks the folio accessed as any reader would (filemap_read -> folio_mark_accessed).
-            first = self.offset + start * PAGE_SIZE
-            for offset in range(first + (-first % _PMD), first + n, _PMD):
-                os.pread(self.fd, 1, offset)
+            runs.append((start * PAGE_SIZE, min(end * PAGE_SIZE, self.length)))
             start = vector.find(1, end)
+        done = sum(b - a for a, b in runs if self.populate(a, b - a))
+        if read_folios and runs:
+            huge = _huge_ranges(self.address, self.length) or []
+            for a, b in runs:
+                self._mark_read(a, b, huge)
         return done
+
+    def _mark_read(self, a: int, b: int, huge: list[tuple[int, int]]) -> None:
+        """The reads of ``refresh`` over the resident run [a, b) of the mapping."""
+        pos = a
+        for h0, h1 in huge:
+            h0, h1 = max(h0 - self.address, a), min(h1 - self.address, b)
+            if h1 <= h0:
+                continue
+            self._sendfile(pos, h0)
+            for offset in range(h0, h1, _PMD):
+                os.pread(self.fd, 1, self.offset + offset)
+            pos = h1
+        self._sendfile(pos, b)
+
+    def _sendfile(self, a: int, b: int) -> None:
+        if b <= a:
+            return
+        if HeldMapping._null is None:
+            HeldMapping._null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        offset, end = self.offset + a, self.offset + b
+        while offset < end:
+            sent = os.sendfile(HeldMapping._null, self.fd, offset, end - offset)
+            if sent <= 0:
+                return
+            offset += sent
 
     def touch(self, rel: int, n: int, stride: int = PAGE_SIZE) -> int:
         """Read one byte every ``stride`` bytes of the range: sets the accessed bit of each
