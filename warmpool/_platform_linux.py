@@ -305,10 +305,9 @@ class FileWindow(_posix.FileWindow):
 
 def lower_priority() -> str | None:
     """SCHED_IDLE for the calling thread and the threads it starts later: it runs only on CPU
-    time no normal task wants (kernel/sched/fair.c weighs an idle task at 3 against 1024 for
-    nice 0, and a waking normal task preempts it), and, unless an I/O class was set, its reads
-    go to the block layer in the idle I/O class (``task_nice_ioclass``, include/linux/ioprio.h).
-    Any process may lower itself to it (sched(7)); where a sandbox refuses, nice 19."""
+    time no normal task wants, and, unless an I/O class was set, its reads go to the block layer
+    in the idle I/O class (docs/design.md, "Worker processes").  Any process may lower itself to
+    it (sched(7)); where a sandbox refuses, nice 19.  Returns what was applied."""
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     except (AttributeError, OSError):

@@ -79,8 +79,8 @@ class _Worker(NamedTuple):
 
 def _launch(slot: int, job: tuple, shared_fds: tuple[int, ...] = ()) -> _Worker:
     """Start one worker and send it its job (files, chunk table, segment, slot, strategy, the
-    indices of the chunks this warm will fault, its CPU priority).  ``shared_fds`` stay open in the worker (an
-    unnamed progress segment)."""
+    indices of the chunks this warm will fault, its CPU priority).  ``shared_fds`` stay open in
+    the worker (an unnamed progress segment)."""
     ours, theirs = _socketpair()
     try:
         process = subprocess.Popen(

@@ -11,7 +11,7 @@ __all__ = ["PRIORITIES", "STRATEGIES", "check_priority", "check_strategy"]
 
 STRATEGIES = ("populate", "touch", "read", "willneed")
 # "idle": the workers take only CPU time nothing else wants; for a warm beside an engine that is
-# loading the same file, so the workers never slow the engine's own load (docs/engines.md).
+# loading the same file, so the workers leave the engine its CPU (docs/design.md, "Worker processes").
 PRIORITIES = ("normal", "idle")
 
 

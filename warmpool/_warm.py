@@ -210,7 +210,8 @@ def warm(path: str | os.PathLike[str], *, workers: int | None = None, strategy: 
     otherwise an unnamed one serves when /dev/shm is full, read-only or missing.
     ``priority``: ``"normal"``, or ``"idle"`` to run the workers at the lowest CPU priority
     (Linux SCHED_IDLE, else nice 19): for a warm beside an engine that is loading the same
-    model, so that the workers use only CPU time the engine leaves (docs/engines.md).
+    model, so that the workers use only CPU time the engine leaves (docs/design.md, "Worker
+    processes").
 
     A file whose residency the kernel hides (``residency_hidden``) is warmed whole and the result
     says so: ``residency_hidden`` True, ``resident_fraction`` and ``bytes_already_resident`` None.
