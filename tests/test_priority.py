@@ -102,3 +102,13 @@ def test_bad_priority_is_one_line_and_starts_nothing(private_model):
                          capture_output=True, text=True, timeout=60)
     assert run.returncode != 0 and "Traceback" not in run.stderr
     assert "--priority" in run.stderr and "invalid choice: 'low'" in run.stderr
+
+
+def test_posix_fallback_lowers_to_nice_19():
+    """Where SCHED_IDLE is refused the Linux backend falls back to the POSIX one: nice 19, for
+    the calling thread (run in a child so this test process keeps its own priority)."""
+    code = ("import os; from warmpool import _platform_posix as p; "
+            "print(p.lower_priority(), os.getpriority(os.PRIO_PROCESS, 0))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["nice", "19", "19"]
