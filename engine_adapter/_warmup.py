@@ -59,13 +59,14 @@ class Warmup:
     """
 
     def __init__(self, model: str | os.PathLike[str], selection: dict, workers: int | None, strategy: str,
-                 raise_errors: bool, warm_kwargs: dict) -> None:
+                 raise_errors: bool, warm_kwargs: dict, priority: str = "idle") -> None:
         self.model = os.fspath(model)
         self.shm_name: str | None = None
         self.result: WarmResult | None = None
         self.error: WarmpoolError | None = None
         self.n_layers: int | None = None  # block count, once the layout is read
         self._selection, self._workers, self._strategy = selection, workers, strategy
+        self._priority = priority
         self._raise_errors, self._warm_kwargs = raise_errors, warm_kwargs
         self._view: ProgressView | None = None
         self._stop = threading.Event()
@@ -89,7 +90,8 @@ class Warmup:
             plan = warmpool.plan_model(self.model, chunk_size=chunk_size, **self._selection)
             self.n_layers = plan.n_layers
             self.result = warmpool.warm(self.model, plan=plan, workers=self._workers, strategy=self._strategy,
-                                        on_start=self._on_start, should_stop=self._stop, **self._warm_kwargs)
+                                        priority=self._priority, on_start=self._on_start, should_stop=self._stop,
+                                        **self._warm_kwargs)
         except WarmpoolError as e:
             self.error = e
         except Exception as e:  # a bug must still not escape into the engine's thread
@@ -212,8 +214,13 @@ class Warmup:
 
 def start_warmup(model: str | os.PathLike[str], *, workers: int | None = None, strategy: str = "auto",
                  n_gpu_layers: int | None = None, cpu_moe: bool = False, n_cpu_moe: int = 0,
-                 overrides: tuple[tuple[str, str], ...] = (), raise_errors: bool = False, **warm_kwargs) -> Warmup:
+                 overrides: tuple[tuple[str, str], ...] = (), raise_errors: bool = False, priority: str = "idle",
+                 **warm_kwargs) -> Warmup:
     """Start warming what llama.cpp with these flags keeps on the CPU; return at once.
+
+    ``priority`` defaults to ``"idle"``: the warm runs beside an engine that is loading, and
+    its workers then take only CPU time the engine leaves (``warmpool.warm``; figures:
+    docs/bench/first_request_speed.txt).  ``"normal"`` competes with the engine as an equal.
 
     The layout walk, the plan and the policy run in the background thread, so this costs
     a thread start (well under a millisecond).  ``warm_kwargs`` go to :func:`warmpool.warm`
@@ -221,7 +228,7 @@ def start_warmup(model: str | os.PathLike[str], *, workers: int | None = None, s
     ``WARMPOOL_PREFAULT`` is honoured (0 skips, 1 forces).
     """
     selection = dict(n_gpu_layers=n_gpu_layers, cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe, overrides=tuple(overrides))
-    return Warmup(model, selection, workers, strategy, raise_errors, warm_kwargs)._start()
+    return Warmup(model, selection, workers, strategy, raise_errors, warm_kwargs, priority)._start()
 
 
 @atexit.register

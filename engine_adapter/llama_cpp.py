@@ -6,8 +6,10 @@
 Why the warm starts first: on Linux llama.cpp maps the whole file with MAP_POPULATE
 (docs/design.md, "What llama.cpp keeps on the CPU"), which faults the file in from one
 thread while ``Llama()`` blocks; the workers started a moment earlier read the CPU-resident
-tensors in parallel, in layer order, so the populate sweep finds pages already arriving.  With ``use_mmap=False`` llama.cpp
-reads the tensors into its own buffers instead, and those reads then hit the page cache.
+tensors in parallel, in layer order, so the populate sweep finds pages already arriving.  They
+run at idle CPU priority (``start_warmup``'s default): once started, they use only CPU time that
+``Llama()`` leaves.  With ``use_mmap=False`` llama.cpp reads the tensors into its own buffers
+instead, and those reads then hit the page cache.
 
 Which tensors the warm selects, from the keyword arguments ``Llama`` takes:
 

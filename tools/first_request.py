@@ -28,7 +28,8 @@ Part B: real llama.cpp (llama-cpp-python) on the same file: start-to-first-token
 eviction, plain ``Llama()`` vs ``engine_adapter.llama_cpp.load`` vs ``warmpool.warm`` then
 ``Llama()``; each trial in a fresh process, ``--rounds`` paired rounds in rotating order,
 medians.  llama.cpp maps the model with MAP_POPULATE, so it pays the cold read at load time;
-the adapter's workers read beside it.
+the adapter's workers read beside it, at idle CPU priority (its default) and, for comparison,
+at normal priority (``warmup_options={"priority": "normal"}``, the adapter before that default).
 
 Prints a table and, last, one JSON line.
 """
@@ -58,7 +59,8 @@ PROMPT = "Hello"  # short: start-to-first-token is then mostly load, not prompt 
 # One thread each: with two, a thread descheduled by another job stalls the other at every
 # barrier, and the first token's time then measures the machine's load, not the page cache.
 LLAMA_KWARGS = dict(n_ctx=512, seed=1, verbose=False, n_threads=1, n_threads_batch=1)
-VARIANTS = ("plain", "adapter", "warm-first")
+VARIANTS = ("plain", "adapter", "adapter-normal", "warm-first")
+ADAPTERS = ("adapter", "adapter-normal")
 
 
 # --- model and page cache -----------------------------------------------------------------
@@ -268,10 +270,11 @@ def llama_child(variant: str, path: str, max_tokens: int) -> None:
     warm_s = None
     if variant == "plain":
         llm = llama_cpp.Llama(path, **LLAMA_KWARGS)
-    elif variant == "adapter":
+    elif variant in ADAPTERS:
         from engine_adapter.llama_cpp import load
 
-        llm, warmup = load(path, **LLAMA_KWARGS)
+        options = {"priority": "normal"} if variant == "adapter-normal" else {}
+        llm, warmup = load(path, warmup_options=options, **LLAMA_KWARGS)
     else:
         import warmpool
 
@@ -287,7 +290,7 @@ def llama_child(variant: str, path: str, max_tokens: int) -> None:
     t_end = time.perf_counter()
     out = dict(variant=variant, load_s=t_load - t0 - (warm_s or 0.0), warm_s=warm_s, first_token_s=first - t_load,
                next_request_s=t_end - first, start_to_first_token_s=first - t0)
-    if variant == "adapter":
+    if variant in ADAPTERS:
         result = warmup.wait()
         out.update(warm_s=result.seconds if result else None, warm_warmed_bytes=result.bytes_warmed if result else None,
                    warm_error=str(warmup.error) if warmup.error else None)
@@ -306,7 +309,7 @@ def part_b(path: Path, rounds: int, max_tokens: int) -> dict:
     trials: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     for r in range(rounds):
-        order = VARIANTS[r % 3:] + VARIANTS[:r % 3]  # rotate: no variant always runs first
+        order = VARIANTS[r % len(VARIANTS):] + VARIANTS[:r % len(VARIANTS)]  # rotate: no variant always runs first
         for variant in order:
             evict(path)
             out = subprocess.run([sys.executable, __file__, "--llama-child", variant, str(path), str(max_tokens)],
@@ -323,10 +326,13 @@ def part_b(path: Path, rounds: int, max_tokens: int) -> dict:
     plain = medians["plain"]["start_to_first_token_s"]
     for v in VARIANTS:
         medians[v]["x_plain"] = medians[v]["start_to_first_token_s"] / plain
-    paired = [a["start_to_first_token_s"] / p["start_to_first_token_s"] for a, p in zip(trials["adapter"], trials["plain"])]
-    medians["adapter"]["x_plain_paired_median"] = statistics.median(paired)
+    paired = {v: [a["start_to_first_token_s"] / p["start_to_first_token_s"] for a, p in zip(trials[v], trials["plain"])]
+              for v in ADAPTERS}
+    for v in ADAPTERS:
+        medians[v]["x_plain_paired_median"] = statistics.median(paired[v])
     return dict(engine=f"llama-cpp-python {llama_cpp.__version__}, {'GPU' if llama_cpp.llama_supports_gpu_offload() else 'CPU-only'} build",
-                rounds=rounds, max_tokens=max_tokens, medians=medians, adapter_over_plain_paired=paired, trials=trials)
+                rounds=rounds, max_tokens=max_tokens, medians=medians, adapter_over_plain_paired=paired["adapter"],
+                adapter_normal_over_plain_paired=paired["adapter-normal"], trials=trials)
 
 
 def print_part_b(b: dict) -> None:
@@ -339,10 +345,11 @@ def print_part_b(b: dict) -> None:
             f"{'next request':>12} {'CPU':>6}")
     print(head + "\n" + "-" * len(head))
     labels = {"plain": "plain Llama()", "adapter": "engine_adapter.llama_cpp.load",
+              "adapter-normal": "  same, priority normal",
               "warm-first": "warmpool.warm, then Llama()"}
     for v in VARIANTS:
         m = b["medians"][v]
-        warm = f"{m['warm_s']:.3f}s" if "warm_s" in m else "bg" if v == "adapter" else "-"
+        warm = f"{m['warm_s']:.3f}s" if "warm_s" in m else "bg" if v in ADAPTERS else "-"
         print(f"{labels[v]:<30} {warm:>7} {m['load_s']:>6.3f}s {m['first_token_s']:>8.3f}s "
               f"{m['start_to_first_token_s']:>13.3f}s {m['x_plain']:>7.3f}x {m['next_request_s']:>11.3f}s "
               f"{m['cpu_s']:>5.2f}s")
@@ -350,7 +357,9 @@ def print_part_b(b: dict) -> None:
           f"{b['max_tokens']} tokens more; 'bg' = the adapter's warm runs beside Llama(); CPU = user+sys of the\n"
           "  whole trial process and its warm workers (import, load, both requests)")
     print("  adapter/plain start->1st token, per round: " + ", ".join(f"{x:.3f}" for x in b["adapter_over_plain_paired"])
-          + f" (median {b['medians']['adapter']['x_plain_paired_median']:.3f})")
+          + f" (median {b['medians']['adapter']['x_plain_paired_median']:.3f}); at priority normal: "
+          + ", ".join(f"{x:.3f}" for x in b["adapter_normal_over_plain_paired"])
+          + f" (median {b['medians']['adapter-normal']['x_plain_paired_median']:.3f})")
 
 
 # --- main ---------------------------------------------------------------------------------------

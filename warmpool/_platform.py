@@ -40,6 +40,7 @@ __all__ = [
     "evict_ranges",
     "huge_folio_size",
     "locked_bytes",
+    "lower_priority",
     "memlock_limit",
     "memory_pressure",
     "physical_memory",
@@ -62,6 +63,7 @@ advise_random = _backend.advise_random
 cached_bytes = _backend.cached_bytes
 evict = _backend.evict
 huge_folio_size = _backend.huge_folio_size
+lower_priority = _backend.lower_priority
 platform_notes = _backend.platform_notes
 prefetch = _backend.prefetch
 read_byte = _backend.read_byte

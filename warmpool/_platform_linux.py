@@ -34,6 +34,7 @@ __all__ = [
     "cached_bytes",
     "evict",
     "huge_folio_size",
+    "lower_priority",
     "platform_notes",
     "prefetch",
     "read_byte",
@@ -297,6 +298,21 @@ class FileWindow(_posix.FileWindow):
                 if err in (errno.ENOSYS, errno.EPERM):
                     return super().read_pages(rel, n)
                 raise _posix._failure("pwritev", err)
+
+
+# -- scheduling ----------------------------------------------------------------------
+
+
+def lower_priority() -> str | None:
+    """SCHED_IDLE for the calling thread and the threads it starts later: it runs only on CPU
+    time no normal task wants, and, unless an I/O class was set, its reads go to the block layer
+    in the idle I/O class (docs/design.md, "Worker processes").  Any process may lower itself to
+    it (sched(7)); where a sandbox refuses, nice 19.  Returns what was applied."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        return _posix.lower_priority()
+    return "SCHED_IDLE"
 
 
 # -- features ------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from warmpool._platform_window import FileWindow
 
 __all__ = [
     "DEFAULT_READAHEAD", "FileWindow", "PAGE_SIZE", "advise_random", "cached_bytes", "evict",
-    "huge_folio_size", "platform_notes", "prefetch", "read_byte", "read_range", "readahead_size",
+    "huge_folio_size", "lower_priority", "platform_notes", "prefetch", "read_byte", "read_range", "readahead_size",
     "residency_hidden", "resident_bytes", "resident_pages", "supports_cachestat", "supports_populate",
 ]
 
@@ -197,6 +197,19 @@ def read_range(fd: int, offset: int, length: int, buf: bytearray) -> None:
         if got == 0:  # EOF before the end of the range: the file shrank under us
             raise FileChangedError(f"{_FILE_CHANGED} (ends before byte {end})")
         position += got
+
+
+# -- scheduling ----------------------------------------------------------------------
+
+
+def lower_priority() -> str | None:
+    """Put the calling thread (and threads it starts later) at the lowest CPU priority this
+    OS lets any process take: nice 19.  Returns what was applied, None if it was refused."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, 19)
+    except (AttributeError, OSError):
+        return None
+    return "nice 19"
 
 
 # -- features ------------------------------------------------------------------------

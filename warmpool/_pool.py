@@ -43,7 +43,7 @@ from typing import NamedTuple
 from ._errors import CancelledError, FileChangedError, WarmError, WorkerDiedError
 from ._plan import Chunk
 from ._progress import ProgressSegment
-from ._strategy import check_strategy
+from ._strategy import check_priority, check_strategy
 from ._wire import Channel, wait
 
 __all__ = ["AUTO_MAX", "AUTO_START", "PoolResult", "run_pool"]
@@ -79,8 +79,8 @@ class _Worker(NamedTuple):
 
 def _launch(slot: int, job: tuple, shared_fds: tuple[int, ...] = ()) -> _Worker:
     """Start one worker and send it its job (files, chunk table, segment, slot, strategy, the
-    indices of the chunks this warm will fault).  ``shared_fds`` stay open in the worker (an
-    unnamed progress segment)."""
+    indices of the chunks this warm will fault, its CPU priority).  ``shared_fds`` stay open in
+    the worker (an unnamed progress segment)."""
     ours, theirs = _socketpair()
     try:
         process = subprocess.Popen(
@@ -157,13 +157,14 @@ class _Growth:
 
 
 class _Coordinator:
-    def __init__(self, paths, chunks, order, strategy, segment, workers, should_stop) -> None:
+    def __init__(self, paths, chunks, order, strategy, segment, workers, should_stop, priority="normal") -> None:
         self.paths = list(paths)
         self.chunks = [(c.file, c.offset, c.length) for c in chunks]
         self.plan_chunks = chunks
         self.order = tuple(order)
         self.queue = list(reversed(order))  # pop() from the end = plan order
         self.strategy, self.segment, self.should_stop = strategy, segment, should_stop
+        self.priority = priority
         self.growth = _Growth(workers, len(order))
         self.workers: list[_Worker] = []
         self.retired: set[int] = set()  # slots told to stop when the pool shrank back
@@ -174,7 +175,7 @@ class _Coordinator:
     def _start_worker(self) -> None:
         # The chunks to be warmed travel with the job: a worker keeps fault readahead out of the
         # rest (over the budget, or already resident), see _worker.Guards.
-        job = (self.paths, self.chunks, self.segment.name, self.strategy, self.order)
+        job = (self.paths, self.chunks, self.segment.name, self.strategy, self.order, self.priority)
         self.workers.append(_launch(len(self.workers), job, self.segment.shared_fds))
         self.peak = max(self.peak, len(self.workers))
         self._dispatch(self.workers[-1])
@@ -266,13 +267,15 @@ class _Coordinator:
 
 def run_pool(paths: Sequence[str], chunks: Sequence[Chunk], order: Sequence[int], strategy: str,
              segment: ProgressSegment, workers: int | None = None,
-             should_stop: Callable[[], bool] | threading.Event | None = None) -> PoolResult:
-    """Warm ``chunks[i]`` for i in ``order`` (plan order); raise WarmError on any failure."""
+             should_stop: Callable[[], bool] | threading.Event | None = None, priority: str = "normal") -> PoolResult:
+    """Warm ``chunks[i]`` for i in ``order`` (plan order); raise WarmError on any failure.
+    ``priority`` (``PRIORITIES``): the workers' CPU priority."""
     if workers is not None and workers < 1:
         raise WarmError(f"workers must be at least 1, got {workers}")
     check_strategy(strategy, allow_auto=False)  # a worker would otherwise fall through to its last branch
+    check_priority(priority)
     stop = should_stop.is_set if isinstance(should_stop, threading.Event) else (should_stop or (lambda: False))
-    coordinator = _Coordinator(paths, chunks, order, strategy, segment, workers, stop)
+    coordinator = _Coordinator(paths, chunks, order, strategy, segment, workers, stop, priority)
     try:
         return coordinator.run()
     finally:

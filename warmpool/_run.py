@@ -19,7 +19,7 @@ __all__ = ["run_warm"]
 
 def run_warm(plan: Plan, paths: Sequence[str], chosen: Sequence[int], before: Sequence[int], strategy: str,
              workers: int | None, on_start: Callable[[str], None] | None, should_stop, linger: float = 0.0,
-             require_name: bool = False) -> PoolResult:
+             require_name: bool = False, priority: str = "normal") -> PoolResult:
     total = sum(plan.chunks[i].length for i in chosen)
     # The segment's context manager settles every way out (cancelled or failed: one rule, in
     # ProgressSegment._settle), then unlinks and unmaps.
@@ -30,7 +30,7 @@ def run_warm(plan: Plan, paths: Sequence[str], chosen: Sequence[int], before: Se
         segment.set_state("running")
         if on_start:
             on_start(segment.name)
-        outcome = run_pool(paths, plan.chunks, chosen, strategy, segment, workers, should_stop)
+        outcome = run_pool(paths, plan.chunks, chosen, strategy, segment, workers, should_stop, priority)
         segment.set_state("done")
         if linger and segment.named:  # only a name can have late readers
             time.sleep(linger)

@@ -20,7 +20,7 @@ from ._layout import read_layout
 from ._log import logger
 from ._plan import DEFAULT_CHUNK_SIZE, Plan, contiguous_runs, layer_key, make_plan
 from ._select import Selection
-from ._strategy import check_strategy
+from ._strategy import check_priority, check_strategy
 
 __all__ = ["FileResidency", "LayerResidency", "Residency", "WarmResult", "evict", "plan_model", "residency",
            "residency_hidden", "resolve_strategy", "warm"]
@@ -200,7 +200,7 @@ def warm(path: str | os.PathLike[str], *, workers: int | None = None, strategy: 
          chunk_size: int = DEFAULT_CHUNK_SIZE, budget: int | None = None, force: bool = False,
          env: dict | None = None, memory=None, on_start: Callable[[object], None] | None = None,
          should_stop=None, linger: float = 0.0, plan: Plan | None = None, require_name: bool = False,
-         **selection) -> WarmResult:
+         priority: str = "normal", **selection) -> WarmResult:
     """Fault the selected tensors of a GGUF model into the page cache and verify with mincore.
 
     ``selection`` takes llama.cpp's flags (``n_gpu_layers``, ``cpu_moe``, ``n_cpu_moe``,
@@ -208,6 +208,10 @@ def warm(path: str | os.PathLike[str], *, workers: int | None = None, strategy: 
     about to start; ``should_stop`` (a callable or threading.Event) cancels.  ``require_name``:
     the segment must have a /dev/shm name (a reader in another process will look for it);
     otherwise an unnamed one serves when /dev/shm is full, read-only or missing.
+    ``priority``: ``"normal"``, or ``"idle"`` to run the workers at the lowest CPU priority
+    (Linux SCHED_IDLE, else nice 19): for a warm beside an engine that is loading the same
+    model, so that the workers use only CPU time the engine leaves (docs/design.md, "Worker
+    processes").
 
     A file whose residency the kernel hides (``residency_hidden``) is warmed whole and the result
     says so: ``residency_hidden`` True, ``resident_fraction`` and ``bytes_already_resident`` None.
@@ -215,6 +219,7 @@ def warm(path: str | os.PathLike[str], *, workers: int | None = None, strategy: 
     from ._policy import decide
 
     check_strategy(strategy, allow_auto=True)
+    check_priority(priority)
     plan = plan or plan_model(path, chunk_size=chunk_size, **selection)
     started = time.perf_counter()
     with _OpenFiles(plan) as files:
@@ -238,7 +243,7 @@ def warm(path: str | os.PathLike[str], *, workers: int | None = None, strategy: 
         from ._run import run_warm
 
         outcome = run_warm(plan, files.paths, decision.chunks, before, strategy, workers, on_start, should_stop, linger,
-                           require_name=require_name)
+                           require_name=require_name, priority=priority)
         files.check_unchanged()
         measured = files.resident(plan)
         chosen = set(decision.chunks)

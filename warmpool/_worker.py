@@ -377,7 +377,10 @@ def serve(fd: int) -> None:
     """Entry point of ``python -I -S -c ...`` (see ``_pool``): read the job, then work."""
     conn = Channel(fd)
     try:
-        paths, chunks, shm_name, slot, strategy, warmed = conn.recv()
+        paths, chunks, shm_name, slot, strategy, warmed, priority = conn.recv()
     except EOFError:
         return
+    if priority == "idle":
+        # Before any thread starts: the fault threads inherit the policy (it is per thread).
+        _platform.lower_priority()
     worker_main(paths, chunks, shm_name, slot, strategy, conn, warmed)

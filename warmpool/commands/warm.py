@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 from .._errors import WarmpoolError
+from .._strategy import PRIORITIES
 from .._units import format_bytes
 from ._common import (
     EXIT_OK,
@@ -33,6 +34,8 @@ class Command:
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         add_model_argument(parser)
         add_warm_arguments(parser)
+        parser.add_argument("--priority", choices=PRIORITIES, default="normal",
+                            help="the workers' CPU priority (idle: only CPU time nothing else wants; default normal)")
         parser.add_argument("--no-progress", action="store_true", help="no progress bar")
         parser.add_argument("--json", action="store_true", help="print one JSON object")
         parser.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
@@ -66,7 +69,7 @@ class Command:
         try:
             result = warm(plan.files[0].path, plan=plan, workers=args.workers, strategy=args.strategy,
                           budget=budget, force=args.force, on_start=on_start, linger=args.linger,
-                          require_name=args.report_segment)
+                          require_name=args.report_segment, priority=args.priority)
         except WarmpoolError as e:
             if args.report_segment and not reported:  # the parent prints why, as its one line
                 _report_to_parent(f"! {e}")
@@ -108,7 +111,8 @@ def _report_to_parent(line: str) -> None:
 def _detach(args: argparse.Namespace) -> int:
     """Start the same warm in a new session and print its segment name when it has one."""
     path, selection = target(args)
-    argv = ["warm", os.path.abspath(path), "--chunk-size", str(args.chunk_size), "--strategy", args.strategy]
+    argv = ["warm", os.path.abspath(path), "--chunk-size", str(args.chunk_size), "--strategy", args.strategy,
+            "--priority", args.priority]
     if selection.n_gpu_layers is not None:
         argv += ["-ngl", str(selection.n_gpu_layers)]
     argv += [f"--override-tensor={pattern}={buft}" for pattern, buft in selection.rules]  # order kept
