@@ -57,15 +57,6 @@ def available() -> str | None:
     return None
 
 
-def _runs(vector: bytes, value: int):
-    start = vector.find(value)
-    while start != -1:
-        end = vector.find(1 - value, start)
-        end = len(vector) if end == -1 else end
-        yield start, end
-        start = vector.find(value, end)
-
-
 def histogram(path: str | os.PathLike[str], offset: int = 0, length: int = 0) -> dict:
     """Folio sizes of the resident pages of ``[offset, offset + length)`` (0: to EOF).
 
@@ -89,7 +80,7 @@ def histogram(path: str | os.PathLike[str], offset: int = 0, length: int = 0) ->
         vector = _platform.resident_pages(fd, start, end - start)
         with _platform.FileWindow(fd, start, end - start) as window:
             window.advise(0, window.length, "random")
-            for lo, hi in _runs(vector, 1):
+            for lo, hi in _platform.page_runs(vector, 1):
                 window.populate(lo * page, min(hi * page, window.length) - lo * page)
             with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
                 entries = np.frombuffer(os.pread(pagemap.fileno(), len(vector) * 8, window.address // page * 8),

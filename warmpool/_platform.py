@@ -43,6 +43,7 @@ __all__ = [
     "lower_priority",
     "memlock_limit",
     "memory_pressure",
+    "page_runs",
     "physical_memory",
     "pid_alive",
     "platform_notes",
@@ -74,6 +75,8 @@ resident_pages = _backend.resident_pages
 residency_hidden = _backend.residency_hidden
 supports_cachestat = _backend.supports_cachestat
 supports_populate = _backend.supports_populate
+from warmpool._platform_libc import page_runs  # noqa: E402 - a mincore vector's runs, for every caller
+
 # A keeper's calls (held mappings, mlock, PSI), POSIX with Linux's /proc where it exists.
 from warmpool._platform_hold import (  # noqa: E402
     HeldMapping,

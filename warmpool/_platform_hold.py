@@ -17,6 +17,7 @@ import resource
 
 from warmpool import _platform_posix as _posix
 from warmpool._errors import PlatformError
+from warmpool._platform_libc import page_runs
 from warmpool._platform_window import FileWindow
 
 __all__ = ["HeldMapping", "locked_bytes", "memlock_limit", "memory_pressure", "physical_memory", "pid_alive"]
@@ -121,13 +122,7 @@ class HeldMapping(FileWindow):
         it.  The page walk alone does not do it (docs/keep.md).  A page evicted between mincore
         and the read is read back in (one page per race).  ``read_folios=False`` skips the reads
         (tools/keep_refresh_probe.py measures what they add).  Returns bytes refreshed."""
-        vector = self.resident()
-        runs, start = [], vector.find(1)
-        while start >= 0:
-            end = vector.find(0, start)
-            end = len(vector) if end < 0 else end
-            runs.append((start * PAGE_SIZE, min(end * PAGE_SIZE, self.length)))
-            start = vector.find(1, end)
+        runs = [(s * PAGE_SIZE, min(e * PAGE_SIZE, self.length)) for s, e in page_runs(self.resident())]
         done = sum(b - a for a, b in runs if self.populate(a, b - a))
         if read_folios and runs:
             huge = _huge_ranges(self.address, self.length) or []

@@ -16,7 +16,7 @@ from warmpool._errors import PlatformError
 
 TYPE_CHECKING = False  # typing is not free to import; annotations are strings anyway
 if TYPE_CHECKING:
-    from typing import Callable
+    from typing import Callable, Iterator
 
 PAGE_SIZE: int = mmap.PAGESIZE
 # mincore(2) sets bit 0 for "resident"; the other bits are reserved (Linux) or carry
@@ -104,6 +104,16 @@ def _map_readonly(fd: int, offset: int, length: int) -> int:
 def _unmap(address: int, length: int) -> None:
     if _require(_munmap, "munmap")(address, length) != 0:
         raise _failure("munmap")
+
+
+def page_runs(vector: bytes, value: int = 1) -> Iterator[tuple[int, int]]:
+    """(first page, end page) of each run of ``value`` (1 resident, 0 not) in a mincore vector."""
+    start = vector.find(value)
+    while start != -1:
+        end = vector.find(1 - value, start)
+        end = len(vector) if end == -1 else end
+        yield start, end
+        start = vector.find(value, end)
 
 
 def _mincore_into(address: int, length: int, out: bytearray, first_page: int) -> None:

@@ -15,7 +15,7 @@ import bisect
 import os
 import signal
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from . import _platform
@@ -28,7 +28,7 @@ from ._wire import Channel
 if TYPE_CHECKING:  # pragma: no cover
     from multiprocessing.connection import Connection
 
-__all__ = ["FAULT_READAHEAD_MIN", "FAULT_THREADS", "STEP", "STRATEGIES", "Guards", "nonresident_runs", "serve", "worker_main"]
+__all__ = ["FAULT_READAHEAD_MIN", "FAULT_THREADS", "STEP", "STRATEGIES", "Guards", "serve", "worker_main"]
 
 STEP = 8 * 1024 * 1024  # progress grain, and the most one populate/touch/pread call covers
 # From this readahead size up, populate/touch let the kernel's fault readahead read the inside
@@ -41,17 +41,6 @@ FAULT_READAHEAD_MIN = 1024 * 1024
 # Threads per worker faulting PMD-size blocks at once (one read in flight each); measured on
 # the local disk: docs/folios.md.
 FAULT_THREADS = 4
-
-
-def nonresident_runs(vector: bytes) -> Iterator[tuple[int, int]]:
-    """(first page, end page) of each run of non-resident pages in a mincore vector."""
-    start = vector.find(0)
-    while start != -1:
-        end = vector.find(1, start)
-        if end == -1:
-            end = len(vector)
-        yield start, end
-        start = vector.find(0, end)
 
 
 class Guards:
@@ -129,7 +118,7 @@ class _ChunkWarmer:
         """Warm [offset, offset+length); resident pages count as done at once."""
         with _platform.FileWindow(fd, offset, length) as window:
             vector = bytes(-(-length // self.page)) if file in self.hidden else window.resident()
-            runs = [(s * self.page, min(e * self.page, length)) for s, e in nonresident_runs(vector)]
+            runs = [(s * self.page, min(e * self.page, length)) for s, e in _platform.page_runs(vector, 0)]
             self.counter.add(length - sum(end - start for start, end in runs))
             if not runs:
                 return
