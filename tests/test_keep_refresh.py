@@ -60,7 +60,7 @@ def test_refresh_maps_the_resident_pages_and_reads_none_of_the_evicted(tmp_path)
 
 # -- what the kernel sees ----------------------------------------------------------------------
 
-KPF_REFERENCED, KPF_ACTIVE = 1 << 2, 1 << 6  # Documentation/admin-guide/mm/pagemap.rst
+KPF_REFD, KPF_ACTIVE = 1 << 2, 1 << 6  # /proc/kpageflags bits PG_referenced and PG_active, as the Linux kernel documents them (pagemap)
 MADV_COLD = 20
 
 
@@ -76,7 +76,7 @@ def _referenced(held) -> float:
     pfns = (entries & np.uint64((1 << 55) - 1)).astype(np.int64)
     flags = folios._kpageflags(pfns, present)
     assert present.sum() > 0.99 * n  # the held mapping maps the whole (resident) file
-    return float(np.count_nonzero(flags[present] & (KPF_REFERENCED | KPF_ACTIVE))) / float(present.sum())
+    return float(np.count_nonzero(flags[present] & (KPF_REFD | KPF_ACTIVE))) / float(present.sum())
 
 
 @pytest.mark.parametrize("warmed_by", ["warmpool", "small reads"])
