@@ -70,7 +70,6 @@ class Keeper:
         self.interval, self.lock, self.min_resident, self.hold = interval, lock, min_resident, hold
         self.refresh = refresh if hold != "none" else 0.0
         self._next_refresh = 0.0
-        self.refresh_seconds = 0.0  # the time between refreshes now (longer than ``refresh`` when capped)
         self.workers, self.strategy, self.budget, self.force = workers, strategy, budget, force
         self.for_pid, self.on_warm_start, self._on_event = for_pid, on_warm_start, on_event
         self.models: list[KeptModel] = []
@@ -200,8 +199,7 @@ class Keeper:
             if model.state in ("kept", "backoff") and model.held and not model.hidden:
                 self._guard(model, model.refresh)
         cost = time.thread_time() - started
-        self.refresh_seconds = max(self.refresh, cost / REFRESH_CPU_SHARE)
-        self._next_refresh = now + self.refresh_seconds
+        self._next_refresh = now + max(self.refresh, cost / REFRESH_CPU_SHARE)
 
     def _guard(self, model: KeptModel, step: Callable[[], None]) -> None:
         """Run one step; a replaced file re-plans, any other failure is reported, never fatal."""
