@@ -100,6 +100,20 @@ def _metric(text: str, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
+def test_refresh_period_is_served(private_model, keep_cli):
+    """/status and /metrics show the refresh period in effect once a pass has run: the asked
+    one for a small model (one pass costs far less than the CPU cap's share of it)."""
+    keeper = keep_cli(private_model, "--listen", "127.0.0.1:0", "--interval", INTERVAL, "--refresh", "0.3")
+    address = keeper.wait_for("started")["address"]
+    keeper.wait_for("warmed")
+    deadline = time.monotonic() + 5
+    while (status := json.loads(_get(address, "/status")[1]))["refresh_period_seconds"] is None:
+        assert time.monotonic() < deadline, "no refresh pass within 5 s"
+        time.sleep(0.1)
+    assert status["refresh_seconds"] == 0.3 and status["refresh_period_seconds"] == 0.3
+    assert _metric(_get(address, "/metrics")[1].decode(), "warmpool_refresh_period_seconds") == 0.3
+
+
 def test_http_endpoints_and_sigterm(private_model, keep_cli):
     evict_file(private_model)
     keeper = keep_cli(private_model, "--listen", "127.0.0.1:0", "--interval", INTERVAL, "--hold", "none")
@@ -112,6 +126,7 @@ def test_http_endpoints_and_sigterm(private_model, keep_cli):
     assert row["path"] == str(private_model) and row["resident_fraction"] >= 0.99
     assert {"path", "bytes_selected", "bytes_resident", "bytes_locked", "bytes_rewarmed_total",
             "rewarms_total", "resident_fraction"} <= row.keys()
+    assert status["refresh_seconds"] == 0 and status["refresh_period_seconds"] is None  # --hold none: no refresh
 
     evict(private_model)  # behind its back: the next check re-warms and counts it
     rewarmed = keeper.wait_for("rewarmed", 4 * INTERVAL)
@@ -125,6 +140,7 @@ def test_http_endpoints_and_sigterm(private_model, keep_cli):
     assert _metric(metrics, "warmpool_locked_bytes") == 0
     assert f'model="{private_model}"' in metrics
     assert _metric(metrics, "warmpool_check_seconds_count") >= 1
+    assert "warmpool_refresh_period_seconds" not in metrics
     assert _get(address, "/nope")[0] == 404
 
     code, took = keeper.terminate()

@@ -69,6 +69,9 @@ class Keeper:
             raise WarmpoolError("no model to keep")
         self.interval, self.lock, self.min_resident, self.hold = interval, lock, min_resident, hold
         self.refresh = refresh if hold != "none" else 0.0
+        # Seconds between refresh passes in effect: ``refresh``, or more where the CPU cap spaces
+        # them out; None until the first pass (and while refresh is off).
+        self.refresh_period: float | None = None
         self._next_refresh = 0.0
         self.workers, self.strategy, self.budget, self.force = workers, strategy, budget, force
         self.for_pid, self.on_warm_start, self._on_event = for_pid, on_warm_start, on_event
@@ -199,7 +202,8 @@ class Keeper:
             if model.state in ("kept", "backoff") and model.held and not model.hidden:
                 self._guard(model, model.refresh)
         cost = time.thread_time() - started
-        self._next_refresh = now + max(self.refresh, cost / REFRESH_CPU_SHARE)
+        self.refresh_period = max(self.refresh, cost / REFRESH_CPU_SHARE)
+        self._next_refresh = now + self.refresh_period
 
     def _guard(self, model: KeptModel, step: Callable[[], None]) -> None:
         """Run one step; a replaced file re-plans, any other failure is reported, never fatal."""

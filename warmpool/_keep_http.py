@@ -54,6 +54,10 @@ class _Collector:
             counters["rewarms"].add_metric(labels, row["rewarms_total"])
         yield from gauges.values()
         yield from counters.values()
+        if self.keeper.refresh_period is not None:
+            yield GaugeMetricFamily("warmpool_refresh_period_seconds", "Seconds between refresh passes in effect "
+                                    "(the asked --refresh, or more where the CPU cap spaces them)",
+                                    value=self.keeper.refresh_period)
 
 
 def _handler(keeper, registry):
@@ -68,7 +72,8 @@ def _handler(keeper, registry):
                 ready = keeper.ready()
                 self._send(200 if ready else 503, b"ready\n" if ready else b"not ready\n", "text/plain")
             elif path == "/status":
-                body = json.dumps({"models": keeper.status(), "ready": keeper.ready()}).encode()
+                body = json.dumps({"models": keeper.status(), "ready": keeper.ready(), "refresh_seconds": keeper.refresh,
+                                   "refresh_period_seconds": keeper.refresh_period}).encode()
                 self._send(200, body, "application/json")
             else:
                 self._send(404, b"not found: try /metrics, /ready or /status\n", "text/plain")
