@@ -3,7 +3,7 @@ without warmpool, after a one-shot warm, with ``warmpool keep`` (defaults), with
 touch`` at a short interval, with ``keep --lock``.
 
     python tools/keep_bench.py [--seconds 180] [--every 2] [--configs none,oneshot,keep,keep-touch,keep-lock]
-                               [--pressure cgroup|none] [--headroom 512M] [--hog-size 2G] [--hog-rate 128]
+                               [--pressure cgroup|none] [--headroom 512M] [--hog-size 2G] [--hog-rate 128] [--pin]
 
 The engine is tools/engine_sim.py's simulated CPU-MoE engine (plain lazy ``mmap``, no
 pre-fault) on a private copy of the ~1.76 GB synthetic qwen3moe (``warmpool.example.BENCH``:
@@ -25,7 +25,9 @@ page cache warm: that is the request's steady time, and load from other jobs mov
 The same request a third time in the engine's own mapping is shown as "hot".  Per configuration,
 one after another from an evicted file:
 
-* request time p50/p99 as a multiple of steady (paired per request) and in ms;
+* request time p50/p99 as a multiple of steady (paired per request) and in ms; beside p99, its
+  noise floor (the same paired p99 between two warm runs of each request) and p99 of request
+  times over p99 of steady times;
 * bytes the engine read from disk (its /proc/self/io read_bytes) and bytes the keeper re-read
   (its ``rewarmed`` events); the engine's major faults;
 * the keeper's CPU share (its own and its reaped workers' CPU time over the wall time) and peak
@@ -33,7 +35,7 @@ one after another from an evicted file:
 * the model's resident fraction after every request (lowest and at the end);
 * why each slow request (> 1.2x) was slow, as observed during it: major faults, the keeper
   busy (CPU ticks or a re-warm overlapping it), preemption (involuntary context switches of
-  the request or its twin), or none of these; and p99 over the "quiet" requests (none of those)
+  the request or its twin, or over 0.5 ms of run-queue wait), or none of these; and p99 over the "quiet" requests (none of those)
   beside, never instead of, p99 over all;
 * the 1-minute load average before and after.
 
@@ -59,7 +61,7 @@ TOOLS = Path(__file__).resolve().parent
 ROOT = TOOLS.parent
 sys.path[:0] = [str(ROOT), str(TOOLS)]
 
-import numpy as np  # noqa: E402
+from _keep_stats import report, summarize  # noqa: E402
 from engine_sim import MoeEngine  # noqa: E402
 from first_request import resident  # noqa: E402
 from mem_pressure import Hog, MemoryCage, make_file  # noqa: E402
@@ -158,7 +160,7 @@ class Keeper:
 def _serve(path: Path, seconds: float, every: float, tokens: int, skew: float, keeper: Keeper | None):
     """The engine's requests, each timed with its steady and hot twins; returns (rows, keeper RssAnon peak)."""
     rows, rss_peak = [], 0
-    with MoeEngine(path, skew=skew) as engine, MoeEngine(path, skew=skew) as twin:
+    with MoeEngine(path, skew=skew) as engine, MoeEngine(path, skew=skew) as twin, _pinned(PIN.get("engine")):
         start = time.monotonic()
         i = 0
         while True:
@@ -170,15 +172,15 @@ def _serve(path: Path, seconds: float, every: float, tokens: int, skew: float, k
                 rss_peak = max(rss_peak, rss_anon_tree(keeper.proc.pid))
             engine.seed = twin.seed = 1000 + i
             kcpu0 = cpu_seconds(keeper.proc.pid) if keeper else 0.0
-            u0, wall0 = _usage(), time.time()
+            u0, q0, wall0 = _usage(), _queued(), time.time()
             t0 = time.perf_counter()
             engine.request(tokens)
             t1 = time.perf_counter()
-            u1, wall1 = _usage(), time.time()
+            u1, q1, wall1 = _usage(), _queued(), time.time()
             kcpu = cpu_seconds(keeper.proc.pid) - kcpu0 if keeper else 0.0
             twin.request(tokens)  # same request, same mapping history, page cache now warm
             t2 = time.perf_counter()
-            u2 = _usage()
+            u2, q2 = _usage(), _queued()
             engine.request(tokens)  # again in the engine's own mapping: every page mapped
             t3 = time.perf_counter()
             # Why a request was slow, observed rather than guessed: its major faults (disk), its
@@ -187,9 +189,30 @@ def _serve(path: Path, seconds: float, every: float, tokens: int, skew: float, k
             rows.append({"t": round(due - start, 1), "wall": (wall0, wall1), "first_s": t1 - t0, "steady_s": t2 - t1,
                          "hot_s": t3 - t2, "majflt": u1.ru_majflt - u0.ru_majflt,
                          "nivcsw": u1.ru_nivcsw - u0.ru_nivcsw, "steady_nivcsw": u2.ru_nivcsw - u1.ru_nivcsw,
+                         "queued_s": q1 - q0, "steady_queued_s": q2 - q1,
                          "keeper_cpu_s": kcpu, "resident": resident(path)})
             i += 1
     return rows, rss_peak
+
+
+PIN: dict[str, set[int]] = {}  # --pin: {"engine": CPUs, "co-tenant": CPUs}; empty: nothing pinned
+
+
+class _pinned:
+    """Run the calling thread (the engine and its twin) on ``cpus`` for the ``with`` block; the
+    keeper and the co-tenant were started before it and keep their own masks."""
+
+    def __init__(self, cpus: set[int] | None) -> None:
+        self.cpus, self.saved = cpus, None
+
+    def __enter__(self) -> None:
+        if self.cpus:
+            self.saved = os.sched_getaffinity(0)
+            os.sched_setaffinity(0, self.cpus)
+
+    def __exit__(self, *exc) -> None:
+        if self.saved:
+            os.sched_setaffinity(0, self.saved)
 
 
 def run_config(name: str, path: Path, seconds: float, every: float, tokens: int, interval: float, skew: float,
@@ -209,6 +232,8 @@ def run_config(name: str, path: Path, seconds: float, every: float, tokens: int,
                         hold="touch" if touch else None)
     prep = time.monotonic() - prep_start
     hog = Hog(hog_file, hog_rate) if hog_file else None
+    if hog and PIN:
+        os.sched_setaffinity(hog.proc.pid, PIN["co-tenant"])
     start_wall = time.monotonic()
     cpu0 = cpu_seconds(keeper.proc.pid) if keeper else 0.0
     engine_read0 = read_bytes()
@@ -221,6 +246,7 @@ def run_config(name: str, path: Path, seconds: float, every: float, tokens: int,
         if hog:
             hog.stop()
     result = {"config": name, "requests": len(rows), "seconds": round(wall, 1), "every_s": every, "tokens": tokens, "skew": skew,
+              "pinned": bool(PIN),
               "cold_fraction_at_start": round(cold, 4), "prep_s": round(prep, 2)}
     if keeper:
         cpu = cpu_seconds(keeper.proc.pid) - cpu0
@@ -241,27 +267,7 @@ def run_config(name: str, path: Path, seconds: float, every: float, tokens: int,
         rewarms = [(e["time"] - e.get("seconds", 0), e["time"]) for e in events if e["event"] == "rewarmed"]
         for r in rows:  # a re-warm overlapping the request (event time is its end, seconds its length)
             r["rewarm_overlap"] = any(a <= r["wall"][1] and b >= r["wall"][0] for a, b in rewarms)
-    ratios = np.array([r["first_s"] / r["steady_s"] for r in rows])
-    hot = np.array([r["first_s"] / r["hot_s"] for r in rows])
-    firsts = np.array([r["first_s"] for r in rows])
-    steadies = np.array([r["steady_s"] for r in rows])
-    result.update(
-        p50_x_steady=round(float(np.percentile(ratios, 50)), 3), p99_x_steady=round(float(np.percentile(ratios, 99)), 3),
-        max_x_steady=round(float(ratios.max()), 3),
-        p50_x_hot=round(float(np.percentile(hot, 50)), 3), p99_x_hot=round(float(np.percentile(hot, 99)), 3),
-        p50_ms=round(float(np.percentile(firsts, 50)) * 1e3, 1), p99_ms=round(float(np.percentile(firsts, 99)) * 1e3, 1),
-        steady_median_ms=round(float(np.median(steadies)) * 1e3, 1),
-        engine_bytes_read=engine_read, engine_majflt=int(sum(r["majflt"] for r in rows)),
-        slow_requests=int((ratios > 1.2).sum()),
-        resident_min=round(min(r["resident"] for r in rows), 4),
-        **_causes(rows, ratios),
-        load_before=load_before, load_after=loadavg(),
-        per_request_fields=["t", "first_ms", "steady_ms", "hot_ms", "majflt", "nivcsw", "steady_nivcsw",
-                            "keeper_cpu_ms", "rewarm_overlap", "resident"],
-        per_request=[[r["t"], round(r["first_s"] * 1e3, 1), round(r["steady_s"] * 1e3, 1), round(r["hot_s"] * 1e3, 1),
-                      r["majflt"], r["nivcsw"], r["steady_nivcsw"], round(r["keeper_cpu_s"] * 1e3),
-                      r.get("rewarm_overlap", False), round(r["resident"], 4)] for r in rows],
-    )
+    result.update(summarize(rows), engine_bytes_read=engine_read, load_before=load_before, load_after=loadavg())
     return result
 
 
@@ -284,25 +290,15 @@ def _usage():
     return resource.getrusage(resource.RUSAGE_SELF)
 
 
-def _causes(rows: list[dict], ratios: np.ndarray) -> dict:
-    """Slow requests (> 1.2x) by what was seen during them, first match wins: major faults (the
-    engine read the disk), the keeper re-warming or using CPU, preemption (an involuntary
-    context switch during the request or its steady twin: other runnable tasks), none seen.
-    And p99 over the requests where none of the request, its twin or the keeper was preempted or
-    busy, shown beside the p99 of all requests, never instead of it."""
-    causes = {"disk": 0, "keeper": 0, "preempted": 0, "unexplained": 0}
-    quiet = []
-    for r, x in zip(rows, ratios):
-        keeper = r.get("rewarm_overlap") or r["keeper_cpu_s"] > 0
-        preempted = r["nivcsw"] + r["steady_nivcsw"] > 0
-        if not keeper and not preempted:
-            quiet.append(x)
-        if x <= 1.2:
-            continue
-        cause = "disk" if r["majflt"] else "keeper" if keeper else "preempted" if preempted else "unexplained"
-        causes[cause] += 1
-    return {"slow_by_cause": causes, "quiet_requests": len(quiet),
-            "p99_x_steady_quiet": round(float(np.percentile(quiet, 99)), 3) if quiet else None}
+def _queued() -> float:
+    """Seconds this thread has spent runnable but waiting for a CPU (/proc/thread-self/schedstat,
+    second field). Unlike involuntary context switches it also counts the wait after a sleep
+    (a lock, reclaim) before the thread got a CPU back; 0.0 where the kernel has no schedstat."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -323,15 +319,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--headroom", default="512M", help="cgroup limit over the model's size (default 512M)")
     ap.add_argument("--hog-size", default="2G", help="the co-tenant's file (default 2G)")
     ap.add_argument("--hog-rate", type=float, default=128, help="the co-tenant's read rate, MB/s (default 128)")
+    ap.add_argument("--pin", action="store_true", help="run the engine (and its twin) on the last CPU and the "
+                    "co-tenant on the others, as an engine pinned to its own cores would run; the keeper and its "
+                    "workers stay unpinned (they may run on the engine's CPU)")
     ap.add_argument("--model-dir", default=None)
     ap.add_argument("--json-out", default=None, help="also append the JSON lines to this file")
     args = ap.parse_args(argv)
+    if args.pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            print("keep_bench: --pin needs at least 2 CPUs", file=sys.stderr)
+            return 2
+        PIN.update({"engine": {cpus[-1]}, "co-tenant": set(cpus[:-1])})
     path = bench_model(args.model_dir)
     configs = args.configs.split(",")
     if "keep-lock" in configs and os.geteuid() != 0 and shutil.which("true"):
         print("note: keep-lock without root locks only RLIMIT_MEMLOCK's worth", file=sys.stderr)
-    print(f"model {path} ({path.stat().st_size / 1e9:.2f} GB); a request ({args.tokens} token, router skew {args.skew:g}) every {args.every:g} s "
-          f"for {args.seconds:g} s per configuration; keeper --interval {args.interval:g}; cpus {os.cpu_count()}", flush=True)
+    print(f"model {path} ({path.stat().st_size / 1e9:.2f} GB); a request ({args.tokens} token(s), router skew {args.skew:g}) every {args.every:g} s "
+          f"for {args.seconds:g} s per configuration; keeper --interval {args.interval:g}; cpus {os.cpu_count()}"
+          + (f"; engine on CPU {sorted(PIN['engine'])}, co-tenant on {sorted(PIN['co-tenant'])}" if PIN else ""), flush=True)
     _warm_up_python()
     cage = hog_file = None
     if args.pressure == "cgroup":
@@ -350,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if cage:
             cage.close()
-    return _report(results)
+    return report(results)
 
 
 def _run_all(args, path: Path, configs: list[str], hog_file: Path | None) -> list[dict]:
@@ -365,33 +371,6 @@ def _run_all(args, path: Path, configs: list[str], hog_file: Path | None) -> lis
             with open(args.json_out, "a") as f:
                 f.write(json.dumps(r) + "\n")
     return results
-
-
-def _fmt(x: float | None) -> str:
-    return f"{x:>5.2f}" if x is not None else "  n/a"
-
-
-def _report(results: list[dict]) -> int:
-    print()
-    head = f"{'config':<10} {'p50 x':>6} {'p99 x':>6} {'max x':>6} {'p50 ms':>7} {'p99 ms':>7} {'steady':>7} {'hot x':>6} {'slow':>5} " \
-           f"{'disk MB':>8} {'rewarm MB':>9} {'cpu %':>6} {'RssAnon':>8} {'min res':>7} {'end res':>7} {'quiet p99':>10} {'slow d/k/p/u':>12} {'load':>9}"
-    print(head)
-    for r in results:
-        print(f"{r['config']:<10} {r['p50_x_steady']:>6.2f} {r['p99_x_steady']:>6.2f} {r['max_x_steady']:>6.2f} "
-              f"{r['p50_ms']:>7.1f} {r['p99_ms']:>7.1f} {r['steady_median_ms']:>7.1f} {r['p50_x_hot']:>6.1f} {r['slow_requests']:>5} "
-              f"{r['engine_bytes_read'] / 1e6:>8.1f} {r.get('keeper_bytes_rewarmed', 0) / 1e6:>9.1f} "
-              f"{100 * r.get('keeper_cpu_share', 0):>6.2f} {r.get('keeper_rss_anon_peak_mb', 0):>6.1f}MB "
-              f"{r['resident_min']:>7.1%} {r['resident_fraction_end']:>7.1%} "
-              f"{_fmt(r['p99_x_steady_quiet'])}x/{r['quiet_requests']:<3} {'/'.join(str(v) for v in r['slow_by_cause'].values()):>12} "
-              f"{r['load_before']:>4.1f}/{r['load_after']:<4.1f}")
-    print("x: a request's time over steady, the same request right after in a twin engine (its own lazy mapping, same"
-          " request history, so the same page-table set-up) when the page cache is warm; slow: requests over 1.2x;"
-          " disk MB: the engine's own reads; rewarm MB: the keeper's; min/end res: the model's resident fraction, lowest"
-          " after any request / at the end; quiet p99: over the requests (count after /) where neither the request, its"
-          " twin nor the keeper was preempted or busy; slow d/k/p/u: slow requests with major faults / keeper busy /"
-          " preempted / none of these; load: 1-min load average before/after")
-    print(json.dumps({"keep_bench": [{k: v for k, v in r.items() if not k.startswith("per_request")} for r in results]}))
-    return 0
 
 
 if __name__ == "__main__":
