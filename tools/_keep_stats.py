@@ -12,21 +12,25 @@ QUEUED = 0.5e-3  # run-queue wait above which a request counts as preempted (a w
 
 def _causes(rows: list[dict], ratios: np.ndarray) -> dict:
     """Slow requests (> 1.2x) by what was seen during them, first match wins: major faults (the
-    engine read the disk), the keeper re-warming or using CPU, preemption (an involuntary
-    context switch, or over 0.5 ms waiting for a CPU, during the request or its steady twin:
-    other runnable tasks), none seen.
+    engine read the disk), the keeper re-warming or using CPU, the memory cgroup's limit hit
+    while the request ran (some task's charge failed and that task reclaimed: the engine's own
+    page tables and heap are charged to the same limit), preemption (an involuntary context
+    switch, or over 0.5 ms waiting for a CPU, during the request or its steady twin: other
+    runnable tasks), none seen.
     And p99 over the requests where none of the request, its twin or the keeper was preempted or
-    busy, shown beside the p99 of all requests, never instead of it."""
-    causes = {"disk": 0, "keeper": 0, "preempted": 0, "unexplained": 0}
+    busy and the limit was not hit, shown beside the p99 of all requests, never instead of it."""
+    causes = {"disk": 0, "keeper": 0, "limit": 0, "preempted": 0, "unexplained": 0}
     quiet = []
     for r, x in zip(rows, ratios):
         keeper = r.get("rewarm_overlap") or r["keeper_cpu_s"] > 0
         preempted = r["nivcsw"] + r["steady_nivcsw"] > 0 or r["queued_s"] + r["steady_queued_s"] > QUEUED
-        if not keeper and not preempted:
+        if not keeper and not preempted and not r.get("limit_hits", 0) + r.get("steady_limit_hits", 0):
             quiet.append(x)
         if x <= SLOW:
             continue
-        cause = "disk" if r["majflt"] else "keeper" if keeper else "preempted" if preempted else "unexplained"
+        limit = r.get("limit_hits", 0) > 0
+        cause = ("disk" if r["majflt"] else "keeper" if keeper else "limit" if limit
+                 else "preempted" if preempted else "unexplained")
         causes[cause] += 1
     return {"slow_by_cause": causes, "quiet_requests": len(quiet),
             "p99_x_steady_quiet": round(float(np.percentile(quiet, 99)), 3) if quiet else None}
@@ -55,10 +59,12 @@ def summarize(rows: list[dict]) -> dict:
         resident_min=round(min(r["resident"] for r in rows), 4),
         **_causes(rows, ratios),
         per_request_fields=["t", "first_ms", "steady_ms", "hot_ms", "majflt", "nivcsw", "steady_nivcsw",
-                            "queued_ms", "steady_queued_ms", "keeper_cpu_ms", "rewarm_overlap", "resident"],
+                            "queued_ms", "steady_queued_ms", "limit_hits", "steady_limit_hits", "keeper_cpu_ms",
+                            "rewarm_overlap", "resident"],
         per_request=[[r["t"], round(r["first_s"] * 1e3, 1), round(r["steady_s"] * 1e3, 1), round(r["hot_s"] * 1e3, 1),
                       r["majflt"], r["nivcsw"], r["steady_nivcsw"], round(r["queued_s"] * 1e3, 2),
-                      round(r["steady_queued_s"] * 1e3, 2), round(r["keeper_cpu_s"] * 1e3),
+                      round(r["steady_queued_s"] * 1e3, 2), r.get("limit_hits", 0), r.get("steady_limit_hits", 0),
+                      round(r["keeper_cpu_s"] * 1e3),
                       r.get("rewarm_overlap", False), round(r["resident"], 4)] for r in rows],
     )
 
@@ -70,7 +76,7 @@ def _fmt(x: float | None) -> str:
 def report(results: list[dict]) -> int:
     print()
     head = f"{'config':<10} {'p50 x':>6} {'p99 x':>6} {'floor':>6} {'tail x':>6} {'max x':>6} {'p50 ms':>7} {'p99 ms':>7} {'steady':>7} {'hot x':>6} {'slow':>5} " \
-           f"{'disk MB':>8} {'rewarm MB':>9} {'cpu %':>6} {'RssAnon':>8} {'min res':>7} {'end res':>7} {'quiet p99':>10} {'slow d/k/p/u':>12} {'load':>9}"
+           f"{'disk MB':>8} {'rewarm MB':>9} {'cpu %':>6} {'RssAnon':>8} {'min res':>7} {'end res':>7} {'quiet p99':>10} {'slow d/k/l/p/u':>14} {'load':>9}"
     print(head)
     for r in results:
         print(f"{r['config']:<10} {r['p50_x_steady']:>6.2f} {r['p99_x_steady']:>6.2f} {r['p99_floor']:>6.2f} "
@@ -79,7 +85,7 @@ def report(results: list[dict]) -> int:
               f"{r['engine_bytes_read'] / 1e6:>8.1f} {r.get('keeper_bytes_rewarmed', 0) / 1e6:>9.1f} "
               f"{100 * r.get('keeper_cpu_share', 0):>6.2f} {r.get('keeper_rss_anon_peak_mb', 0):>6.1f}MB "
               f"{r['resident_min']:>7.1%} {r['resident_fraction_end']:>7.1%} "
-              f"{_fmt(r['p99_x_steady_quiet'])}x/{r['quiet_requests']:<3} {'/'.join(str(v) for v in r['slow_by_cause'].values()):>12} "
+              f"{_fmt(r['p99_x_steady_quiet'])}x/{r['quiet_requests']:<3} {'/'.join(str(v) for v in r['slow_by_cause'].values()):>14} "
               f"{r['load_before']:>4.1f}/{r['load_after']:<4.1f}")
     print("x: a request's time over steady, the same request right after in a twin engine (its own lazy mapping, same"
           " request history, so the same page-table set-up) when the page cache is warm; floor: p99 of the same paired"
@@ -87,7 +93,9 @@ def report(results: list[dict]) -> int:
           " tail x: p99 of request times over p99 of steady times; slow: requests over 1.2x;"
           " disk MB: the engine's own reads; rewarm MB: the keeper's; min/end res: the model's resident fraction, lowest"
           " after any request / at the end; quiet p99: over the requests (count after /) where neither the request, its"
-          " twin nor the keeper was preempted (an involuntary switch or > 0.5 ms waiting for a CPU) or busy;"
-          " slow d/k/p/u: slow requests with major faults / keeper busy / preempted / none of these; load: 1-min load average before/after")
+          " twin nor the keeper was preempted (an involuntary switch or > 0.5 ms waiting for a CPU) or busy, nor"
+          " the limit hit;"
+          " slow d/k/l/p/u: slow requests with major faults / keeper busy / the cgroup's limit hit during them (reclaim) /"
+          " preempted / none of these; load: 1-min load average before/after")
     print(json.dumps({"keep_bench": [{k: v for k, v in r.items() if not k.startswith("per_request")} for r in results]}))
     return 0

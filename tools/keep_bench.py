@@ -172,15 +172,15 @@ def _serve(path: Path, seconds: float, every: float, tokens: int, skew: float, k
                 rss_peak = max(rss_peak, rss_anon_tree(keeper.proc.pid))
             engine.seed = twin.seed = 1000 + i
             kcpu0 = cpu_seconds(keeper.proc.pid) if keeper else 0.0
-            u0, q0, wall0 = _usage(), _queued(), time.time()
+            u0, q0, h0, wall0 = _usage(), _queued(), _limit_hits(), time.time()
             t0 = time.perf_counter()
             engine.request(tokens)
             t1 = time.perf_counter()
-            u1, q1, wall1 = _usage(), _queued(), time.time()
+            u1, q1, h1, wall1 = _usage(), _queued(), _limit_hits(), time.time()
             kcpu = cpu_seconds(keeper.proc.pid) - kcpu0 if keeper else 0.0
             twin.request(tokens)  # same request, same mapping history, page cache now warm
             t2 = time.perf_counter()
-            u2, q2 = _usage(), _queued()
+            u2, q2, h2 = _usage(), _queued(), _limit_hits()
             engine.request(tokens)  # again in the engine's own mapping: every page mapped
             t3 = time.perf_counter()
             # Why a request was slow, observed rather than guessed: its major faults (disk), its
@@ -190,12 +190,18 @@ def _serve(path: Path, seconds: float, every: float, tokens: int, skew: float, k
                          "hot_s": t3 - t2, "majflt": u1.ru_majflt - u0.ru_majflt,
                          "nivcsw": u1.ru_nivcsw - u0.ru_nivcsw, "steady_nivcsw": u2.ru_nivcsw - u1.ru_nivcsw,
                          "queued_s": q1 - q0, "steady_queued_s": q2 - q1,
+                         "limit_hits": h1 - h0, "steady_limit_hits": h2 - h1,
                          "keeper_cpu_s": kcpu, "resident": resident(path)})
             i += 1
     return rows, rss_peak
 
 
 PIN: dict[str, set[int]] = {}  # --pin: {"engine": CPUs, "co-tenant": CPUs}; empty: nothing pinned
+CAGE: list[MemoryCage] = []  # the memory cgroup everything runs in (--pressure cgroup)
+
+
+def _limit_hits() -> int:
+    return CAGE[0].limit_hits() if CAGE else 0
 
 
 class _pinned:
@@ -346,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         hog_file = make_file(path.parent / "co-tenant.bin", parse_size(args.hog_size))
         try:
             cage = MemoryCage(path.stat().st_size + parse_size(args.headroom))
+            CAGE.append(cage)
         except OSError as e:
             print(f"keep_bench: cannot make a memory cgroup ({e}); use --pressure none", file=sys.stderr)
             return 1

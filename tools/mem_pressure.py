@@ -65,6 +65,18 @@ class MemoryCage:
             self.path.rmdir()
             raise
 
+    def limit_hits(self) -> int:
+        """How many times a charge has hit the limit so far (each one makes the charging task
+        reclaim): v1 ``memory.failcnt``, v2 the ``max`` count in ``memory.events``."""
+        failcnt = self.path / "memory.failcnt"
+        if failcnt.exists():
+            return int(failcnt.read_text())
+        for line in (self.path / "memory.events").read_text().splitlines():
+            key, value = line.split()
+            if key == "max":
+                return int(value)
+        return 0
+
     def usage(self) -> int | None:
         for name in ("memory.usage_in_bytes", "memory.current"):
             if (self.path / name).exists():
