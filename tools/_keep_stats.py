@@ -24,12 +24,11 @@ def _causes(rows: list[dict], ratios: np.ndarray) -> dict:
     for r, x in zip(rows, ratios):
         keeper = r.get("rewarm_overlap") or r["keeper_cpu_s"] > 0
         preempted = r["nivcsw"] + r["steady_nivcsw"] > 0 or r["queued_s"] + r["steady_queued_s"] > QUEUED
-        if not keeper and not preempted and not r.get("limit_hits", 0) + r.get("steady_limit_hits", 0):
+        if not keeper and not preempted and not r["limit_hits"] + r["steady_limit_hits"]:
             quiet.append(x)
         if x <= SLOW:
             continue
-        limit = r.get("limit_hits", 0) > 0
-        cause = ("disk" if r["majflt"] else "keeper" if keeper else "limit" if limit
+        cause = ("disk" if r["majflt"] else "keeper" if keeper else "limit" if r["limit_hits"]
                  else "preempted" if preempted else "unexplained")
         causes[cause] += 1
     return {"slow_by_cause": causes, "quiet_requests": len(quiet),
@@ -63,7 +62,7 @@ def summarize(rows: list[dict]) -> dict:
                             "rewarm_overlap", "resident"],
         per_request=[[r["t"], round(r["first_s"] * 1e3, 1), round(r["steady_s"] * 1e3, 1), round(r["hot_s"] * 1e3, 1),
                       r["majflt"], r["nivcsw"], r["steady_nivcsw"], round(r["queued_s"] * 1e3, 2),
-                      round(r["steady_queued_s"] * 1e3, 2), r.get("limit_hits", 0), r.get("steady_limit_hits", 0),
+                      round(r["steady_queued_s"] * 1e3, 2), r["limit_hits"], r["steady_limit_hits"],
                       round(r["keeper_cpu_s"] * 1e3),
                       r.get("rewarm_overlap", False), round(r["resident"], 4)] for r in rows],
     )

@@ -34,9 +34,10 @@ one after another from an evicted file:
   RssAnon of the keeper plus any live worker, sampled before every request;
 * the model's resident fraction after every request (lowest and at the end);
 * why each slow request (> 1.2x) was slow, as observed during it: major faults, the keeper
-  busy (CPU ticks or a re-warm overlapping it), preemption (involuntary context switches of
-  the request or its twin, or over 0.5 ms of run-queue wait), or none of these; and p99 over the "quiet" requests (none of those)
-  beside, never instead of, p99 over all;
+  busy (CPU ticks or a re-warm overlapping it), the memory cgroup's limit hit (reclaim),
+  preemption (involuntary context switches of the request or its twin, or over 0.5 ms of
+  run-queue wait), or none of these; and p99 over the "quiet" requests (none of those) beside,
+  never instead of, p99 over all;
 * the 1-minute load average before and after.
 
 Prints a table, one JSON line per configuration and a last JSON line with all of them;
@@ -184,8 +185,9 @@ def _serve(path: Path, seconds: float, every: float, tokens: int, skew: float, k
             engine.request(tokens)  # again in the engine's own mapping: every page mapped
             t3 = time.perf_counter()
             # Why a request was slow, observed rather than guessed: its major faults (disk), its
-            # involuntary context switches (another runnable task took the CPU: load), the
-            # keeper's CPU ticks while it ran, and the model's resident fraction after it.
+            # involuntary context switches and run-queue wait (another runnable task had the
+            # CPU: load), the cgroup's limit hits (reclaim), the keeper's CPU ticks while it
+            # ran, and the model's resident fraction after it.
             rows.append({"t": round(due - start, 1), "wall": (wall0, wall1), "first_s": t1 - t0, "steady_s": t2 - t1,
                          "hot_s": t3 - t2, "majflt": u1.ru_majflt - u0.ru_majflt,
                          "nivcsw": u1.ru_nivcsw - u0.ru_nivcsw, "steady_nivcsw": u2.ru_nivcsw - u1.ru_nivcsw,
