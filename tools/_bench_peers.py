@@ -192,10 +192,12 @@ def _parse_extra(method: Method, stdout: str) -> dict:
 
 
 def run_method(method: Method, path: str, storage: str, round_no: int,
-               selection_fraction: Callable[[], float], timeout_s: float, engine: bool = True) -> Sample:
-    """Evict, run the method's command, and measure what it left resident (and, with
-    ``engine``, its folio sizes and an engine's first pass after it: ``after_effects``)."""
+               selection_fraction: Callable[[], float], timeout_s: float, engine: bool = True,
+               wait_s: float = 0.0) -> Sample:
+    """Evict, wait ``wait_s``, run the method's command, and measure what it left resident (and,
+    with ``engine``, its folio sizes and an engine's first pass after it: ``after_effects``)."""
     cold = evict_file(path)
+    time.sleep(wait_s)
     parse = method.label.startswith("warmpool") or method.key == "fio"
     started = time.perf_counter()
     try:

@@ -2,7 +2,7 @@
 
     python tools/bench_warm.py MODEL_OR_SIZE [--rounds N] [--latency-ms 1,2,5] [--latency-size 512MB]
         [--methods warmpool,vmtouch,...] [--json-out FILE] [--chart FILE] [--quick] [--latency-only]
-        [--hot-runs N] [--cache-dir DIR]
+        [--hot-runs N] [--cache-dir DIR] [--wait-after-evict SECONDS]
 
 MODEL_OR_SIZE is a GGUF file, or a size such as ``1.7GB`` (``_units.parse_size``: 1.7e9 bytes;
 ``1.7G`` is 1.7 GiB): a synthetic MoE of about that size
@@ -10,7 +10,10 @@ MODEL_OR_SIZE is a GGUF file, or a size such as ``1.7GB`` (``_units.parse_size``
 
 Each round runs every method once, in an order rotated from round to round; before each run
 the file is evicted and mincore must show it cold; after it, mincore shows what it left
-resident.  Medians and ratios are paired per round (``_bench_report``).  ``--latency-ms`` runs
+resident (``--wait-after-evict``: that many seconds after the eviction; on a VM with free page
+reporting the evicted memory goes back to the host a few seconds after it is freed, and every
+method then fills the page cache more slowly: README, "Device speed").  Medians and ratios are
+paired per round (``_bench_report``).  ``--latency-ms`` runs
 the same comparison through ``tools/latency_fs.py`` (a FUSE passthrough that sleeps per read)
 on a smaller synthetic model (``--latency-size``), whose source file is kept cached so only
 the latency shows.  Then: the hot run (``warmpool warm FILE`` when all is resident), Python's
@@ -57,6 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache-dir", help="where synthetic models live (default ~/.cache/warmpool/bench)")
     p.add_argument("--latency-only", action="store_true", help="skip the local-disk comparison")
     p.add_argument("--quick", action="store_true", help="1 round, core methods, 5 ms only, 256MB on FUSE")
+    p.add_argument("--wait-after-evict", type=float, default=0.0, metavar="SECONDS",
+                   help="seconds between each eviction and the method's run (default 0)")
     p.add_argument("--no-engine-pass", action="store_true",
                    help="skip the folio histogram and the engine pass after each method (faster)")
     args = p.parse_args(argv)
@@ -74,6 +79,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--latency-ms takes milliseconds like 1,2,5, not {args.latency_ms!r}")
     if args.rounds < 1 or args.hot_runs < 1:
         p.error("--rounds and --hot-runs must be at least 1")
+    if args.wait_after_evict < 0:
+        p.error("--wait-after-evict cannot be negative")
     return args
 
 
@@ -164,6 +171,7 @@ def _selection_fraction(path: Path):
 
 
 ENGINE_PASS = True  # --no-engine-pass turns it off
+WAIT_AFTER_EVICT_S = 0.0  # --wait-after-evict
 
 
 def run_storage(path: Path, storage: str, methods: list[peers.Method], rounds: int,
@@ -186,7 +194,7 @@ def run_storage(path: Path, storage: str, methods: list[peers.Method], rounds: i
             if keep_warm is not None and peers.file_resident(keep_warm) < 0.99:
                 _warm_source(keep_warm)  # the backing file must not add disk time to FUSE runs
             loads.append(os.getloadavg()[0])
-            s = peers.run_method(m, str(path), storage, r, selection, TIMEOUT_S, ENGINE_PASS)
+            s = peers.run_method(m, str(path), storage, r, selection, TIMEOUT_S, ENGINE_PASS, WAIT_AFTER_EVICT_S)
             s.extra["load_1m"] = loads[-1]
             samples.append(s)
             took = "failed: " + s.error if s.error else f"{s.seconds:.2f} s"
@@ -306,9 +314,9 @@ def acceptance(rows: dict[str, list[report.Row]], extras: list[dict], sizes: dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    global ENGINE_PASS
+    global ENGINE_PASS, WAIT_AFTER_EVICT_S
     args = parse_args(argv)
-    ENGINE_PASS = not args.no_engine_pass
+    ENGINE_PASS, WAIT_AFTER_EVICT_S = not args.no_engine_pass, args.wait_after_evict
     command = shlex.join(["python", "tools/bench_warm.py", *(sys.argv[1:] if argv is None else argv)])
     started = time.perf_counter()
     model = resolve_model(args.model, args.cache_dir)
