@@ -1,11 +1,14 @@
 """The seed issue's scenario, measured: the first request after start-up, cold vs warmed.
 
     python tools/first_request.py [--quick] [--rounds N] [--rounds-a N] [--tokens N] [--no-llama] [--cache-dir DIR]
+                                  [--wait-after-evict SECONDS]
 
 Model: a synthetic qwen3moe GGUF of ~1.76 GB (``warmpool.example.BENCH``: 16 layers x 64
 experts, experts ~97% of the bytes), generated once into ``$WARMPOOL_CACHE/bench`` (else
 ``~/.cache/warmpool/bench``) and reused.  Every measurement starts from an evicted file
-(posix_fadvise DONTNEED after fdatasync; /proc/sys/vm/drop_caches is not needed).
+(posix_fadvise DONTNEED after fdatasync; /proc/sys/vm/drop_caches is not needed), right after
+the eviction or ``--wait-after-evict`` seconds later (a VM with free page reporting has handed
+the evicted memory back to its host by then: README, "Device speed").
 
 Part A: a simulated CPU-MoE engine (tools/engine_sim.py: the access pattern of decoding with
 mmap'd experts and no pre-fault, no real inference).  One request = ``--tokens`` tokens, each
@@ -77,9 +80,14 @@ def bench_model(cache_dir: str | None) -> Path:
     return path
 
 
+WAIT_AFTER_EVICT_S = 0.0  # --wait-after-evict (see tools/bench_warm.py: free page reporting)
+
+
 def evict(path: Path) -> float:
-    """Drop the file's pages; return the fraction still resident (mapped pages stay)."""
+    """Drop the file's pages, then wait ``--wait-after-evict`` seconds; return the fraction still
+    resident (mapped pages stay)."""
     _platform.evict_file(path)
+    time.sleep(WAIT_AFTER_EVICT_S)
     left = resident(path)
     if left > 0.02:
         print(f"warning: {left:.1%} of {path.name} still resident after eviction", file=sys.stderr)
@@ -373,7 +381,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=8, help="tokens llama.cpp generates (default 8)")
     parser.add_argument("--no-llama", action="store_true", help="skip Part B")
     parser.add_argument("--cache-dir", help="where the bench model lives (default $WARMPOOL_CACHE or ~/.cache/warmpool)")
+    parser.add_argument("--wait-after-evict", type=float, default=0.0, metavar="SECONDS",
+                        help="seconds between each eviction and what follows it (default 0)")
     args = parser.parse_args(argv)
+    if args.wait_after_evict < 0:
+        parser.error("--wait-after-evict cannot be negative")
+    global WAIT_AFTER_EVICT_S
+    WAIT_AFTER_EVICT_S = args.wait_after_evict
     if args.quick:
         args.rounds, args.rounds_a, args.tokens = min(args.rounds, 3), 1, min(args.tokens, 8)
     path = bench_model(args.cache_dir)
