@@ -70,6 +70,8 @@ def test_prefault_zero_cli(pagecache_model):
     (["warm", "{model}", "--budget", "lots"], 2, "not a size"),
     (["warm", "{model}", "--budget", "150%"], 2, "percentage"),
     (["status", "{model}", "--bogus"], 2, "unrecognized arguments"),
+    # a module's name is no command: the error lists every command, not only that module's
+    (["listing"], 2, "(choose from 'plan', 'warm', 'status', 'evict', 'progress', 'keep', 'list', 'run', 'fleet')"),
 ])
 def test_bad_input(pagecache_model, argv, code, message):
     argv = [a.format(model=pagecache_model) for a in argv]

@@ -39,8 +39,9 @@ def _named_command(argv: Sequence[str]) -> str | None:
     """The subcommand ``argv`` names, when that is plain (the first word, after -v at most)."""
     for word in argv:
         if word not in ("-v", "--verbose"):
-            known = _MODULE_OF.get(word, word) in COMMANDS
-            return word if known and not word.startswith("-") else None
+            # a module name that differs from its command's ("listing") is no command
+            known = word in _MODULE_OF or (word in COMMANDS and word not in _MODULE_OF.values())
+            return word if known else None
     return None
 
 
