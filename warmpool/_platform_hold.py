@@ -200,20 +200,24 @@ def memlock_limit() -> int | None:
     return None if soft == resource.RLIM_INFINITY else soft
 
 
-def _status_kb(pid: int | str, field: str) -> int | None:
+def _proc_kb(path: str, *fields: str) -> dict[str, int]:
+    """The ``Field: N kB`` lines of a /proc file (status, meminfo) that are asked for, in bytes;
+    whatever is missing or unreadable is left out."""
+    found: dict[str, int] = {}
     try:
-        with open(f"/proc/{pid}/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
+                key, _, rest = line.partition(":")
+                if key in fields:
+                    found[key] = int(rest.split()[0]) * 1024
     except (OSError, ValueError, IndexError):
-        return None
-    return None
+        pass
+    return found
 
 
 def locked_bytes(pid: int | str = "self") -> int | None:
     """VmLck of a process (bytes the kernel counts as mlocked by it); None where unknown."""
-    return _status_kb(pid, "VmLck")
+    return _proc_kb(f"/proc/{pid}/status", "VmLck").get("VmLck")
 
 
 def physical_memory() -> tuple[int, int] | None:
@@ -221,15 +225,7 @@ def physical_memory() -> tuple[int, int] | None:
     Linux, or a kernel before 3.14).  What psutil.virtual_memory() reports as total and
     available on Linux, without importing psutil (~10 ms before a cold warm's first worker;
     docs/bench/warm_speed_phases.md)."""
-    found = {}
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                if key in ("MemTotal", "MemAvailable"):
-                    found[key] = int(rest.split()[0]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
+    found = _proc_kb("/proc/meminfo", "MemTotal", "MemAvailable")
     if len(found) < 2:
         return None
     return found["MemTotal"], min(found["MemAvailable"], found["MemTotal"])
