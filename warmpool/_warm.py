@@ -2,8 +2,8 @@
 
 A warm measures what is already resident first (cachestat/mincore, no data read), lets the
 policy choose the chunks, and only then starts worker processes.  So a warm of a model that is
-already resident costs a header walk and a few hundred syscalls: the multiprocessing machinery,
-psutil and the progress bar are imported only when there is something to read.
+already resident costs a header walk and a few hundred syscalls: the worker pool and the
+progress bar are imported only when there is something to read.
 """
 
 from __future__ import annotations
