@@ -98,6 +98,7 @@ def private_model(test_model, tmp_path) -> Path:
 
 
 evict_file = _platform.evict_file
+MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim these pages now, as memory pressure would (shadows stay)
 
 
 def resident_fraction(path: os.PathLike[str], offset: int = 0, length: int = 0) -> float:

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import evict_file, resident_fraction
+from conftest import MADV_PAGEOUT, evict_file, resident_fraction
 from warmpool import Keeper, evict, plan_model
 from warmpool.example import TINY, write_moe_gguf
 
@@ -59,9 +59,6 @@ def test_evicted_pages_back_within_two_intervals(private_model):
     assert row["bytes_rewarmed_total"] >= 2 * 0.95 * row["bytes_selected"]
     assert [e["event"] for e in events][:2] == ["started", "warmed"]
     assert "rewarmed" in {e["event"] for e in events} and events[-1]["event"] == "stopped"
-
-
-MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim these pages now, as memory pressure would
 
 
 def test_reclaimed_from_the_held_mapping_comes_back(private_model):
