@@ -131,6 +131,28 @@ def test_a_page_reclaimed_after_the_warm_read_it_counts_as_read(pagecache_model)
     assert residency_of(pagecache_model, unread) <= 0.01
 
 
+def test_the_last_pass_reads_every_page_of_its_chunks_and_nothing_around(pagecache_model):
+    """``_worker_finish.reread``, the pass each worker makes over its chunks once the warm is
+    done: on an evicted file it must fault in exactly the chunk's pages (MADV_RANDOM: no
+    readahead or read-around past them)."""
+    from warmpool._worker_finish import reread
+
+    page, size = _platform.PAGE_SIZE, os.path.getsize(pagecache_model)
+    offset, length = 64 * page, 512 * page
+    assert offset + length + 1024 * page < size
+    evict_file(pagecache_model)
+    fd = os.open(pagecache_model, os.O_RDONLY)
+    try:
+        reread([(fd, offset, length)])
+    finally:
+        os.close(fd)
+    vector = resident_vector(pagecache_model)
+    chunk = range(offset // page, (offset + length) // page)
+    assert sum(vector[p] for p in chunk) == len(chunk)
+    around = [p for p in range(len(vector)) if p not in chunk]
+    assert sum(vector[p] for p in around) == 0, "the pass read pages outside its chunk"
+
+
 def disk_read_bytes() -> int:
     """Bytes this process and its reaped children had read from block devices (/proc/self/io:
     the kernel adds a child's I/O counters to its parent's when it is reaped, as the pool does

@@ -242,7 +242,30 @@ class _Coordinator:
             for worker in live:
                 if worker.conn in ready:  # a report, or EOF when the worker died
                     self._on_report(worker)
+        self._finish()
         return PoolResult(self.peak)
+
+    def _finish(self) -> None:
+        """Every chunk is done: tell the workers, and wait while each runs its ``finish`` (a
+        last pass over what it read, part of the warm: ``_worker._ChunkWarmer.finish``).  A
+        worker that dies there fails nothing, and a stop asked for now ends the wait (shutdown
+        stops them): every chunk was reported done."""
+        waiting = []
+        for w in self.workers:
+            if w.slot not in self.retired:
+                self.retired.add(w.slot)  # told: shutdown does not tell it again
+                try:
+                    w.conn.send(None)
+                    waiting.append(w)
+                except OSError:
+                    pass
+        while waiting and not self.should_stop():
+            for conn in wait([w.conn for w in waiting], POLL):
+                try:
+                    conn.recv()  # ("finished",)
+                except (EOFError, OSError):
+                    pass
+                waiting = [w for w in waiting if w.conn is not conn]
 
     def shutdown(self) -> None:
         """Stop every worker, politely if it is idle, by force otherwise; never leave one."""

@@ -3,7 +3,8 @@
 A worker opens each model file read-only once, and for each chunk maps it, skips the pages
 already resident (mincore), faults the rest in with the chosen strategy, adds its progress to
 its own slot of the shared-memory segment every ``STEP`` bytes, and unmaps the chunk again:
-no mapping or buffer outlives a chunk except the one pread buffer it reuses.
+no mapping or buffer outlives a chunk except the one pread buffer it reuses.  Once every chunk
+of the warm is done, it reads each page of the chunks it warmed once more (``_worker_finish``).
 
 Kept to the standard library plus ``_platform``/``_progress`` so that a worker forked from the
 forkserver costs a few MB of private memory (numpy is imported only by the ``touch`` strategy).
@@ -24,6 +25,7 @@ from ._plan import contiguous_runs
 from ._progress import WorkerCounter
 from ._strategy import STRATEGIES  # re-exported: the names _ChunkWarmer implements
 from ._wire import Channel
+from ._worker_finish import Marks, reread
 
 if TYPE_CHECKING:  # pragma: no cover
     from multiprocessing.connection import Connection
@@ -111,8 +113,9 @@ class _ChunkWarmer:
         self.page = _platform.PAGE_SIZE
         self.huge = _platform.huge_folio_size() if strategy in ("populate", "touch") else None
         self.threads: _FaultThreads | None = None
-        self.marks = _Marks(paths, self.huge) if self.huge else None
+        self.marks = Marks(paths, self.huge) if self.huge else None
         self.hidden: set[int] = set()  # files whose mincore vector is made up: trust none of it
+        self.warmed: list[tuple[int, int, int]] = []  # (fd, offset, length): chunks ``finish`` reads again
 
     def warm(self, fd: int, file: int, offset: int, length: int) -> None:
         """Warm [offset, offset+length); resident pages count as done at once."""
@@ -122,6 +125,8 @@ class _ChunkWarmer:
             self.counter.add(length - sum(end - start for start, end in runs))
             if not runs:
                 return
+            if self.strategy in ("populate", "touch"):
+                self.warmed.append((fd, offset, length))
             if self.strategy in ("populate", "touch") and self._warm_huge(fd, window, file, runs):
                 return
             hint_runs = self._hint_edges(fd, file, offset, length)
@@ -159,9 +164,10 @@ class _ChunkWarmer:
         return True
 
     def finish(self) -> None:
-        """Before the worker exits: clear what readahead marks can now be cleared safely."""
+        """Once every chunk of the warm is done (``_worker_finish``)."""
         if self.marks:
             self.marks.close()
+        reread(self.warmed)
 
     def _hint_edges(self, fd: int, file: int, offset: int, length: int) -> bool:
         """Where fault readahead pays, hint the extent edges within reach and return False
@@ -200,60 +206,6 @@ def _fault(window: _platform.FileWindow, rel: int, n: int, strategy: str, fd: in
         _platform.read_range(fd, window.offset + rel, n, buffer)
     else:
         window.willneed(rel, n)
-
-
-class _Marks:
-    """Clears the readahead marks the huge-folio faults leave, where that reads nothing.
-
-    A fault under MADV_HUGEPAGE + MADV_RANDOM marks the PMD-size folio it reads for async
-    readahead (its window is the folio itself, all of it "async"; ``ra_alloc_folio``).  An
-    engine's first fault on a marked folio bypasses fault-around and runs
-    ``page_cache_async_ra``, which scans the page cache up to a readahead window ahead and
-    reads from the first gap: measured, one such call per folio on the engine's first pass
-    (docs/folios.md).  A read(2) of one byte clears the mark the same way; done from a file
-    description of our own (fresh readahead state) and only once the whole window after the
-    folio is cached, that scan finds no gap and nothing is read.  Blocks within a window of
-    their extent's end wait for pages past the extent, which this warm does not read: they
-    keep their mark unless those pages are cached already.
-    """
-
-    def __init__(self, paths: Sequence[str], huge: int) -> None:
-        self.paths, self.huge = paths, huge
-        self.fds: dict[int, int] = {}
-        self.pending: list[tuple[int, int, int]] = []  # (file, block offset, bytes after it to be cached)
-        self.last: list[tuple[int, int, int]] = []  # near an extent's end: tried once more at the end
-
-    def add(self, file: int, blocks: list[int], extent_end: int, ra: int) -> None:
-        span = ra + self.huge  # the scan: a readahead window past the folio's first page, with margin
-        for b in blocks:
-            (self.pending if b + self.huge + span <= extent_end else self.last).append((file, b, span))
-        self.pending = [p for p in self.pending if not self._clear(*p)]
-
-    def _clear(self, file: int, block: int, span: int) -> bool:
-        """True once the block is done with (cleared, or given up: a mark is only a cost)."""
-        if file >= len(self.paths):
-            return True
-        try:
-            fd = self.fds.get(file)
-            if fd is None:
-                fd = self.fds[file] = os.open(self.paths[file], os.O_RDONLY)
-            start = block + self.huge
-            cached = _platform.cached_bytes(fd, start, span)
-            if cached is None:
-                cached = _platform.resident_bytes(fd, start, span)
-            if cached < min(span, max(os.fstat(fd).st_size - start, 0)):
-                return False  # a gap within reach: the mark would start a read there
-            _platform.read_byte(fd, block)
-        except (OSError, WarmpoolError):
-            pass  # the file changed or vanished: the warm itself reports that
-        return True
-
-    def close(self) -> None:
-        """Once every chunk is done: all that can be cleared now."""
-        self.pending = [p for p in self.pending + self.last if not self._clear(*p)]
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear()
 
 
 class _FaultThreads:
@@ -343,6 +295,7 @@ def worker_main(paths: Sequence[str], chunks: Sequence[tuple[int, int, int]], sh
                 return
             conn.send(("done", index))
         warmer.finish()  # the coordinator sends None once every chunk is done
+        conn.send(("finished",))  # it waits for this, so the warm's time includes finish
     except (EOFError, BrokenPipeError):
         pass  # the coordinator went away: nothing left to report to
     finally:
