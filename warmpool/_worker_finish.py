@@ -71,14 +71,11 @@ def reread(chunks: list[tuple[int, int, int]]) -> None:
     """Read one byte of each page of the (fd, offset, length) chunks once more, through a
     fresh mapping under MADV_RANDOM (a fault there reads no page around it: nothing outside).
 
-    Why, measured (docs/folios.md, "The second read"): a huge-folio fault reads the whole
-    aligned 2 MiB block, which may reach into the next chunk, but ``read_pages`` reads only the
-    pages of its own run; when the next chunk starts, those pages are resident and skipped, so
-    no CPU has read them since the disk wrote them, and in a VM the engine's first access pays
-    for that.  Ten seconds after an eviction on this project's VM, an engine's first pass (one
-    byte per page of 1.76 GB) took 0.039-0.071 s after a warm without this pass, 0.009-0.030 s
-    when only the pages resident at their chunk's start were read again, and 0.009-0.026 s (3 of
-    4 rounds under 0.012 s) when every page of every warmed chunk was."""
+    Why: a huge-folio fault reads the whole aligned 2 MiB block, which may reach into the next
+    chunk, but ``read_pages`` reads only the pages of its own run; when the next chunk starts,
+    those pages are resident and skipped, so no CPU has read them since the disk wrote them, and
+    in a VM the engine's first access pays for that.  Measured, with the variants that did not
+    help: docs/bench/warm_second_read.md."""
     for fd, offset, length in chunks:
         try:
             with _platform.FileWindow(fd, offset, length) as window:
