@@ -167,7 +167,7 @@ class _Coordinator:
         self.priority = priority
         self.growth = _Growth(workers, len(order))
         self.workers: list[_Worker] = []
-        self.retired: set[int] = set()  # slots told to stop when the pool shrank back
+        self.retired: set[int] = set()  # slots told to stop: the pool shrank back, or every chunk is done
         self.busy: dict[int, int] = {}  # slot -> chunk index
         self.completed_bytes = 0
         self.peak = 0

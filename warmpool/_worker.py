@@ -266,7 +266,8 @@ def worker_main(paths: Sequence[str], chunks: Sequence[tuple[int, int, int]], sh
 
     ``warmed``: indices of the chunks this warm faults (default: all); reads stay inside them.
 
-    Reports: ("done", index) or ("error", index, WarmpoolError).
+    Reports: ("done", index) or ("error", index, WarmpoolError); after the None, ("finished",)
+    once ``finish`` is done.
     """
     # Ctrl-C reaches the whole process group; the coordinator decides how to stop, so a worker
     # must not die half-way through a report with a KeyboardInterrupt traceback.
