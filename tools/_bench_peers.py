@@ -85,6 +85,21 @@ class Sample(NamedTuple):
     error: str | None = None
 
 
+def add_wait_after_evict(parser) -> None:
+    """``--wait-after-evict SECONDS``, which both benchmarks take: on a VM with free page
+    reporting a cold read that starts seconds after the eviction must have its memory backed
+    by the host again (README, "Device speed depends on when the eviction happened")."""
+    def seconds(text: str) -> float:
+        value = float(text)
+        if value < 0:
+            raise ValueError(text)
+        return value
+    seconds.__name__ = "non-negative number of seconds"  # argparse names the type in its error
+
+    parser.add_argument("--wait-after-evict", type=seconds, default=0.0, metavar="SECONDS",
+                        help="seconds between each eviction and what follows it (default 0)")
+
+
 def warmpool_argv() -> list[str]:
     """The installed ``warmpool`` entry point next to this interpreter (no pyenv/venv shim in
     the timing), else the one on PATH, else ``python -m warmpool``."""

@@ -60,8 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache-dir", help="where synthetic models live (default ~/.cache/warmpool/bench)")
     p.add_argument("--latency-only", action="store_true", help="skip the local-disk comparison")
     p.add_argument("--quick", action="store_true", help="1 round, core methods, 5 ms only, 256MB on FUSE")
-    p.add_argument("--wait-after-evict", type=float, default=0.0, metavar="SECONDS",
-                   help="seconds between each eviction and the method's run (default 0)")
+    peers.add_wait_after_evict(p)
     p.add_argument("--no-engine-pass", action="store_true",
                    help="skip the folio histogram and the engine pass after each method (faster)")
     args = p.parse_args(argv)
@@ -79,8 +78,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--latency-ms takes milliseconds like 1,2,5, not {args.latency_ms!r}")
     if args.rounds < 1 or args.hot_runs < 1:
         p.error("--rounds and --hot-runs must be at least 1")
-    if args.wait_after_evict < 0:
-        p.error("--wait-after-evict cannot be negative")
     return args
 
 

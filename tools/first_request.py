@@ -56,6 +56,7 @@ sys.path[:0] = [str(ROOT), str(TOOLS)]
 
 from warmpool import _platform  # noqa: E402
 from warmpool.example import BENCH, model_nbytes, write_moe_gguf  # noqa: E402
+from _bench_peers import add_wait_after_evict  # noqa: E402
 
 BENCH_FILENAME = "first-request-qwen3moe-bench-v1.gguf"  # bump when BENCH changes
 PROMPT = "Hello"  # short: start-to-first-token is then mostly load, not prompt compute
@@ -381,11 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=8, help="tokens llama.cpp generates (default 8)")
     parser.add_argument("--no-llama", action="store_true", help="skip Part B")
     parser.add_argument("--cache-dir", help="where the bench model lives (default $WARMPOOL_CACHE or ~/.cache/warmpool)")
-    parser.add_argument("--wait-after-evict", type=float, default=0.0, metavar="SECONDS",
-                        help="seconds between each eviction and what follows it (default 0)")
+    add_wait_after_evict(parser)
     args = parser.parse_args(argv)
-    if args.wait_after_evict < 0:
-        parser.error("--wait-after-evict cannot be negative")
     global WAIT_AFTER_EVICT_S
     WAIT_AFTER_EVICT_S = args.wait_after_evict
     if args.quick:
