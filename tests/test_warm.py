@@ -59,22 +59,16 @@ def reclaimed_pages(path, pages) -> int:
     where cachestat is missing (the caller then sees residency alone)."""
     if not _platform.supports_cachestat():
         return 0
-    import ctypes
-
-    from warmpool import _platform_linux as linux
+    from warmpool._platform_linux import _cachestat
 
     page, total = _platform.PAGE_SIZE, 0
+    member = bytearray(max(pages) + 1)
+    for p in pages:
+        member[p] = 1
     fd = os.open(path, os.O_RDONLY)
     try:
-        ordered, i = sorted(pages), 0
-        while i < len(ordered):
-            j = i
-            while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
-                j += 1
-            stats, span = linux._Cachestat(), linux._CachestatRange(ordered[i] * page, (j - i + 1) * page)
-            assert linux._syscall(linux._SYS_CACHESTAT, fd, ctypes.byref(span), ctypes.byref(stats), 0) == 0
-            total += stats.nr_evicted
-            i = j + 1
+        for start, end in _platform.page_runs(bytes(member)):
+            total += _cachestat(fd, start * page, (end - start) * page).nr_evicted
     finally:
         os.close(fd)
     return total

@@ -160,7 +160,13 @@ def _cachestat_probe() -> bool:
 
 
 def _cached_pages(fd: int, offset: int, length: int) -> int | None:
-    """nr_cache of cachestat(2) over the range; None where this file cannot be asked.
+    """nr_cache of cachestat(2) over the range; None where this file cannot be asked."""
+    stats = _cachestat(fd, offset, length)
+    return None if stats is None else stats.nr_cache
+
+
+def _cachestat(fd: int, offset: int, length: int) -> _Cachestat | None:
+    """cachestat(2) over the range (all its counts); None where this file cannot be asked.
 
     Since 6.14 cachestat refuses (EPERM) files the caller neither owns nor may write,
     like mincore; hugetlbfs answers EOPNOTSUPP.
@@ -168,7 +174,7 @@ def _cached_pages(fd: int, offset: int, length: int) -> int | None:
     stats = _Cachestat()
     byte_range = _CachestatRange(offset, length)
     if _syscall(_SYS_CACHESTAT, fd, ctypes.byref(byte_range), ctypes.byref(stats), 0) == 0:
-        return stats.nr_cache
+        return stats
     err = ctypes.get_errno()
     if err in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS):
         return None
