@@ -1,6 +1,6 @@
 """A lazy engine serving a request every N seconds for minutes under real memory pressure:
 without warmpool, after a one-shot warm, with ``warmpool keep`` (defaults), with ``keep --hold
-touch`` at a short interval, with ``keep --lock``.
+touch`` (a byte of every resident page per ``--touch-refresh`` seconds, paced), with ``keep --lock``.
 
     python tools/keep_bench.py [--seconds 180] [--every 2] [--configs none,oneshot,keep,keep-touch,keep-lock]
                                [--pressure cgroup|none] [--headroom 512M] [--hog-size 2G] [--hog-rate 128] [--pin]
@@ -122,9 +122,11 @@ def rss_anon_tree(pid: int) -> int:
 class Keeper:
     """``warmpool keep MODEL --json`` in a child process, its events collected."""
 
-    def __init__(self, path: Path, lock: bool, interval: float, hold: str | None = None) -> None:
+    def __init__(self, path: Path, lock: bool, interval: float, hold: str | None = None,
+                 refresh: float | None = None) -> None:
         argv = [sys.executable, "-m", "warmpool", "keep", str(path), "--json", "--interval", str(interval)]
         argv += ["--hold", hold] if hold else []
+        argv += ["--refresh", str(refresh)] if refresh else []
         self.proc = subprocess.Popen(argv + (["--lock"] if lock else []), stdout=subprocess.PIPE, text=True, cwd=ROOT)
         self.events: queue.Queue = queue.Queue()
         self.seen: list[dict] = []
@@ -173,15 +175,15 @@ def _serve(path: Path, seconds: float, every: float, tokens: int, skew: float, k
                 rss_peak = max(rss_peak, rss_anon_tree(keeper.proc.pid))
             engine.seed = twin.seed = 1000 + i
             kcpu0 = cpu_seconds(keeper.proc.pid) if keeper else 0.0
-            u0, q0, h0, wall0 = _usage(), _queued(), _limit_hits(), time.time()
+            u0, (r0, q0), h0, s0, wall0 = _usage(), _sched(), _limit_hits(), _steal_ticks(), time.time()
             t0 = time.perf_counter()
             engine.request(tokens)
             t1 = time.perf_counter()
-            u1, q1, h1, wall1 = _usage(), _queued(), _limit_hits(), time.time()
+            u1, (r1, q1), h1, s1, wall1 = _usage(), _sched(), _limit_hits(), _steal_ticks(), time.time()
             kcpu = cpu_seconds(keeper.proc.pid) - kcpu0 if keeper else 0.0
             twin.request(tokens)  # same request, same mapping history, page cache now warm
             t2 = time.perf_counter()
-            u2, q2, h2 = _usage(), _queued(), _limit_hits()
+            u2, (r2, q2), h2, s2 = _usage(), _sched(), _limit_hits(), _steal_ticks()
             engine.request(tokens)  # again in the engine's own mapping: every page mapped
             t3 = time.perf_counter()
             # Why a request was slow, observed rather than guessed: its major faults (disk), its
@@ -192,6 +194,9 @@ def _serve(path: Path, seconds: float, every: float, tokens: int, skew: float, k
                          "hot_s": t3 - t2, "majflt": u1.ru_majflt - u0.ru_majflt,
                          "nivcsw": u1.ru_nivcsw - u0.ru_nivcsw, "steady_nivcsw": u2.ru_nivcsw - u1.ru_nivcsw,
                          "queued_s": q1 - q0, "steady_queued_s": q2 - q1,
+                         "ran_s": r1 - r0, "steady_ran_s": r2 - r1,
+                         "minflt": u1.ru_minflt - u0.ru_minflt, "steady_minflt": u2.ru_minflt - u1.ru_minflt,
+                         "steal_ticks": s1 - s0, "steady_steal_ticks": s2 - s1,
                          "limit_hits": h1 - h0, "steady_limit_hits": h2 - h1,
                          "keeper_cpu_s": kcpu, "resident": resident(path)})
             i += 1
@@ -224,7 +229,7 @@ class _pinned:
 
 
 def run_config(name: str, path: Path, seconds: float, every: float, tokens: int, interval: float, skew: float,
-               hog_file: Path | None = None, hog_rate: float = 0, touch_interval: float = 3) -> dict:
+               hog_file: Path | None = None, hog_rate: float = 0, touch_refresh: float = 1) -> dict:
     _platform.evict_file(path)
     if hog_file:
         _platform.evict_file(hog_file)
@@ -236,8 +241,8 @@ def run_config(name: str, path: Path, seconds: float, every: float, tokens: int,
         subprocess.run([sys.executable, "-m", "warmpool", "warm", str(path), "--quiet", "--no-progress"], check=True, cwd=ROOT)
     elif name.startswith("keep"):
         touch = name == "keep-touch"
-        keeper = Keeper(path, lock=name == "keep-lock", interval=touch_interval if touch else interval,
-                        hold="touch" if touch else None)
+        keeper = Keeper(path, lock=name == "keep-lock", interval=interval, hold="touch" if touch else None,
+                        refresh=touch_refresh if touch else None)
     prep = time.monotonic() - prep_start
     hog = Hog(hog_file, hog_rate) if hog_file else None
     if hog and PIN:
@@ -298,15 +303,30 @@ def _usage():
     return resource.getrusage(resource.RUSAGE_SELF)
 
 
-def _queued() -> float:
-    """Seconds this thread has spent runnable but waiting for a CPU (/proc/thread-self/schedstat,
-    second field). Unlike involuntary context switches it also counts the wait after a sleep
-    (a lock, reclaim) before the thread got a CPU back; 0.0 where the kernel has no schedstat."""
+def _sched() -> tuple[float, float]:
+    """Seconds this thread has run on a CPU and spent runnable but waiting for one
+    (/proc/thread-self/schedstat, first two fields); (0.0, 0.0) where the kernel has no schedstat.
+    The wait, unlike involuntary context switches, also counts the wait after a sleep (a lock,
+    reclaim) before the thread got a CPU back. The run time leaves out time the hypervisor gave
+    the vCPU to someone else where the kernel accounts steal time (CONFIG_PARAVIRT_TIME_ACCOUNTING
+    subtracts it from the clock the scheduler charges tasks with), so wall time minus both is
+    time off the CPU: stolen by the host, or blocked."""
     try:
         with open("/proc/thread-self/schedstat") as f:
-            return int(f.read().split()[1]) / 1e9
-    except (OSError, IndexError, ValueError):
-        return 0.0
+            ran, queued = f.read().split()[:2]
+            return int(ran) / 1e9, int(queued) / 1e9
+    except (OSError, ValueError):
+        return 0.0, 0.0
+
+
+def _steal_ticks() -> int:
+    """Steal time of all CPUs so far, in USER_HZ ticks (/proc/stat); 0 where not reported."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) if len(fields) > 8 else 0
+    except (OSError, ValueError):
+        return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -319,8 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skew", type=float, default=1.0, help="router skew (engine_sim): 0 uniform; 1 (default) leaves "
                     "~30%% of experts untouched after 37 requests and reaches new ones throughout")
     ap.add_argument("--configs", default=",".join(CONFIGS))
-    ap.add_argument("--touch-interval", type=float, default=3, help="keep-touch's --interval (with --hold touch; "
-                    "default 3: not a multiple of --every, so touches do not fall in step with requests)")
+    ap.add_argument("--touch-refresh", type=float, default=1, help="keep-touch's --refresh: the period over which "
+                    "it spreads each pass that reads a byte of every resident page (default 1)")
     ap.add_argument("--pressure", choices=("cgroup", "none"), default="cgroup",
                     help="cgroup (default): run everything in a child memory cgroup limited to the model plus "
                          "--headroom, with a co-tenant streaming through --hog-size of another file; none: no pressure")
@@ -372,7 +392,7 @@ def _run_all(args, path: Path, configs: list[str], hog_file: Path | None) -> lis
     results = []
     for name in configs:
         r = run_config(name, path, args.seconds, args.every, args.tokens, args.interval, args.skew,
-                       hog_file=hog_file, hog_rate=args.hog_rate, touch_interval=args.touch_interval)
+                       hog_file=hog_file, hog_rate=args.hog_rate, touch_refresh=args.touch_refresh)
         results.append(r)
         brief = {k: v for k, v in r.items() if not k.startswith("per_request")}
         print(json.dumps(brief), flush=True)
