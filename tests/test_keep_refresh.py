@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import warmpool
-from conftest import MiB, evict_file, resident_fraction, write_random
+from conftest import MADV_PAGEOUT, MiB, evict_file, resident_fraction, write_random
 from warmpool import _platform
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import folios  # noqa: E402
@@ -119,3 +119,79 @@ def test_refresh_marks_every_held_folio_accessed(private_model, warmed_by):
             held.close()
     finally:
         os.close(fd)
+
+
+# -- the paced touch (hold="touch") ---------------------------------------------------------------
+
+
+def _smaps_kb(address: int, field: str) -> int:
+    """One field (kB) of this process's mapping that starts at ``address``."""
+    with open("/proc/self/smaps") as f:
+        text = f.read()
+    for block in re.split(r"\n(?=[0-9a-f]+-[0-9a-f]+ )", text):
+        if int(block.split("-", 1)[0], 16) == address:
+            return int(re.search(rf"^{field}:\s+(\d+) kB", block, re.M).group(1))
+    raise AssertionError(f"no mapping at {address:#x}")
+
+
+def _kept(path, **options):
+    """A keeper whose first warm ran in this thread (no keeper thread: the test drives it)."""
+    keeper = warmpool.Keeper([path], hold="touch", **options)
+    keeper._first_warm(keeper.models[0])
+    assert keeper.models[0].held, "the first warm holds the selection"
+    return keeper
+
+
+def test_touch_reads_every_resident_held_page_and_none_of_the_evicted(private_model):
+    """After clear_refs has cleared the accessed bits, one touch over the held selection marks
+    every mapped page referenced again (smaps' Referenced), and reads back none of the pages
+    MADV_PAGEOUT took out of the second half."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    keeper = _kept(private_model)
+    try:
+        model = keeper.models[0]
+        (file, start, held), = model.held  # the whole file: one extent, one mapping
+        cut = (held.length // 2) >> 21 << 21  # a 2 MiB boundary: whole huge folios go
+        if libc.madvise(held.address + cut, held.length - cut, MADV_PAGEOUT) != 0:
+            pytest.skip(f"MADV_PAGEOUT refused here (errno {ctypes.get_errno()}): cannot reclaim on demand")
+        out_before = resident_fraction(private_model, start + cut, held.length - cut)
+        assert out_before < 0.5, out_before  # there is something the touch must not read
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("1")
+        rss = _smaps_kb(held.address, "Rss")
+        assert rss > 0 and _smaps_kb(held.address, "Referenced") < 0.05 * rss  # the control
+        model.touch_resident(0, model.held_bytes())
+        assert _smaps_kb(held.address, "Referenced") >= 0.99 * _smaps_kb(held.address, "Rss")
+        out_after = resident_fraction(private_model, start + cut, held.length - cut)
+        assert out_after <= out_before + 2 * _platform.PAGE_SIZE / (held.length - cut), (out_before, out_after)
+    finally:
+        keeper.stop()
+
+
+def test_touch_spreads_each_pass_over_the_refresh_period(private_model):
+    """Steps cover the share of a pass that the time since the last step is of the period; a
+    pass ends after one period; a long gap covers one pass at most; and a pass that cost more
+    than the CPU cap allows stretches the period (the cap is REFRESH_CPU_SHARE of a core)."""
+    from warmpool._keep import REFRESH_CPU_SHARE, TOUCH_TICK
+
+    keeper = _kept(private_model, refresh=1.0)
+    try:
+        total, page = keeper.models[0].held_bytes(), _platform.PAGE_SIZE
+        now = 1000.0
+        first = keeper._touch_step(now)  # no step before: one tick's share
+        assert abs(first - total * TOUCH_TICK) <= page, (first, total)
+        covered, steps = first, 0
+        while keeper._touch_cost == 0.0:  # until the pass ends
+            now += 0.1
+            covered += keeper._touch_step(now)
+            steps += 1
+            assert steps <= 10, "a pass took more than its 1 s period"
+        assert steps == 10 and covered >= total  # 0.02 s + 10 x 0.1 s: the pass ends in the tenth step
+        assert keeper._touch_step(now + 60) <= total  # a long gap: one pass, not sixty
+        keeper._touch_cost = 5 * REFRESH_CPU_SHARE  # as if a pass cost 5x the cap of a 1 s period
+        assert abs(keeper._touch_step(now + 60.1) - total * 0.1 / 5) <= page
+    finally:
+        keeper.stop()

@@ -35,6 +35,10 @@ UNDONE_LIMIT = 3  # consecutive checks that re-warm the same chunks before backi
 # of ``refresh`` seconds (a huge selection in 4 KiB folios), the passes are spaced out instead.
 REFRESH_CPU_SHARE = 0.02
 _POLL = 0.1  # how often the thread looks at the stop flag and --for-pid while it waits
+# ``hold="touch"`` spreads each pass over the period in steps this far apart, so that no step
+# keeps a CPU from the engine for long: a whole 1.76 GB pass at once held a CPU ~10 ms and was
+# the one cause left of the slow requests in docs/bench/keep.txt (run 17).
+TOUCH_TICK = 0.02
 
 
 class Keeper:
@@ -43,8 +47,9 @@ class Keeper:
     ``models`` are paths (or plans); ``**selection`` takes llama.cpp's flags as ``warm`` does.
     ``hold`` chooses how pages are kept from looking idle between checks: ``map`` (default) holds
     a populated mapping and marks its resident pages accessed every ``refresh`` seconds (at
-    most ``REFRESH_CPU_SHARE`` of a core; 0: never), ``touch`` also reads one byte per page every
-    interval, ``none`` only checks and re-warms.  ``on_warm_start(segment)`` is called when a first warm starts its
+    most ``REFRESH_CPU_SHARE`` of a core; 0: never), ``touch`` also reads one byte of every
+    resident page once per ``refresh`` seconds, paced (``_touch_step``), ``none`` only checks
+    and re-warms.  ``on_warm_start(segment)`` is called when a first warm starts its
     workers (a progress bar reads the segment); ``for_pid`` ends the keeper when that process
     does.  Events go to ``on_event`` as dicts with an ``"event"`` key.
     """
@@ -73,6 +78,9 @@ class Keeper:
         # them out; None until the first pass (and while refresh is off).
         self.refresh_period: float | None = None
         self._next_refresh = 0.0
+        # hold="touch": where the paced pass is (model index, byte in its held selection), when
+        # it last stepped, the thread CPU time of the pass so far and of the last whole pass.
+        self._touch_at, self._touch_last, self._touch_cpu, self._touch_cost = (0, 0), None, 0.0, 0.0
         self.workers, self.strategy, self.budget, self.force = workers, strategy, budget, force
         self.for_pid, self.on_warm_start, self._on_event = for_pid, on_warm_start, on_event
         self.models: list[KeptModel] = []
@@ -187,10 +195,13 @@ class Keeper:
             now = time.monotonic()
             if self.refresh and now >= self._next_refresh and self._warm_done.is_set() and not self._stop.is_set():
                 self._refresh_all(now)
+            touching = self.hold == "touch" and self._warm_done.is_set()
+            if touching and not self._stop.is_set():
+                self._touch_step(time.monotonic())
             left = deadline - time.monotonic()
             if self._stop.is_set() or left <= 0:
                 return self._stop.is_set()
-            self._stop.wait(min(_POLL, left))
+            self._stop.wait(min(TOUCH_TICK if touching else _POLL, left))
 
     def _refresh_all(self, now: float) -> None:
         """Mark every kept model's resident pages accessed, so LRU reclaim finds them referenced
@@ -204,6 +215,37 @@ class Keeper:
         cost = time.thread_time() - started
         self.refresh_period = max(self.refresh, cost / REFRESH_CPU_SHARE)
         self._next_refresh = now + self.refresh_period
+
+    def _touch_step(self, now: float) -> int:
+        """``hold="touch"``: one byte of every resident page of every kept selection per pass,
+        each pass spread evenly over ``refresh`` seconds (``interval`` with the refresh off) in
+        steps ``TOUCH_TICK`` apart, and passes spaced out so that they cost at most
+        ``REFRESH_CPU_SHARE`` of a core.  A page read every second this way keeps an engine's
+        next read of it at steady speed under the pressure where a refresh alone does not
+        (docs/keep.md, "Reads of idle pages").  Returns the bytes this step covered."""
+        models = [m for m in self.models if m.state in ("kept", "backoff") and m.held and not m.hidden]
+        sizes = [m.held_bytes() for m in models]
+        total, page = sum(sizes), _platform.PAGE_SIZE
+        elapsed, self._touch_last = (now - self._touch_last if self._touch_last is not None else TOUCH_TICK), now
+        if not total:
+            return 0
+        period = max(self.refresh or self.interval, self._touch_cost / REFRESH_CPU_SHARE)
+        budget = min(max(int(total * min(elapsed, period) / period) // page * page, page), total)
+        started, covered = time.thread_time(), 0
+        index, position = self._touch_at if self._touch_at[0] < len(models) else (0, 0)
+        while covered < budget:
+            n = min(budget - covered, sizes[index] - position)
+            self._guard(models[index], lambda m=models[index], p=position, k=n: m.touch_resident(p, k))
+            covered, position = covered + n, position + n
+            if position >= sizes[index]:
+                index, position = index + 1, 0
+                if index == len(models):  # a pass ended: its cost sets the next pass's pace
+                    index = 0
+                    self._touch_cost, self._touch_cpu = self._touch_cpu + time.thread_time() - started, 0.0
+                    started = time.thread_time()
+        self._touch_at = (index, position)
+        self._touch_cpu += time.thread_time() - started
+        return covered
 
     def _guard(self, model: KeptModel, step: Callable[[], None]) -> None:
         """Run one step; a replaced file re-plans, any other failure is reported, never fatal."""
@@ -256,8 +298,6 @@ class Keeper:
         seconds = time.perf_counter() - started
         for observe in self.check_observers:
             observe(seconds)
-        if self.hold == "touch":
-            model.touch_all()
         if model.hidden:
             return  # nothing to compare against: unknown is not cold
         evicted = model.cold_chunks()

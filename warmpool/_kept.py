@@ -112,9 +112,21 @@ class KeptModel:
         """Mark the held selection's resident pages accessed (``HeldMapping.refresh``)."""
         return sum(held.refresh() for _, _, held in self.held)
 
-    def touch_all(self) -> None:
+    def held_bytes(self) -> int:
+        return sum(held.length for _, _, held in self.held)
+
+    def touch_resident(self, position: int, n: int) -> None:
+        """Read one byte of every resident page in bytes [position, position + n) of the held
+        selection (its mappings end to end), which sets the accessed bit of each page's table
+        entry; nothing that is not resident is read (but a page evicted between the mincore and
+        the load, which is read back)."""
+        page = _platform.PAGE_SIZE
         for _, _, held in self.held:
-            held.touch(0, held.length)
+            lo, hi = max(position, 0), min(position + n, held.length)
+            if hi > lo:
+                for start, end in _platform.page_runs(held.resident(lo, hi - lo)):
+                    held.touch(lo + start * page, (end - start) * page)
+            position -= held.length
 
     def lock(self) -> dict:
         """mlock in plan order until the kernel says no, then what the limit still allows of the
