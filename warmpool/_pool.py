@@ -22,7 +22,8 @@ worker writes only its own byte counter.
 
 Worker count: ``workers=None`` grows the pool while it pays.  It starts with
 ``AUTO_START`` workers and doubles, up to ``AUTO_MAX``, each time a measurement window shows
-the throughput still rising by ``AUTO_GAIN``, and undoes the last doubling when it did not pay
+the throughput still rising by ``AUTO_GAIN`` while ``AUTO_MIN_REST_S`` of work is left at
+that rate, and undoes the last doubling when it did not pay
 (the extra workers stop after their chunk): on a local disk one reader already saturates the
 device and the pool stays small; on latency-bound storage (network block devices, NFS, FUSE)
 throughput keeps rising with concurrency and the pool grows (docs/design.md; figures:
@@ -57,6 +58,12 @@ __all__ = ["AUTO_MAX", "AUTO_START", "PoolResult", "run_pool"]
 # memory bound.  Figures and how they were measured: docs/bench/pool.md.
 AUTO_START, AUTO_MAX = max(1, min(os.cpu_count() or 1, 4)), 16
 AUTO_GAIN = 1.15  # grow again only while a doubling bought at least 15% more throughput
+# Grow only while the rest of the warm, at the rate measured, would take at least this long:
+# a doubling is a bet that is judged one window later (>= AUTO_WINDOW_S) and costs the new
+# workers' start-up meanwhile, so near the end it cannot pay even where more workers would.
+# A short selective warm that grew from 2 to 4-7 workers took ~1.0 s against 0.41 s at 2
+# (docs/bench/warm_speed_second_read_settled.jsonl, -ngl 99 --n-cpu-moe 4).
+AUTO_MIN_REST_S = 0.5
 # A measurement window spans at least 64 MiB and 16 MiB (one default chunk) per worker, and at
 # least 0.25 s: 64 MiB alone passes in tens of ms, mostly scheduling noise on a busy machine.
 AUTO_WINDOW, AUTO_WINDOW_PER_WORKER, AUTO_WINDOW_S = 64 * 1024 * 1024, 16 * 1024 * 1024, 0.25
@@ -124,16 +131,17 @@ def _socketpair() -> tuple[int, int]:
 class _Growth:
     """Decides when to add workers: while throughput keeps rising (see module doc)."""
 
-    def __init__(self, fixed: int | None, n_chunks: int) -> None:
+    def __init__(self, fixed: int | None, n_chunks: int, total_bytes: int) -> None:
         self.limit = min(fixed or AUTO_MAX, max(n_chunks, 1))
         self.target = self.limit if fixed else min(AUTO_START, self.limit)
         self.growing = fixed is None and self.target < self.limit
+        self.total_bytes = total_bytes
         self.mark_bytes, self.mark_time, self.last_rate = 0, None, 0.0
 
-    def update(self, done_bytes: int) -> None:
+    def update(self, done_bytes: int, now: float | None = None) -> None:
         if not self.growing:
             return
-        now = time.monotonic()
+        now = time.monotonic() if now is None else now
         if self.mark_time is None:
             # The first window opens when the first chunk is done, not when the pool starts:
             # measured from the start it included the workers' start-up, so the first rate
@@ -150,6 +158,8 @@ class _Growth:
             # (docs/bench/warm_speed_cpu.txt).
             self.growing = False
             self.target = max(self.target // 2, 1)
+        elif (self.total_bytes - done_bytes) / rate < AUTO_MIN_REST_S:
+            self.growing = False  # too little left for a doubling to pay (AUTO_MIN_REST_S)
         else:
             self.target = min(self.target * 2, self.limit)
             self.growing = self.target < self.limit
@@ -165,7 +175,7 @@ class _Coordinator:
         self.queue = list(reversed(order))  # pop() from the end = plan order
         self.strategy, self.segment, self.should_stop = strategy, segment, should_stop
         self.priority = priority
-        self.growth = _Growth(workers, len(order))
+        self.growth = _Growth(workers, len(order), sum(self.chunks[i][2] for i in order))
         self.workers: list[_Worker] = []
         self.retired: set[int] = set()  # slots told to stop: the pool shrank back, or every chunk is done
         self.busy: dict[int, int] = {}  # slot -> chunk index
