@@ -234,15 +234,16 @@ class Keeper:
         started, covered = time.thread_time(), 0
         index, position = self._touch_at if self._touch_at[0] < len(models) else (0, 0)
         while covered < budget:
-            n = min(budget - covered, sizes[index] - position)
-            self._guard(models[index], lambda m=models[index], p=position, k=n: m.touch_resident(p, k))
-            covered, position = covered + n, position + n
-            if position >= sizes[index]:
+            if position >= sizes[index]:  # this model's selection is done (or shrank: re-planned)
                 index, position = index + 1, 0
                 if index == len(models):  # a pass ended: its cost sets the next pass's pace
                     index = 0
                     self._touch_cost, self._touch_cpu = self._touch_cpu + time.thread_time() - started, 0.0
                     started = time.thread_time()
+                continue
+            n = min(budget - covered, sizes[index] - position)
+            self._guard(models[index], lambda m=models[index], p=position, k=n: m.touch_resident(p, k))
+            covered, position = covered + n, position + n
         self._touch_at = (index, position)
         self._touch_cpu += time.thread_time() - started
         return covered
