@@ -36,8 +36,8 @@ UNDONE_LIMIT = 3  # consecutive checks that re-warm the same chunks before backi
 REFRESH_CPU_SHARE = 0.02
 _POLL = 0.1  # how often the thread looks at the stop flag and --for-pid while it waits
 # ``hold="touch"`` spreads each pass over the period in steps this far apart, so that no step
-# keeps a CPU from the engine for long: a whole 1.76 GB pass at once held a CPU ~10 ms and was
-# the one cause left of the slow requests in docs/bench/keep.txt (run 17).
+# keeps a CPU from the engine for long: whole passes at once were most of the slow requests
+# left with the touch (docs/keep.md, "Reads of idle pages under pressure").
 TOUCH_TICK = 0.02
 
 

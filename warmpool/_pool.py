@@ -60,9 +60,8 @@ AUTO_START, AUTO_MAX = max(1, min(os.cpu_count() or 1, 4)), 16
 AUTO_GAIN = 1.15  # grow again only while a doubling bought at least 15% more throughput
 # Grow only while the rest of the warm, at the rate measured, would take at least this long:
 # a doubling is a bet that is judged one window later (>= AUTO_WINDOW_S) and costs the new
-# workers' start-up meanwhile, so near the end it cannot pay even where more workers would.
-# A short selective warm that grew from 2 to 4-7 workers took ~1.0 s against 0.41 s at 2
-# (docs/bench/warm_speed_second_read_settled.jsonl, -ngl 99 --n-cpu-moe 4).
+# workers' start-up meanwhile, so near the end it cannot pay even where more workers would
+# (short selective warms grew and took twice as long: docs/bench/pool.md).
 AUTO_MIN_REST_S = 0.5
 # A measurement window spans at least 64 MiB and 16 MiB (one default chunk) per worker, and at
 # least 0.25 s: 64 MiB alone passes in tens of ms, mostly scheduling noise on a busy machine.

@@ -329,6 +329,6 @@ def serve(fd: int) -> None:
     worker_main(paths, chunks, shm_name, slot, strategy, conn, warmed)
     # The coordinator waits for this process to end before the warm returns, and nothing is
     # left here that the kernel's exit does not release (the files, the channel and the
-    # segment's mapping are closed; stdout is /dev/null): skip the interpreter's teardown, the
-    # last ~8 ms of every warm (docs/bench/warm_speed_phases.md).
+    # segment's mapping are closed; stdout is /dev/null): skip the interpreter's teardown, which
+    # every warm waited for (docs/bench/warm_speed_phases.md, "Exit").
     os._exit(0)
