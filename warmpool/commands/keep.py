@@ -38,7 +38,7 @@ class Command:
         parser.add_argument("--interval", type=float, default=10.0, metavar="SECONDS", help="seconds between residency checks (default 10)")
         parser.add_argument("--lock", action="store_true", help="mlock the selection in plan order (as much as RLIMIT_MEMLOCK allows without CAP_IPC_LOCK)")
         parser.add_argument("--hold", choices=HOLD_MODES, default="map", help="how pages are kept from looking idle: map (default) holds a populated mapping and marks its resident pages accessed every --refresh seconds, touch also reads a byte of every resident page once per --refresh seconds, spread over them, none only re-warms")
-        parser.add_argument("--refresh", type=float, default=1.0, metavar="SECONDS", help="how often the held pages are marked accessed (default 1; spaced out to stay under 2%% of a core; 0: never)")
+        parser.add_argument("--refresh", type=float, default=1.0, metavar="SECONDS", help="how often the held pages are marked accessed, and with --hold touch the length of each touch pass (default 1; spaced out to stay under 2%% of a core; 0: never)")
         parser.add_argument("--listen", metavar="HOST:PORT", help="serve GET /metrics, /ready and /status")
         parser.add_argument("--min-resident", type=float, default=0.99, metavar="F", help="/ready answers 200 from this resident fraction (default 0.99)")
         parser.add_argument("--for-pid", type=int, metavar="PID", help="exit 0 when this process ends")
