@@ -127,8 +127,8 @@ class _ChunkWarmer:
                 return
             if self.strategy in ("populate", "touch"):
                 self.warmed.append((fd, offset, length))
-            if self.strategy in ("populate", "touch") and self._warm_huge(fd, window, file, runs):
-                return
+                if self._warm_huge(fd, window, file, runs):
+                    return
             hint_runs = self._hint_edges(fd, file, offset, length)
             for start, end in runs:
                 self._warm_run(fd, window, start, end, hint_runs)
