@@ -153,24 +153,28 @@ def model_fds(process, path):
 
 
 def test_model_is_never_opened_for_writing(private_model):
-    """The coordinator and every worker hold exactly one descriptor on the model, read-only."""
+    """Every descriptor the coordinator or a worker holds on the model, all through the warm, is
+    read-only.  A worker may hold two: its own, and the one that clears readahead marks
+    (``_worker_finish.Marks`` wants a fresh file description)."""
     before = fingerprint(private_model)
     proc = start_warm(private_model)
     _, workers = wait_for_workers(proc)
     processes = [psutil.Process(proc.pid), *workers]
-    seen: dict[int, list] = {}
-    deadline = time.monotonic() + 10
-    while len(seen) < len(processes) and time.monotonic() < deadline:  # a worker opens after it starts
+    seen: dict[int, set] = {p.pid: set() for p in processes}
+    samples = 0
+    while proc.poll() is None:  # sampled until the warm ends, so a late open is seen too
         for p in processes:
-            if p.pid not in seen and (fds := model_fds(p, private_model)):
-                seen[p.pid] = fds
-        time.sleep(0.01)
-    missing = {p.pid for p in processes} - set(seen)
-    assert not missing, f"the model was never seen open by {missing}"
+            try:
+                seen[p.pid].update(model_fds(p, private_model))
+            except psutil.NoSuchProcess:
+                pass
+        samples += 1
+        time.sleep(0.005)
+    missing = [pid for pid, fds in seen.items() if not fds]
+    assert not missing, f"the model was never seen open by {missing} in {samples} samples"
     for pid, fds in seen.items():
-        assert len(fds) == 1, (pid, fds)
-        (fd, flags), = fds
-        assert flags & os.O_ACCMODE == os.O_RDONLY, (pid, fd, oct(flags))
+        for fd, flags in fds:
+            assert flags & os.O_ACCMODE == os.O_RDONLY, (pid, fd, oct(flags))
     proc.communicate(timeout=60)
     assert proc.returncode == 0
     assert fingerprint(private_model) == before
