@@ -16,6 +16,7 @@ Module level imports only the stdlib: a child pays for numpy or warmpool only if
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import mmap
@@ -100,6 +101,36 @@ def add_wait_after_evict(parser) -> None:
                         help="seconds between each eviction and what follows it (default 0)")
 
 
+PAGE_REPORTING = "/sys/module/page_reporting/parameters/page_reporting_order"
+
+
+def page_reporting_order() -> int | None:
+    """The smallest order of free block this VM reports to its host; None without reporting."""
+    try:
+        return int(Path(PAGE_REPORTING).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def page_reporting_off():
+    """Free page reporting switched off for the block, then restored: order 11 is above the
+    buddy allocator's largest block (MAX_PAGE_ORDER 10), so ``page_reporting_process_zone``
+    finds nothing to report and memory an eviction frees stays backed by the host."""
+    before = page_reporting_order()
+    if before is None:
+        yield
+        return
+    try:
+        Path(PAGE_REPORTING).write_text("11")
+    except OSError as e:
+        raise SystemExit(f"{PAGE_REPORTING}: cannot switch free page reporting off ({e.strerror}; needs root)")
+    try:
+        yield
+    finally:
+        Path(PAGE_REPORTING).write_text(str(before))
+
+
 def warmpool_argv() -> list[str]:
     """The installed ``warmpool`` entry point next to this interpreter (no pyenv/venv shim in
     the timing), else the one on PATH, else ``python -m warmpool``."""
@@ -117,6 +148,11 @@ def _fio_engine() -> str:
     except (OSError, subprocess.TimeoutExpired):
         return "psync"
     return "libaio" if "libaio" in engines.split() else "psync"
+
+
+# each of 4 dd processes reads its own quarter of $1 (in 8 MiB blocks), all at once
+_DD4 = ('q=$(( ($(stat -c %s "$1") + 33554431) / 33554432 )); for i in 0 1 2 3; do '
+        'dd if="$1" of=/dev/null bs=8M skip=$((i * q)) count=$q status=none & done; wait')
 
 
 @functools.cache
@@ -138,6 +174,8 @@ def catalogue() -> tuple[Method, ...]:
         Method("vmtouch", "vmtouch -t", "peer", ("vmtouch", "-t", FILE), requires="vmtouch"),
         Method("cat", "cat > /dev/null", "peer", ("cat", FILE)),
         Method("dd", "dd bs=8M", "peer", ("dd", f"if={FILE}", "of=/dev/null", "bs=8M", "status=none")),
+        # four sequential readers at once: whether parallel reads get more from the device than one
+        Method("dd4", "4 x dd bs=8M in parallel", "peer", ("sh", "-c", _DD4, "dd4", FILE)),
         Method("fio", "fio --direct=1", "limit",
                ("fio", "--name=seqread", f"--filename={FILE}", "--rw=read", "--bs=1M", "--iodepth=16",
                 f"--ioengine={engine}", "--direct=1", "--readonly", "--output-format=json"),

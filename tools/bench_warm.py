@@ -2,7 +2,7 @@
 
     python tools/bench_warm.py MODEL_OR_SIZE [--rounds N] [--latency-ms 1,2,5] [--latency-size 512MB]
         [--methods warmpool,vmtouch,...] [--json-out FILE] [--chart FILE] [--quick] [--latency-only]
-        [--hot-runs N] [--cache-dir DIR] [--wait-after-evict SECONDS]
+        [--hot-runs N] [--cache-dir DIR] [--wait-after-evict SECONDS] [--no-page-reporting]
 
 MODEL_OR_SIZE is a GGUF file, or a size such as ``1.7GB`` (``_units.parse_size``: 1.7e9 bytes;
 ``1.7G`` is 1.7 GiB): a synthetic MoE of about that size
@@ -12,7 +12,8 @@ Each round runs every method once, in an order rotated from round to round; befo
 the file is evicted and mincore must show it cold; after it, mincore shows what it left
 resident (``--wait-after-evict``: that many seconds after the eviction; on a VM with free page
 reporting the evicted memory goes back to the host a few seconds after it is freed, and every
-method then fills the page cache more slowly: README, "Device speed").  Medians and ratios are
+method then fills the page cache more slowly: README, "Device speed"; ``--no-page-reporting``,
+as root, switches that reporting off for the run and restores it after).  Medians and ratios are
 paired per round (``_bench_report``).  ``--latency-ms`` runs
 the same comparison through ``tools/latency_fs.py`` (a FUSE passthrough that sleeps per read)
 on a smaller synthetic model (``--latency-size``), whose source file is kept cached so only
@@ -61,6 +62,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--latency-only", action="store_true", help="skip the local-disk comparison")
     p.add_argument("--quick", action="store_true", help="1 round, core methods, 5 ms only, 256MB on FUSE")
     peers.add_wait_after_evict(p)
+    p.add_argument("--no-page-reporting", action="store_true",
+                   help="switch the VM's free page reporting off for the run (root; restored after)")
     p.add_argument("--no-engine-pass", action="store_true",
                    help="skip the folio histogram and the engine pass after each method (faster)")
     args = p.parse_args(argv)
@@ -152,6 +155,7 @@ def machine(model: Path) -> dict:
     return {"record": "machine", "cores": os.cpu_count(), "cpu": cpu, "ram_gib": round(mem_kb / 2**20, 1),
             "disk": _disk_of(model), "kernel": platform.release(), "python": platform.python_version(),
             "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+            "page_reporting_order": peers.page_reporting_order(),
             "date": time.strftime("%Y-%m-%d %H:%M %Z")}
 
 
@@ -315,6 +319,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     ENGINE_PASS, WAIT_AFTER_EVICT_S = not args.no_engine_pass, args.wait_after_evict
     command = shlex.join(["python", "tools/bench_warm.py", *(sys.argv[1:] if argv is None else argv)])
+    if args.no_page_reporting:
+        with peers.page_reporting_off():
+            return _run(args, command)
+    return _run(args, command)
+
+
+def _run(args: argparse.Namespace, command: str) -> int:
     started = time.perf_counter()
     model = resolve_model(args.model, args.cache_dir)
     info = machine(model) | {"command": command, "model": str(model), "model_bytes": model.stat().st_size}
