@@ -1,5 +1,5 @@
-"""Is an engine's first read of resident, mapped, idle pages slower than its second, and what
-that another process does to those pages in the meantime keeps it at steady speed?
+"""Is an engine's first read of resident, mapped, idle pages slower than its second, and which
+of the things another process can do to those pages in the meantime keeps it at steady speed?
 
     python tools/keep_idle_read.py [--seconds 240] [--every 2] [--pressure cgroup|none] [--touch-every 0.5]
         [--refresh 1] [MODEL]
