@@ -2,7 +2,7 @@
 of the things another process can do to those pages in the meantime keeps it at steady speed?
 
     python tools/keep_idle_read.py [--seconds 240] [--every 2] [--pressure cgroup|none] [--touch-every 0.5]
-        [--refresh 1] [MODEL]
+        [--refresh 1] [--no-page-reporting] [MODEL]
 
 Five 256 MiB regions of the model (default: the keep_bench model) are mapped and read whole
 (a uint64 sum, an engine's mat-vec over them) every ``--every`` seconds, each twice in a row:
@@ -20,6 +20,7 @@ Prints per region the median and p99 ratio and the rounds over 1.2x, then one JS
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import mmap
 import os
@@ -78,8 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pressure", choices=("cgroup", "none"), default="cgroup")
     ap.add_argument("--touch-every", type=float, default=0.5)
     ap.add_argument("--refresh", type=float, default=1.0)
+    ap.add_argument("--no-page-reporting", action="store_true",
+                    help="switch the VM's free page reporting off for the rounds (root; restored after)")
     ap.add_argument("--helper", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    from _bench_peers import page_reporting_off, page_reporting_order
     from keep_bench import bench_model
     from mem_pressure import Hog, MemoryCage, make_file
 
@@ -106,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         hog = Hog(hog_file, 128)
     helper = subprocess.Popen([sys.executable, __file__, path, "--helper", "--touch-every", str(args.touch_every),
                                "--refresh", str(args.refresh)])
+    reporting = contextlib.ExitStack()
+    if args.no_page_reporting:
+        reporting.enter_context(page_reporting_off())
+    order = page_reporting_order()
     rows, start = [], time.monotonic()
     try:
         for i in range(int(args.seconds / args.every) + 1):
@@ -124,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                 row[name] = None if resource.getrusage(resource.RUSAGE_SELF).ru_majflt > majflt else round((t1 - t0) / (t2 - t1), 3)
             rows.append(row)
     finally:
+        reporting.close()
         helper.kill()
         helper.wait()
         if hog:
@@ -131,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         if cage:
             cage.close()
     summary = {"tool": "keep_idle_read", "model": path, "pressure": args.pressure, "every_s": args.every,
-               "touch_every_s": args.touch_every, "refresh_s": args.refresh, "rounds": len(rows), "regions": {}}
+               "touch_every_s": args.touch_every, "refresh_s": args.refresh,
+               "page_reporting_order": order, "rounds": len(rows), "regions": {}}
     if helper.returncode not in (0, -9):
         print(f"keep_idle_read: the helper process failed (exit {helper.returncode})", file=sys.stderr)
         return 1
