@@ -106,7 +106,8 @@ class Keeper:
 
             self._server = serve(self, self._listen)  # binds now: a taken port is the caller's error
         self._emit("started", models=[m.path for m in self.models], interval=self.interval, lock=self.lock,
-                   hold=self.hold, refresh=self.refresh, address=self.address and f"{self.address[0]}:{self.address[1]}")
+                   hold=self.hold, refresh=self.refresh, address=self.address and f"{self.address[0]}:{self.address[1]}",
+                   free_page_reporting=_platform.free_page_reporting())
         self._thread = threading.Thread(target=self._run, name="warmpool-keeper", daemon=True)
         self._thread.start()
         return self

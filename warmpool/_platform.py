@@ -38,6 +38,7 @@ __all__ = [
     "evict",
     "evict_file",
     "evict_ranges",
+    "free_page_reporting",
     "huge_folio_size",
     "locked_bytes",
     "lower_priority",
@@ -80,6 +81,7 @@ from warmpool._platform_libc import page_runs  # noqa: E402 - a mincore vector's
 # A keeper's calls (held mappings, mlock, PSI), POSIX with Linux's /proc where it exists.
 from warmpool._platform_hold import (  # noqa: E402
     HeldMapping,
+    free_page_reporting,
     locked_bytes,
     memlock_limit,
     memory_pressure,

@@ -1,6 +1,6 @@
 """OS calls of a long-lived keeper: a held mapping (populate, touch, mlock, munlock), the
-memlock limit, locked bytes as the kernel counts them, memory pressure (PSI) and whether a
-process is alive.
+memlock limit, locked bytes as the kernel counts them, memory pressure (PSI), whether a
+process is alive, and whether this guest hands free memory back to its host.
 
 Part of the platform layer (re-exported by ``_platform``); POSIX calls through the same libc
 bindings as ``_platform_posix``, Linux-only files (/proc) read where they exist and reported
@@ -20,7 +20,8 @@ from warmpool._errors import PlatformError
 from warmpool._platform_libc import page_runs
 from warmpool._platform_window import FileWindow
 
-__all__ = ["HeldMapping", "locked_bytes", "memlock_limit", "memory_pressure", "physical_memory", "pid_alive"]
+__all__ = ["HeldMapping", "free_page_reporting", "locked_bytes", "memlock_limit", "memory_pressure", "physical_memory",
+           "pid_alive"]
 
 # Linux >= 5.14; elsewhere populate falls back to touching each page.
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
@@ -269,3 +270,39 @@ def pid_alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except (OSError, IndexError):
         return True  # no /proc: kill(0) said it exists
+
+
+_VIRTIO_BALLOON_F_REPORTING = 5  # include/uapi/linux/virtio_balloon.h
+
+
+def free_page_reporting(sysfs: str = "/sys", buddyinfo: str = "/proc/buddyinfo") -> int | None:
+    """The order of the free blocks this guest hands back to its host (free page reporting,
+    mm/page_reporting.c, through a virtio balloon that offers ``VIRTIO_BALLOON_F_REPORTING``),
+    or None where it is not known to: no such device, or an order above the largest free block
+    (``/proc/buddyinfo`` has one column per order), which reports nothing.  Under memory
+    pressure such a guest makes an engine's first read of idle pages slower, and keeping the
+    pages resident does not prevent it (docs/keep.md).  Hyper-V's balloon also reports; it is
+    not detected here."""
+    try:
+        with open(f"{sysfs}/module/page_reporting/parameters/page_reporting_order") as f:
+            order = int(f.read())
+        with open(buddyinfo) as f:
+            largest = len(f.readline().split()) - 5  # "Node 0, zone DMA" and one count per order
+    except (OSError, ValueError):
+        return None
+    if not 0 <= order <= largest:
+        return None
+    base = f"{sysfs}/bus/virtio/drivers/virtio_balloon"
+    try:
+        devices = [name for name in os.listdir(base) if name.startswith("virtio")]
+    except OSError:
+        return None
+    for name in devices:
+        try:
+            with open(f"{base}/{name}/features") as f:
+                bits = f.read().strip()  # one character per feature bit, bit 0 first
+        except OSError:
+            continue
+        if len(bits) > _VIRTIO_BALLOON_F_REPORTING and bits[_VIRTIO_BALLOON_F_REPORTING] == "1":
+            return order
+    return None

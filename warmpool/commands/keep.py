@@ -123,7 +123,12 @@ def _describe(event: dict) -> str:
     if kind == "started":
         where = f", serving http://{event['address']}" if event.get("address") else ""
         refresh = f", marking held pages accessed every {event['refresh']:g} s" if event.get("refresh") else ""
-        return f"keep: keeping {len(event['models'])} model(s), checking every {event['interval']:g} s{refresh}{where}"
+        line = f"keep: keeping {len(event['models'])} model(s), checking every {event['interval']:g} s{refresh}{where}"
+        if event.get("free_page_reporting") is not None:  # docs/keep.md, "Reads of idle pages under pressure"
+            line += (f"\nkeep: note: this VM hands free memory back to its host (free page reporting, order "
+                     f"{event['free_page_reporting']}); under memory pressure an engine's first read of pages idle for "
+                     "a while can take several times as long, and keeping them resident does not prevent that")
+        return line
     if kind == "warmed":
         fraction = event["resident_fraction"]
         shown = "unknown (hidden)" if fraction is None else f"{fraction:.1%}"
