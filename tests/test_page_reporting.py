@@ -4,6 +4,8 @@ engine's first read of idle pages slower under memory pressure (docs/keep.md), a
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,3 +67,16 @@ def test_keep_names_free_page_reporting_when_it_starts():
     assert "free page reporting" not in _describe(started | {"free_page_reporting": None})
     note = _describe(started | {"free_page_reporting": 9}).splitlines()
     assert len(note) == 2 and "free page reporting, order 9" in note[1] and "does not prevent" in note[1]
+
+
+def test_run_names_free_page_reporting_where_the_guest_reports(tiny_model):
+    """`warmpool run` keeps beside the engine; its human output carries the keeper's note on a
+    guest that reports free pages, and no note on one that does not."""
+    run = subprocess.run([sys.executable, "-m", "warmpool", "run", str(tiny_model), "--", "sh", "-c", "sleep 1.5"],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 0, run.stderr
+    order = _platform.free_page_reporting()
+    if order is None:
+        assert "free page reporting" not in run.stderr
+    else:
+        assert f"warmpool: note: this VM hands free memory back to its host (free page reporting, order {order})" in run.stderr

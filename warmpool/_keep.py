@@ -23,7 +23,7 @@ from ._errors import CancelledError, FileChangedError, WarmpoolError
 from ._kept import KeptModel, identity
 from ._plan import Plan
 
-__all__ = ["HOLD_MODES", "Keeper", "PSI_BACKOFF"]
+__all__ = ["HOLD_MODES", "Keeper", "PSI_BACKOFF", "reporting_note"]
 
 HOLD_MODES = ("map", "touch", "none")
 # PSI memory "some" avg10 (percent) from which re-warming is postponed: at that level tasks
@@ -39,6 +39,14 @@ _POLL = 0.1  # how often the thread looks at the stop flag and --for-pid while i
 # keeps a CPU from the engine for long: whole passes at once were most of the slow requests
 # left with the touch (docs/keep.md, "Reads of idle pages under pressure").
 TOUCH_TICK = 0.02
+
+
+def reporting_note(order: int) -> str:
+    """What keeping cannot fix on a guest that hands free memory back to its host
+    (``_platform.free_page_reporting``; docs/keep.md, "Reads of idle pages under pressure")."""
+    return (f"this VM hands free memory back to its host (free page reporting, order {order}); under memory "
+            "pressure an engine's first read of pages idle for a while can take several times as long, and "
+            "keeping them resident does not prevent that")
 
 
 class Keeper:

@@ -10,7 +10,7 @@ import sys
 import threading
 
 from .._errors import WarmpoolError
-from .._keep import HOLD_MODES
+from .._keep import HOLD_MODES, reporting_note
 from .._units import format_bytes
 from ._common import (
     EXIT_OK,
@@ -124,10 +124,8 @@ def _describe(event: dict) -> str:
         where = f", serving http://{event['address']}" if event.get("address") else ""
         refresh = f", marking held pages accessed every {event['refresh']:g} s" if event.get("refresh") else ""
         line = f"keep: keeping {len(event['models'])} model(s), checking every {event['interval']:g} s{refresh}{where}"
-        if event.get("free_page_reporting") is not None:  # docs/keep.md, "Reads of idle pages under pressure"
-            line += (f"\nkeep: note: this VM hands free memory back to its host (free page reporting, order "
-                     f"{event['free_page_reporting']}); under memory pressure an engine's first read of pages idle for "
-                     "a while can take several times as long, and keeping them resident does not prevent that")
+        if event.get("free_page_reporting") is not None:
+            line += f"\nkeep: note: {reporting_note(event['free_page_reporting'])}"
         return line
     if kind == "warmed":
         fraction = event["resident_fraction"]

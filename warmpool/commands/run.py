@@ -60,6 +60,10 @@ def _keep(args: argparse.Namespace, budget: int | None, fail):
     def on_event(event: dict) -> None:
         if args.json:
             print(json.dumps(event), file=sys.stderr, flush=True)
+        elif event.get("event") == "started" and event.get("free_page_reporting") is not None:
+            from .._keep import reporting_note
+
+            say(f"note: {reporting_note(event['free_page_reporting'])}")
         elif event.get("event") == "warmed":
             share = event.get("resident_fraction")
             say(f"warmed {format_bytes(event.get('bytes_warmed') or 0)} of {format_bytes(event.get('bytes_selected') or 0)} "
