@@ -48,6 +48,19 @@ def shared_file(directory: Path, name: str, make) -> Path:
     return path
 
 
+@pytest.fixture
+def reporting_order(shared_dir):
+    """``hold(exclusive=False)``: a context in which no other xdist worker changes the VM's free
+    page reporting order (tests/test_page_reporting.py switches it off and back, exclusively)."""
+    @contextmanager
+    def hold(exclusive: bool = False) -> Iterator[None]:
+        with open(shared_dir / "page-reporting.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+
+    return hold
+
+
 @pytest.fixture(scope="session")
 def tiny_model(shared_dir) -> Path:
     return shared_file(shared_dir, "tiny.gguf", lambda p: write_moe_gguf(p, TINY))

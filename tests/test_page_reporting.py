@@ -45,20 +45,21 @@ def test_free_page_reporting_reads_the_kernels_files(tmp_path, order, features, 
     assert _platform.free_page_reporting(sysfs, buddyinfo) == expected
 
 
-def test_free_page_reporting_follows_the_running_order():
+def test_free_page_reporting_follows_the_running_order(reporting_order):
     """On a guest that reports, raising the order above the largest block (what an operator
     does to switch reporting off) is seen at once, and so is restoring it."""
     before = _platform.free_page_reporting()
     if before is None:
         pytest.skip("this machine does not hand free pages back to a host (no reporting virtio balloon)")
-    try:
-        Path(ORDER).write_text("11")
-    except OSError as e:
-        pytest.skip(f"cannot write {ORDER} ({e.strerror}; needs root)")
-    try:
-        assert _platform.free_page_reporting() is None
-    finally:
-        Path(ORDER).write_text(str(before))
+    with reporting_order(exclusive=True):
+        try:
+            Path(ORDER).write_text("11")
+        except OSError as e:
+            pytest.skip(f"cannot write {ORDER} ({e.strerror}; needs root)")
+        try:
+            assert _platform.free_page_reporting() is None
+        finally:
+            Path(ORDER).write_text(str(before))
     assert _platform.free_page_reporting() == before
 
 
@@ -69,13 +70,14 @@ def test_keep_names_free_page_reporting_when_it_starts():
     assert len(note) == 2 and "free page reporting, order 9" in note[1] and "does not prevent" in note[1]
 
 
-def test_run_names_free_page_reporting_where_the_guest_reports(tiny_model):
+def test_run_names_free_page_reporting_where_the_guest_reports(tiny_model, reporting_order):
     """`warmpool run` keeps beside the engine; its human output carries the keeper's note on a
     guest that reports free pages, and no note on one that does not."""
-    run = subprocess.run([sys.executable, "-m", "warmpool", "run", str(tiny_model), "--", "sh", "-c", "sleep 1.5"],
-                         capture_output=True, text=True, timeout=60, check=False)
+    with reporting_order():
+        run = subprocess.run([sys.executable, "-m", "warmpool", "run", str(tiny_model), "--", "sh", "-c", "sleep 1.5"],
+                             capture_output=True, text=True, timeout=60, check=False)
+        order = _platform.free_page_reporting()
     assert run.returncode == 0, run.stderr
-    order = _platform.free_page_reporting()
     if order is None:
         assert "free page reporting" not in run.stderr
     else:
