@@ -288,11 +288,18 @@ def test_human_output_names_the_memlock_fix(private_model):
     proc = subprocess.Popen(["setpriv", "--bounding-set=-ipc_lock", "--inh-caps=-ipc_lock", "--",
                              sys.executable, "-m", "warmpool", "keep", str(private_model), "--lock"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines = [proc.stdout.readline() for _ in range(3)]
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    seen: list[str] = []
+    while not any(" locked " in line for line in seen):  # started (with a note on some VMs), warmed, locked
+        try:
+            seen.append(lines.get(timeout=30))
+        except queue.Empty:
+            break  # reported by the assert below, with what was printed
     proc.send_signal(signal.SIGTERM)
-    rest, err = proc.communicate(timeout=5)
-    assert proc.returncode == 0, err
-    text = "".join(lines) + rest
+    proc.wait(timeout=5)  # stdout is the reader thread's; stderr holds a line at most
+    assert proc.returncode == 0, proc.stderr.read()
+    text = "".join(seen)
     assert "locked 8.00 MiB of" in text and "LimitMEMLOCK=" in text and "--ulimit memlock" in text, text
 
 
