@@ -4,8 +4,12 @@ engine's first read of idle pages slower under memory pressure (docs/keep.md), a
 
 from __future__ import annotations
 
+import os
+import queue
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -72,13 +76,26 @@ def test_keep_names_free_page_reporting_when_it_starts():
 
 def test_run_names_free_page_reporting_where_the_guest_reports(tiny_model, reporting_order):
     """`warmpool run` keeps beside the engine; its human output carries the keeper's note on a
-    guest that reports free pages, and no note on one that does not."""
+    guest that reports free pages, and no note on one that does not.  The note comes with the
+    keeper's start, before its first warm's line, so the engine runs until that line is seen."""
+    lines: queue.Queue = queue.Queue()
     with reporting_order():
-        run = subprocess.run([sys.executable, "-m", "warmpool", "run", str(tiny_model), "--", "sh", "-c", "sleep 1.5"],
-                             capture_output=True, text=True, timeout=60, check=False)
+        run = subprocess.Popen([sys.executable, "-m", "warmpool", "run", str(tiny_model), "--", "sleep", "60"],
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+        threading.Thread(target=lambda: [lines.put(line) for line in run.stderr], daemon=True).start()
+        seen: list[str] = []
+        try:
+            while not any(line.startswith("warmpool: warmed ") for line in seen):
+                seen.append(lines.get(timeout=30))
+        except queue.Empty:
+            pass  # reported by the asserts below, with what was printed
+        finally:
+            os.killpg(run.pid, signal.SIGTERM)  # warmpool and the engine
+            run.wait(timeout=30)
         order = _platform.free_page_reporting()
-    assert run.returncode == 0, run.stderr
+    text = "".join(seen)
+    assert "warmpool: warmed " in text, text
     if order is None:
-        assert "free page reporting" not in run.stderr
+        assert "free page reporting" not in text
     else:
-        assert f"warmpool: note: this VM hands free memory back to its host (free page reporting, order {order})" in run.stderr
+        assert f"warmpool: note: this VM hands free memory back to its host (free page reporting, order {order})" in text
