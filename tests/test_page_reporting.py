@@ -15,17 +15,18 @@ from pathlib import Path
 import pytest
 
 from warmpool import _platform
+from warmpool._platform_hold import PAGE_REPORTING_ORDER
 from warmpool.commands.keep import _describe
 
-ORDER = "/sys/module/page_reporting/parameters/page_reporting_order"
+ORDER = Path("/sys", PAGE_REPORTING_ORDER)
 # /proc/buddyinfo's first line on x86-64: one count per order, 0 to 10
 BUDDYINFO = "Node 0, zone      DMA      0      0      0      0      0      0      0      0      1      1      3\n"
 
 
 def _sysfs(root: Path, order: str | None, features: str | None) -> tuple[str, str]:
     if order is not None:
-        (root / "module/page_reporting/parameters").mkdir(parents=True)
-        (root / "module/page_reporting/parameters/page_reporting_order").write_text(order + "\n")
+        (root / PAGE_REPORTING_ORDER).parent.mkdir(parents=True)
+        (root / PAGE_REPORTING_ORDER).write_text(order + "\n")
     if features is not None:
         device = root / "bus/virtio/drivers/virtio_balloon/virtio0"
         device.mkdir(parents=True)
@@ -57,13 +58,13 @@ def test_free_page_reporting_follows_the_running_order(reporting_order):
         pytest.skip("this machine does not hand free pages back to a host (no reporting virtio balloon)")
     with reporting_order(exclusive=True):
         try:
-            Path(ORDER).write_text("11")
+            ORDER.write_text("11")
         except OSError as e:
             pytest.skip(f"cannot write {ORDER} ({e.strerror}; needs root)")
         try:
             assert _platform.free_page_reporting() is None
         finally:
-            Path(ORDER).write_text(str(before))
+            ORDER.write_text(str(before))
     assert _platform.free_page_reporting() == before
 
 

@@ -101,34 +101,25 @@ def add_wait_after_evict(parser) -> None:
                         help="seconds between each eviction and what follows it (default 0)")
 
 
-PAGE_REPORTING = "/sys/module/page_reporting/parameters/page_reporting_order"
-
-
-def page_reporting_order() -> int | None:
-    """The smallest order of free block this VM reports to its host; None without reporting."""
-    try:
-        return int(Path(PAGE_REPORTING).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 @contextlib.contextmanager
 def page_reporting_off():
     """Free page reporting switched off for the block, then restored: order 11 is above the
     buddy allocator's largest block (MAX_PAGE_ORDER 10), so ``page_reporting_process_zone``
     finds nothing to report and memory an eviction frees stays backed by the host."""
-    before = page_reporting_order()
+    from warmpool._platform_hold import PAGE_REPORTING_ORDER, page_reporting_order
+
+    before, path = page_reporting_order(), Path("/sys", PAGE_REPORTING_ORDER)
     if before is None:
         yield
         return
     try:
-        Path(PAGE_REPORTING).write_text("11")
+        path.write_text("11")
     except OSError as e:
-        raise SystemExit(f"{PAGE_REPORTING}: cannot switch free page reporting off ({e.strerror}; needs root)")
+        raise SystemExit(f"{path}: cannot switch free page reporting off ({e.strerror}; needs root)")
     try:
         yield
     finally:
-        Path(PAGE_REPORTING).write_text(str(before))
+        path.write_text(str(before))
 
 
 def warmpool_argv() -> list[str]:

@@ -149,13 +149,15 @@ def _disk_of(path: Path) -> str:
 
 
 def machine(model: Path) -> dict:
+    from warmpool._platform_hold import page_reporting_order
+
     mem_kb = int(_first_line("/proc/meminfo").split()[1])
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     return {"record": "machine", "cores": os.cpu_count(), "cpu": cpu, "ram_gib": round(mem_kb / 2**20, 1),
             "disk": _disk_of(model), "kernel": platform.release(), "python": platform.python_version(),
             "loadavg_start": [round(x, 2) for x in os.getloadavg()],
-            "page_reporting_order": peers.page_reporting_order(),
+            "page_reporting_order": page_reporting_order(),
             "date": time.strftime("%Y-%m-%d %H:%M %Z")}
 
 

@@ -63,13 +63,14 @@ TOOLS = Path(__file__).resolve().parent
 ROOT = TOOLS.parent
 sys.path[:0] = [str(ROOT), str(TOOLS)]
 
-from _bench_peers import page_reporting_off, page_reporting_order  # noqa: E402
+from _bench_peers import page_reporting_off  # noqa: E402
 from _keep_stats import report, summarize  # noqa: E402
 from engine_sim import MoeEngine  # noqa: E402
 from first_request import resident  # noqa: E402
 from mem_pressure import Hog, MemoryCage, make_file  # noqa: E402
 
 from warmpool import _platform  # noqa: E402
+from warmpool._platform_hold import page_reporting_order  # noqa: E402
 from warmpool.example import BENCH, model_nbytes, write_moe_gguf  # noqa: E402
 
 CONFIGS = ("none", "oneshot", "keep", "keep-touch", "keep-lock")

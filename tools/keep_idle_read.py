@@ -83,11 +83,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="switch the VM's free page reporting off for the rounds (root; restored after)")
     ap.add_argument("--helper", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    from _bench_peers import page_reporting_off, page_reporting_order
+    from _bench_peers import page_reporting_off
     from keep_bench import bench_model
     from mem_pressure import Hog, MemoryCage, make_file
 
     from warmpool import _platform
+    from warmpool._platform_hold import page_reporting_order
 
     path = str(args.model or bench_model(None))
     if args.helper:

@@ -20,8 +20,8 @@ from warmpool._errors import PlatformError
 from warmpool._platform_libc import page_runs
 from warmpool._platform_window import FileWindow
 
-__all__ = ["HeldMapping", "free_page_reporting", "locked_bytes", "memlock_limit", "memory_pressure", "physical_memory",
-           "pid_alive"]
+__all__ = ["HeldMapping", "PAGE_REPORTING_ORDER", "free_page_reporting", "locked_bytes", "memlock_limit",
+           "memory_pressure", "page_reporting_order", "physical_memory", "pid_alive"]
 
 # Linux >= 5.14; elsewhere populate falls back to touching each page.
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
@@ -273,6 +273,18 @@ def pid_alive(pid: int) -> bool:
 
 
 _VIRTIO_BALLOON_F_REPORTING = 5  # include/uapi/linux/virtio_balloon.h
+PAGE_REPORTING_ORDER = "module/page_reporting/parameters/page_reporting_order"  # under sysfs
+
+
+def page_reporting_order(sysfs: str = "/sys") -> int | None:
+    """The running value of mm/page_reporting.c's ``page_reporting_order`` parameter; None where
+    the kernel has no page reporting.  Whether anything is reported also takes a reporting
+    device: ``free_page_reporting``."""
+    try:
+        with open(f"{sysfs}/{PAGE_REPORTING_ORDER}") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
 
 
 def free_page_reporting(sysfs: str = "/sys", buddyinfo: str = "/proc/buddyinfo") -> int | None:
@@ -283,14 +295,13 @@ def free_page_reporting(sysfs: str = "/sys", buddyinfo: str = "/proc/buddyinfo")
     pressure such a guest makes an engine's first read of idle pages slower, and keeping the
     pages resident does not prevent it (docs/keep.md).  Hyper-V's balloon also reports; it is
     not detected here."""
+    order = page_reporting_order(sysfs)
     try:
-        with open(f"{sysfs}/module/page_reporting/parameters/page_reporting_order") as f:
-            order = int(f.read())
         with open(buddyinfo) as f:
             largest = len(f.readline().split()) - 5  # "Node 0, zone DMA" and one count per order
-    except (OSError, ValueError):
+    except OSError:
         return None
-    if not 0 <= order <= largest:
+    if order is None or not 0 <= order <= largest:
         return None
     base = f"{sysfs}/bus/virtio/drivers/virtio_balloon"
     try:
