@@ -8,6 +8,7 @@ so they never evict under one another; tests that damage a file work on a privat
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import os
 import shutil
@@ -112,6 +113,15 @@ def private_model(test_model, tmp_path) -> Path:
 
 evict_file = _platform.evict_file
 MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim these pages now, as memory pressure would (shadows stay)
+
+
+def page_out(address: int, length: int) -> None:
+    """MADV_PAGEOUT over a mapped range: the kernel unmaps and frees its pages now, as reclaim
+    does.  Skips the test (with the errno) where the kernel refuses."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    if libc.madvise(address, length, MADV_PAGEOUT) != 0:
+        pytest.skip(f"MADV_PAGEOUT refused here (errno {ctypes.get_errno()}): cannot reclaim on demand")
 
 
 def resident_fraction(path: os.PathLike[str], offset: int = 0, length: int = 0) -> float:

@@ -6,13 +6,12 @@ Each test works on a private copy of the test model, so evicting it disturbs no 
 
 from __future__ import annotations
 
-import ctypes
 import os
 import time
 
 import pytest
 
-from conftest import MADV_PAGEOUT, evict_file, resident_fraction
+from conftest import evict_file, page_out, resident_fraction
 from warmpool import Keeper, evict, plan_model
 from warmpool.example import TINY, write_moe_gguf
 
@@ -64,14 +63,11 @@ def test_evicted_pages_back_within_two_intervals(private_model):
 def test_reclaimed_from_the_held_mapping_comes_back(private_model):
     """The default hold: the kernel reclaims pages out of the keeper's own mapping (MADV_PAGEOUT
     unmaps and frees them, as reclaim does); the keeper reads them in and maps them again."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     with Keeper([private_model], interval=INTERVAL) as keeper:
         assert keeper.wait_warm(30)
         assert evict(private_model) > 0.99 * os.path.getsize(private_model) - 8192  # mapped: DONTNEED spares them
         for _, _, held in keeper.models[0].held:
-            if libc.madvise(held.address, held.length, MADV_PAGEOUT) != 0:
-                pytest.skip(f"MADV_PAGEOUT refused here (errno {ctypes.get_errno()}): cannot reclaim on demand")
+            page_out(held.address, held.length)
         assert resident_fraction(private_model) < 0.5
         fraction, took = _fraction_within(private_model, 2 * INTERVAL)
         assert fraction >= 0.99, f"{fraction:.1%} resident {took:.2f} s after the reclaim"

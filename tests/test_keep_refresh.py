@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import warmpool
-from conftest import MADV_PAGEOUT, MiB, evict_file, resident_fraction, write_random
+from conftest import MiB, evict_file, page_out, resident_fraction, write_random
 from warmpool import _platform
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import folios  # noqa: E402
@@ -146,17 +146,12 @@ def test_touch_reads_every_resident_held_page_and_none_of_the_evicted(private_mo
     """After clear_refs has cleared the accessed bits, one touch over the held selection marks
     every mapped page referenced again (smaps' Referenced), and reads back none of the pages
     MADV_PAGEOUT took out of the second half."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     keeper = _kept(private_model)
     try:
         model = keeper.models[0]
         (file, start, held), = model.held  # the whole file: one extent, one mapping
         cut = (held.length // 2) >> 21 << 21  # a 2 MiB boundary: whole huge folios go
-        if libc.madvise(held.address + cut, held.length - cut, MADV_PAGEOUT) != 0:
-            pytest.skip(f"MADV_PAGEOUT refused here (errno {ctypes.get_errno()}): cannot reclaim on demand")
+        page_out(held.address + cut, held.length - cut)
         out_before = resident_fraction(private_model, start + cut, held.length - cut)
         assert out_before < 0.5, out_before  # there is something the touch must not read
         with open("/proc/self/clear_refs", "w") as f:
