@@ -11,7 +11,9 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
+import queue
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -47,6 +49,21 @@ def shared_file(directory: Path, name: str, make) -> Path:
         if not path.exists():
             make(path)
     return path
+
+
+def lines_until(stream, done: Callable[[str], bool], timeout: float = 30.0) -> list[str]:
+    """Lines of a child's text stream up to and including the first one ``done`` accepts, or
+    what came before ``timeout`` seconds without a line (the caller's asserts report that).  A
+    daemon thread reads, so a child that prints no more cannot hang the test."""
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in stream], daemon=True).start()
+    seen: list[str] = []
+    while not (seen and done(seen[-1])):
+        try:
+            seen.append(lines.get(timeout=timeout))
+        except queue.Empty:
+            break
+    return seen
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import urllib.request
 
 import pytest
 
-from conftest import evict_file
+from conftest import evict_file, lines_until
 from warmpool import _platform, evict
 
 pytestmark = pytest.mark.pagecache
@@ -288,14 +288,7 @@ def test_human_output_names_the_memlock_fix(private_model):
     proc = subprocess.Popen(["setpriv", "--bounding-set=-ipc_lock", "--inh-caps=-ipc_lock", "--",
                              sys.executable, "-m", "warmpool", "keep", str(private_model), "--lock"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
-    seen: list[str] = []
-    while not any(" locked " in line for line in seen):  # started (with a note on some VMs), warmed, locked
-        try:
-            seen.append(lines.get(timeout=30))
-        except queue.Empty:
-            break  # reported by the assert below, with what was printed
+    seen = lines_until(proc.stdout, lambda line: " locked " in line)  # started (a note on some VMs), warmed, locked
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=5)  # stdout is the reader thread's; stderr holds a line at most
     assert proc.returncode == 0, proc.stderr.read()

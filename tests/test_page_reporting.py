@@ -5,15 +5,14 @@ engine's first read of idle pages slower under memory pressure (docs/keep.md), a
 from __future__ import annotations
 
 import os
-import queue
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 
+from conftest import lines_until
 from warmpool import _platform
 from warmpool._platform_hold import PAGE_REPORTING_ORDER
 from warmpool.commands.keep import _describe
@@ -79,17 +78,11 @@ def test_run_names_free_page_reporting_where_the_guest_reports(tiny_model, repor
     """`warmpool run` keeps beside the engine; its human output carries the keeper's note on a
     guest that reports free pages, and no note on one that does not.  The note comes with the
     keeper's start, before its first warm's line, so the engine runs until that line is seen."""
-    lines: queue.Queue = queue.Queue()
     with reporting_order():
         run = subprocess.Popen([sys.executable, "-m", "warmpool", "run", str(tiny_model), "--", "sleep", "60"],
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
-        threading.Thread(target=lambda: [lines.put(line) for line in run.stderr], daemon=True).start()
-        seen: list[str] = []
         try:
-            while not any(line.startswith("warmpool: warmed ") for line in seen):
-                seen.append(lines.get(timeout=30))
-        except queue.Empty:
-            pass  # reported by the asserts below, with what was printed
+            seen = lines_until(run.stderr, lambda line: line.startswith("warmpool: warmed "))
         finally:
             os.killpg(run.pid, signal.SIGTERM)  # warmpool and the engine
             run.wait(timeout=30)
