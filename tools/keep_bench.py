@@ -65,6 +65,7 @@ sys.path[:0] = [str(ROOT), str(TOOLS)]
 
 from _bench_peers import page_reporting_off  # noqa: E402
 from _keep_stats import report, summarize  # noqa: E402
+from _proc_probes import cpu_seconds, read_bytes, rss_anon_tree, sched, steal_ticks, usage  # noqa: E402
 from engine_sim import MoeEngine  # noqa: E402
 from first_request import resident  # noqa: E402
 from mem_pressure import Hog, MemoryCage, make_file  # noqa: E402
@@ -85,41 +86,6 @@ def bench_model(directory: str | None) -> Path:
         print(f"generating {path} ({model_nbytes(BENCH) / 1e9:.2f} GB, once) ...", file=sys.stderr)
         write_moe_gguf(path, BENCH)
     return path
-
-
-def loadavg() -> float:
-    with open("/proc/loadavg") as f:
-        return float(f.read().split()[0])
-
-
-def read_bytes(pid: int | str = "self") -> int:
-    with open(f"/proc/{pid}/io") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("read_bytes:"))
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of the process and of its children it has waited for (the workers)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_anon_tree(pid: int) -> int:
-    """RssAnon (bytes) of a process and its live children."""
-    import psutil
-
-    total = 0
-    try:
-        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0
-    for p in procs:
-        try:
-            with open(f"/proc/{p.pid}/status") as f:
-                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
-        except (OSError, StopIteration):
-            pass
-    return total
 
 
 class Keeper:
@@ -178,15 +144,15 @@ def _serve(path: Path, seconds: float, every: float, tokens: int, skew: float, k
                 rss_peak = max(rss_peak, rss_anon_tree(keeper.proc.pid))
             engine.seed = twin.seed = 1000 + i
             kcpu0 = cpu_seconds(keeper.proc.pid) if keeper else 0.0
-            u0, (r0, q0), h0, s0, wall0 = _usage(), _sched(), _limit_hits(), _steal_ticks(), time.time()
+            u0, (r0, q0), h0, s0, wall0 = usage(), sched(), _limit_hits(), steal_ticks(), time.time()
             t0 = time.perf_counter()
             engine.request(tokens)
             t1 = time.perf_counter()
-            u1, (r1, q1), h1, s1, wall1 = _usage(), _sched(), _limit_hits(), _steal_ticks(), time.time()
+            u1, (r1, q1), h1, s1, wall1 = usage(), sched(), _limit_hits(), steal_ticks(), time.time()
             kcpu = cpu_seconds(keeper.proc.pid) - kcpu0 if keeper else 0.0
             twin.request(tokens)  # same request, same mapping history, page cache now warm
             t2 = time.perf_counter()
-            u2, (r2, q2), h2, s2 = _usage(), _sched(), _limit_hits(), _steal_ticks()
+            u2, (r2, q2), h2, s2 = usage(), sched(), _limit_hits(), steal_ticks()
             engine.request(tokens)  # again in the engine's own mapping: every page mapped
             t3 = time.perf_counter()
             # Why a request was slow, observed rather than guessed: its major faults (disk), its
@@ -236,7 +202,7 @@ def run_config(name: str, path: Path, seconds: float, every: float, tokens: int,
     _platform.evict_file(path)
     if hog_file:
         _platform.evict_file(hog_file)
-    load_before = loadavg()
+    load_before = os.getloadavg()[0]
     cold = resident(path)
     keeper = None
     prep_start = time.monotonic()
@@ -283,7 +249,7 @@ def run_config(name: str, path: Path, seconds: float, every: float, tokens: int,
         rewarms = [(e["time"] - e.get("seconds", 0), e["time"]) for e in events if e["event"] == "rewarmed"]
         for r in rows:  # a re-warm overlapping the request (event time is its end, seconds its length)
             r["rewarm_overlap"] = any(a <= r["wall"][1] and b >= r["wall"][0] for a, b in rewarms)
-    result.update(summarize(rows), engine_bytes_read=engine_read, load_before=load_before, load_after=loadavg())
+    result.update(summarize(rows), engine_bytes_read=engine_read, load_before=load_before, load_after=os.getloadavg()[0])
     return result
 
 
@@ -298,38 +264,6 @@ def _warm_up_python() -> None:
         write_moe_gguf(Path(d) / "tiny.gguf", TINY)
         with MoeEngine(Path(d) / "tiny.gguf") as engine:
             engine.request(2)
-
-
-def _usage():
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF)
-
-
-def _sched() -> tuple[float, float]:
-    """Seconds this thread has run on a CPU and spent runnable but waiting for one
-    (/proc/thread-self/schedstat, first two fields); (0.0, 0.0) where the kernel has no schedstat.
-    The wait, unlike involuntary context switches, also counts the wait after a sleep (a lock,
-    reclaim) before the thread got a CPU back. The run time leaves out time the hypervisor gave
-    the vCPU to someone else where the kernel accounts steal time (CONFIG_PARAVIRT_TIME_ACCOUNTING
-    subtracts it from the clock the scheduler charges tasks with), so wall time minus both is
-    time off the CPU: stolen by the host, or blocked."""
-    try:
-        with open("/proc/thread-self/schedstat") as f:
-            ran, queued = f.read().split()[:2]
-            return int(ran) / 1e9, int(queued) / 1e9
-    except (OSError, ValueError):
-        return 0.0, 0.0
-
-
-def _steal_ticks() -> int:
-    """Steal time of all CPUs so far, in USER_HZ ticks (/proc/stat); 0 where not reported."""
-    try:
-        with open("/proc/stat") as f:
-            fields = f.readline().split()
-        return int(fields[8]) if len(fields) > 8 else 0
-    except (OSError, ValueError):
-        return 0
 
 
 def main(argv: list[str] | None = None) -> int:
