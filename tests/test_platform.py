@@ -190,6 +190,31 @@ def test_read_pages_reads_every_page(cold: ColdFile) -> None:
 
 
 @pytest.mark.pagecache
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the memfd sink of read_pages is Linux's")
+def test_read_pages_from_short_lived_threads_leaves_no_descriptor(cold: ColdFile) -> None:
+    # Each thread writes into a memfd of its own (threads sharing one took turns on its inode
+    # lock); a worker's fault threads live for one chunk, so each one's memfd must go with it.
+    import threading
+
+    def memfds() -> int:
+        return sum("warmpool-read-pages" in os.readlink(f"/proc/self/fd/{fd}")
+                   for fd in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{fd}"))
+
+    before, seen = memfds(), []
+    with FileWindow(cold.fd, 0, 8 * MiB) as window:
+        for i in range(8):
+            def read(i: int = i) -> None:
+                window.read_pages(i * MiB, MiB)
+                seen.append(memfds())
+            thread = threading.Thread(target=read)
+            thread.start()
+            thread.join()
+        assert window.resident() == b"\1" * (8 * MiB // PAGE_SIZE)
+    assert seen == [before + 1] * 8  # the thread's own memfd while it runs, as read_pages uses it
+    assert memfds() == before
+
+
+@pytest.mark.pagecache
 def test_read_range_on_a_truncated_file_raises_file_changed(cold: ColdFile) -> None:
     os.truncate(cold.path, 5 * MiB + 3)
     with pytest.raises(FileChangedError, match="shrank"):

@@ -13,6 +13,7 @@ import ctypes
 import errno
 import mmap
 import os
+import threading
 
 from warmpool import _platform_posix as _posix
 from warmpool._platform_posix import (
@@ -256,19 +257,32 @@ def _populate_probe() -> bool:
 
 _pwritev = _posix._bind("pwritev", ctypes.c_ssize_t, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_long)
 _IOV_MAX = 1024
-_sink: list[int] = []  # one memfd per process: pwritev's destination, overwritten at offset 0
+
+
+class _Sink:
+    """A memfd: pwritev's destination, always written at offset 0.  One per thread, because a
+    shmem write holds the file's inode lock, so fault threads sharing one took turns; closed
+    when its thread ends (the fault threads live for one chunk)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __del__(self) -> None:
+        os.close(self.fd)
+
+
+_sinks = threading.local()
 
 
 def _sink_fd() -> int | None:
-    if not _sink:
+    sink = getattr(_sinks, "sink", None)
+    if sink is None:
         try:
             fd = os.memfd_create("warmpool-read-pages", os.MFD_CLOEXEC)
         except (AttributeError, OSError):
             return None
-        _sink.append(fd)  # two threads may race here: the loser's fd is closed below
-        if _sink[0] != fd:
-            os.close(fd)
-    return _sink[0]
+        sink = _sinks.sink = _Sink(fd)
+    return sink.fd
 
 
 class FileWindow(_posix.FileWindow):
@@ -279,8 +293,8 @@ class FileWindow(_posix.FileWindow):
 
     def read_pages(self, rel: int, n: int) -> None:
         """As the POSIX window's, but the kernel reads the bytes: ``pwritev`` of one byte per
-        page, up to 1024 pages a call, into a memfd of this process (always at offset 0, so it
-        stays one page).  The kernel copies them with ordinary user accesses (copy_from_user),
+        page, up to 1024 pages a call, into a memfd of the calling thread (always at offset 0, so
+        it stays one page).  The kernel copies them with ordinary user accesses (copy_from_user),
         the calling thread releases the GIL meanwhile, and a page past EOF ends the call with
         EFAULT instead of SIGBUS.  The iovecs are built by slice assignment: one ctypes
         structure per page cost ~1 µs a page, most of what this call used to cost
