@@ -101,15 +101,22 @@ def add_wait_after_evict(parser) -> None:
                         help="seconds between each eviction and what follows it (default 0)")
 
 
+def add_no_page_reporting(parser) -> None:
+    """The ``--no-page-reporting`` option, for ``page_reporting_off(args.no_page_reporting)``."""
+    parser.add_argument("--no-page-reporting", action="store_true",
+                        help="switch the VM's free page reporting off for the run (root; restored after)")
+
+
 @contextlib.contextmanager
-def page_reporting_off():
-    """Free page reporting switched off for the block, then restored: order 11 is above the
-    buddy allocator's largest block (MAX_PAGE_ORDER 10), so ``page_reporting_process_zone``
-    finds nothing to report and memory an eviction frees stays backed by the host."""
+def page_reporting_off(active: bool = True):
+    """Free page reporting switched off for the block (when ``active``), then restored: order 11
+    is above the buddy allocator's largest block (MAX_PAGE_ORDER 10), so
+    ``page_reporting_process_zone`` finds nothing to report and memory an eviction frees stays
+    backed by the host."""
     from warmpool._platform_hold import PAGE_REPORTING_ORDER, page_reporting_order
 
     before, path = page_reporting_order(), Path("/sys", PAGE_REPORTING_ORDER)
-    if before is None:
+    if not active or before is None:
         yield
         return
     try:

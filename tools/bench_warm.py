@@ -62,8 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--latency-only", action="store_true", help="skip the local-disk comparison")
     p.add_argument("--quick", action="store_true", help="1 round, core methods, 5 ms only, 256MB on FUSE")
     peers.add_wait_after_evict(p)
-    p.add_argument("--no-page-reporting", action="store_true",
-                   help="switch the VM's free page reporting off for the run (root; restored after)")
+    peers.add_no_page_reporting(p)
     p.add_argument("--no-engine-pass", action="store_true",
                    help="skip the folio histogram and the engine pass after each method (faster)")
     args = p.parse_args(argv)
@@ -321,10 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     ENGINE_PASS, WAIT_AFTER_EVICT_S = not args.no_engine_pass, args.wait_after_evict
     command = shlex.join(["python", "tools/bench_warm.py", *(sys.argv[1:] if argv is None else argv)])
-    if args.no_page_reporting:
-        with peers.page_reporting_off():
-            return _run(args, command)
-    return _run(args, command)
+    with peers.page_reporting_off(args.no_page_reporting):
+        return _run(args, command)
 
 
 def _run(args: argparse.Namespace, command: str) -> int:

@@ -47,7 +47,6 @@ Prints a table, one JSON line per configuration and a last JSON line with all of
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import queue
@@ -63,7 +62,7 @@ TOOLS = Path(__file__).resolve().parent
 ROOT = TOOLS.parent
 sys.path[:0] = [str(ROOT), str(TOOLS)]
 
-from _bench_peers import page_reporting_off  # noqa: E402
+from _bench_peers import add_no_page_reporting, page_reporting_off  # noqa: E402
 from _keep_stats import report, summarize  # noqa: E402
 from _proc_probes import cpu_seconds, read_bytes, rss_anon_tree, sched, steal_ticks, usage  # noqa: E402
 from engine_sim import MoeEngine  # noqa: E402
@@ -289,8 +288,7 @@ def main(argv: list[str] | None = None) -> int:
                     "workers stay unpinned (they may run on the engine's CPU)")
     ap.add_argument("--model-dir", default=None)
     ap.add_argument("--json-out", default=None, help="also append the JSON lines to this file")
-    ap.add_argument("--no-page-reporting", action="store_true",
-                    help="switch the VM's free page reporting off for the run (root; restored after)")
+    add_no_page_reporting(ap)
     args = ap.parse_args(argv)
     if args.pin:
         cpus = sorted(os.sched_getaffinity(0))
@@ -320,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"memory cgroup {cage.path} limit {cage.limit / 2**20:.0f} MiB (model + {args.headroom}); co-tenant "
               f"streams {hog_file.stat().st_size / 2**30:.1f} GiB at {args.hog_rate:g} MB/s from the end of each warm", flush=True)
     try:
-        with page_reporting_off() if args.no_page_reporting else contextlib.nullcontext():
+        with page_reporting_off(args.no_page_reporting):
             print(f"free page reporting order {page_reporting_order()} (None: no reporting; 11: off)", flush=True)
             results = _run_all(args, path, configs, hog_file)
     finally:

@@ -72,6 +72,8 @@ def _helper(path: str, every: float, refresh: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from _bench_peers import add_no_page_reporting, page_reporting_off
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", nargs="?")
     ap.add_argument("--seconds", type=float, default=240)
@@ -79,11 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pressure", choices=("cgroup", "none"), default="cgroup")
     ap.add_argument("--touch-every", type=float, default=0.5)
     ap.add_argument("--refresh", type=float, default=1.0)
-    ap.add_argument("--no-page-reporting", action="store_true",
-                    help="switch the VM's free page reporting off for the rounds (root; restored after)")
+    add_no_page_reporting(ap)
     ap.add_argument("--helper", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    from _bench_peers import page_reporting_off
     from keep_bench import bench_model
     from mem_pressure import Hog, MemoryCage, make_file
 
@@ -112,8 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     helper = subprocess.Popen([sys.executable, __file__, path, "--helper", "--touch-every", str(args.touch_every),
                                "--refresh", str(args.refresh)])
     reporting = contextlib.ExitStack()
-    if args.no_page_reporting:
-        reporting.enter_context(page_reporting_off())
+    reporting.enter_context(page_reporting_off(args.no_page_reporting))
     order = page_reporting_order()
     rows, start = [], time.monotonic()
     try:

@@ -296,12 +296,14 @@ def free_page_reporting(sysfs: str = "/sys", buddyinfo: str = "/proc/buddyinfo")
     pages resident does not prevent it (docs/keep.md).  Hyper-V's balloon also reports; it is
     not detected here."""
     order = page_reporting_order(sysfs)
+    if order is None:
+        return None
     try:
         with open(buddyinfo) as f:
             largest = len(f.readline().split()) - 5  # "Node 0, zone DMA" and one count per order
     except OSError:
         return None
-    if order is None or not 0 <= order <= largest:
+    if not 0 <= order <= largest:
         return None
     base = f"{sysfs}/bus/virtio/drivers/virtio_balloon"
     try:
