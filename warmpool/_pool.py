@@ -67,6 +67,11 @@ AUTO_MIN_REST_S = 0.5
 # least 0.25 s: 64 MiB alone passes in tens of ms, mostly scheduling noise on a busy machine.
 AUTO_WINDOW, AUTO_WINDOW_PER_WORKER, AUTO_WINDOW_S = 64 * 1024 * 1024, 16 * 1024 * 1024, 0.25
 POLL = 0.1  # seconds between checks of the stop flag: Ctrl-C/cancel answer well within 2 s
+# Chunks a worker holds at once: the one its fault threads work on, and the next, which it sets
+# up meanwhile and whose blocks its threads take as soon as the current chunk has none left
+# (_worker_threads).  With one, every chunk ended with threads waiting for the slowest block and
+# for the round trip (docs/bench/warm_speed_phases.md, "Chunk edges").
+LOOKAHEAD = 2
 
 
 class PoolResult(NamedTuple):
@@ -177,7 +182,7 @@ class _Coordinator:
         self.growth = _Growth(workers, len(order), sum(self.chunks[i][2] for i in order))
         self.workers: list[_Worker] = []
         self.retired: set[int] = set()  # slots told to stop: the pool shrank back, or every chunk is done
-        self.busy: dict[int, int] = {}  # slot -> chunk index
+        self.busy: dict[int, list[int]] = {}  # slot -> the chunks it holds, in the order handed out
         self.completed_bytes = 0
         self.peak = 0
 
@@ -190,14 +195,17 @@ class _Coordinator:
         self._dispatch(self.workers[-1])
 
     def _dispatch(self, worker: _Worker) -> None:
-        if self.queue:
+        held = self.busy.setdefault(worker.slot, [])
+        while self.queue and len(held) < LOOKAHEAD:
             index = self.queue.pop()
-            self.busy[worker.slot] = index
-            self.segment.set_chunk_state(index, "running")
+            held.append(index)
+            self.segment.set_chunk_state(index, "running")  # handed to a worker
             try:
                 worker.conn.send(index)
             except OSError:  # it died after its last report: a death, like EOF on receive
                 self._on_death(worker)
+        if not held:
+            del self.busy[worker.slot]
 
     def _describe(self, index: int) -> str:
         c = self.plan_chunks[index]
@@ -208,21 +216,25 @@ class _Coordinator:
             report = worker.conn.recv()
         except (EOFError, OSError):  # the worker died: its end of the socket closed
             self._on_death(worker)
-        index = self.busy.pop(worker.slot)
+        index = report[1]
+        held = self.busy[worker.slot]
+        held.remove(index)
         if report[0] == "error":
             self.segment.set_chunk_state(index, "failed")
             raise report[2]
         self.completed_bytes += self.chunks[index][2]
         self.segment.set_chunk_state(index, "done")
         self.growth.update(self.completed_bytes)
-        if len(self.workers) - len(self.retired) > self.growth.target:
-            self.retired.add(worker.slot)  # the pool shrank back: this one stops (shutdown reaps it)
+        if worker.slot not in self.retired and len(self.workers) - len(self.retired) > self.growth.target:
+            self.retired.add(worker.slot)  # the pool shrank back: this one stops after what it holds
             try:
                 worker.conn.send(None)
             except OSError:
                 pass
-            return
-        self._dispatch(worker)
+        if worker.slot not in self.retired:
+            self._dispatch(worker)
+        elif not held:
+            del self.busy[worker.slot]  # retired, and every chunk it held is done (shutdown reaps it)
 
     def _on_death(self, worker: _Worker) -> None:
         try:
@@ -230,7 +242,8 @@ class _Coordinator:
         except subprocess.TimeoutExpired:  # closed its socket but lives on: stop it
             worker.process.kill()
             code = worker.process.wait()
-        index = self.busy.get(worker.slot)
+        held = self.busy.get(worker.slot)
+        index = held[0] if held else None  # the oldest: the one it was faulting
         where = self._describe(index) if index is not None else "no chunk"
         if index is not None:
             self.segment.set_chunk_state(index, "failed")

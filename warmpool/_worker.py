@@ -3,8 +3,11 @@
 A worker opens each model file read-only once, and for each chunk maps it, skips the pages
 already resident (mincore), faults the rest in with the chosen strategy, adds its progress to
 its own slot of the shared-memory segment every ``STEP`` bytes, and unmaps the chunk again:
-no mapping or buffer outlives a chunk except the one pread buffer it reuses.  Once every chunk
-of the warm is done, it reads each page of the chunks it warmed once more (``_worker_finish``).
+no mapping or buffer outlives a chunk except the one pread buffer it reuses.  In the default
+huge-folio path its fault threads (``_worker_threads``) fault the chunk's blocks, while this
+thread already sets up the next chunk the coordinator handed out (``_pool.LOOKAHEAD``).  Once
+every chunk of the warm is done, it reads each page of the chunks it warmed once more
+(``_worker_finish``).
 
 Kept to the standard library plus ``_platform``/``_progress`` so that a worker forked from the
 forkserver costs a few MB of private memory (numpy is imported only by the ``touch`` strategy).
@@ -16,7 +19,8 @@ import bisect
 import os
 import signal
 import threading
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from . import _platform
@@ -26,6 +30,7 @@ from ._progress import WorkerCounter
 from ._strategy import STRATEGIES  # re-exported: the names _ChunkWarmer implements
 from ._wire import Channel
 from ._worker_finish import Marks, reread
+from ._worker_threads import FaultThreads
 
 if TYPE_CHECKING:  # pragma: no cover
     from multiprocessing.connection import Connection
@@ -107,35 +112,49 @@ class _ChunkWarmer:
 
     def __init__(self, strategy: str, counter: WorkerCounter, guards: Guards, paths: Sequence[str] = ()) -> None:
         self.strategy = strategy
+        self.lock = threading.Lock()  # the counter and the marks, shared with the fault threads
         self.counter = counter
         self.guards = guards
         self.buffer = bytearray(STEP) if strategy == "read" else None
         self.page = _platform.PAGE_SIZE
         self.huge = _platform.huge_folio_size() if strategy in ("populate", "touch") else None
-        self.threads: _FaultThreads | None = None
+        self.threads: FaultThreads | None = None
         self.marks = Marks(paths, self.huge) if self.huge else None
         self.hidden: set[int] = set()  # files whose mincore vector is made up: trust none of it
         self.warmed: list[tuple[int, int, int]] = []  # (fd, offset, length): chunks ``finish`` reads again
 
-    def warm(self, fd: int, file: int, offset: int, length: int) -> None:
-        """Warm [offset, offset+length); resident pages count as done at once."""
-        with _platform.FileWindow(fd, offset, length) as window:
+    def warm(self, fd: int, file: int, offset: int, length: int,
+             on_done: Callable[[BaseException | None], None] = lambda error: None) -> None:
+        """Warm [offset, offset+length); resident pages count as done at once.  ``on_done(None)``
+        runs once it is warm: here, or in a fault thread once its blocks are faulted (then with
+        the first error instead, if one failed).  Errors before any block is queued raise."""
+        window = _platform.FileWindow(fd, offset, length)
+        try:
             vector = bytes(-(-length // self.page)) if file in self.hidden else window.resident()
             runs = [(s * self.page, min(e * self.page, length)) for s, e in _platform.page_runs(vector, 0)]
-            self.counter.add(length - sum(end - start for start, end in runs))
-            if not runs:
-                return
-            if self.strategy in ("populate", "touch"):
+            self._add(length - sum(end - start for start, end in runs))
+            if runs and self.strategy in ("populate", "touch"):
                 self.warmed.append((fd, offset, length))
-                if self._warm_huge(fd, window, file, runs):
+                if self._warm_huge(fd, window, file, runs, on_done):
+                    window = None  # the fault threads close it once its blocks are done
                     return
-            hint_runs = self._hint_edges(fd, file, offset, length)
-            for start, end in runs:
-                self._warm_run(fd, window, start, end, hint_runs)
+            if runs:
+                hint_runs = self._hint_edges(fd, file, offset, length)
+                for start, end in runs:
+                    self._warm_run(fd, window, start, end, hint_runs)
+        finally:
+            if window is not None:
+                window.close()
+        on_done(None)
 
-    def _warm_huge(self, fd: int, window: _platform.FileWindow, file: int, runs: list[tuple[int, int]]) -> bool:
-        """Fault the runs in PMD-size folios, exactly (see Guards); False where this kernel or
-        device does not take that path (then nothing was done)."""
+    def _add(self, n: int) -> None:
+        with self.lock:
+            self.counter.add(n)
+
+    def _warm_huge(self, fd: int, window: _platform.FileWindow, file: int, runs: list[tuple[int, int]],
+                   on_done: Callable[[BaseException | None], None]) -> bool:
+        """Queue the runs' faults in PMD-size folios, exactly (see Guards), on the fault threads;
+        False where this kernel or device does not take that path (then nothing was done)."""
         if not self.huge or _platform.readahead_size(fd) < FAULT_READAHEAD_MIN:
             return False
         if not window.advise(0, window.length, "hugepage"):
@@ -156,15 +175,32 @@ class _ChunkWarmer:
                 else:
                     _platform.prefetch(fd, lo, hi - lo)
                     blocks.append((lo, hi))
+        extent_end, ra = self.guards.extent(file, offset)[1], _platform.readahead_size(fd)
+
+        def done(error: BaseException | None) -> None:
+            try:
+                if error is None and self.marks and file not in self.hidden:  # hidden: "cached" would lie
+                    with self.lock:
+                        self.marks.add(file, whole_blocks, extent_end, ra)
+            finally:
+                window.close()
+                on_done(error)
+
         if self.threads is None:
-            self.threads = _FaultThreads(FAULT_THREADS)
-        self.threads.run(window, [(lo - offset, hi - lo) for lo, hi in blocks], self.strategy, self.counter)
-        if self.marks and file not in self.hidden:  # hidden residency: the "cached" check would lie
-            self.marks.add(file, whole_blocks, self.guards.extent(file, offset)[1], _platform.readahead_size(fd))
+            strategy = self.strategy
+            self.threads = FaultThreads(FAULT_THREADS, lambda w, rel, n: _fault(w, rel, n, strategy, w.fd, None),
+                                        self._add)
+        self.threads.submit(window, [(lo - offset, hi - lo) for lo, hi in blocks], done)
         return True
+
+    def drain(self) -> None:
+        """Wait until the fault threads have finished every chunk handed to them."""
+        if self.threads is not None:
+            self.threads.drain()
 
     def finish(self) -> None:
         """Once every chunk of the warm is done (``_worker_finish``)."""
+        self.drain()
         if self.marks:
             self.marks.close()
         reread(self.warmed)
@@ -190,7 +226,7 @@ class _ChunkWarmer:
         for step in range(rel, rel_end, STEP):
             n = min(STEP, rel_end - step)
             _fault(window, step, n, self.strategy, fd, self.buffer)
-            self.counter.add(n)
+            self._add(n)
 
 
 def _fault(window: _platform.FileWindow, rel: int, n: int, strategy: str, fd: int, buffer) -> None:
@@ -206,48 +242,6 @@ def _fault(window: _platform.FileWindow, rel: int, n: int, strategy: str, fd: in
         _platform.read_range(fd, window.offset + rel, n, buffer)
     else:
         window.willneed(rel, n)
-
-
-class _FaultThreads:
-    """A few threads of one worker faulting blocks of the current chunk at once.
-
-    Under MADV_RANDOM a fault reads only its own block and waits for it, so one thread keeps a
-    single read in flight; the device needs several (docs/folios.md).  madvise and numpy's
-    reduction release the GIL while they fault.  The first error stops the chunk and is
-    raised in the worker's thread."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.lock = threading.Lock()
-
-    def run(self, window: _platform.FileWindow, spans: list[tuple[int, int]], strategy: str,
-            counter: WorkerCounter) -> None:
-        todo = list(reversed(spans))
-        errors: list[BaseException] = []
-
-        def work() -> None:
-            while True:
-                with self.lock:
-                    if errors or not todo:
-                        return
-                    rel, n = todo.pop()
-                try:
-                    _fault(window, rel, n, strategy, window.fd, None)
-                except BaseException as e:  # noqa: BLE001 - handed to the worker's thread
-                    with self.lock:
-                        errors.append(e)
-                    return
-                with self.lock:
-                    counter.add(n)
-
-        threads = [threading.Thread(target=work, daemon=True) for _ in range(min(self.n, len(spans)) - 1)]
-        for t in threads:
-            t.start()
-        work()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
 
 
 def _open_files(paths: Sequence[str]) -> list[int]:
@@ -285,24 +279,76 @@ def worker_main(paths: Sequence[str], chunks: Sequence[tuple[int, int, int]], sh
     to_warm = chunks if warmed is None else [chunks[i] for i in warmed]
     warmer = _ChunkWarmer(strategy, counter, Guards(to_warm), paths)
     warmer.hidden = hidden
+    reports = _Reports(conn, paths)
     try:
-        while (index := conn.recv()) is not None:
+        # The coordinator hands out up to _pool.LOOKAHEAD chunks before their reports: the next
+        # one is set up here while the fault threads still fault this one.
+        while (index := conn.recv()) is not None and not reports.failed:
             file, offset, length = chunks[index]
+            done = reports.on_done(index, file)
             try:
-                warmer.warm(fds[file], file, offset, length)
+                warmer.warm(fds[file], file, offset, length, done)
             except WarmpoolError as e:
-                e.path = e.path or paths[file]
-                conn.send(("error", index, e))
+                done(e)
                 return
-            conn.send(("done", index))
-        warmer.finish()  # the coordinator sends None once every chunk is done
-        conn.send(("finished",))  # it waits for this, so the warm's time includes finish
+        if not reports.failed:
+            warmer.finish()  # the coordinator sends None once every chunk is done
+            reports.send(("finished",))  # it waits for this, so the warm's time includes finish
     except (EOFError, BrokenPipeError):
         pass  # the coordinator went away: nothing left to report to
     finally:
+        warmer.drain()  # no fault thread may touch the counter's mapping after it is closed
         counter.close()
         for fd in fds:
             os.close(fd)
+
+
+class _Reports:
+    """Reports to the coordinator, from the worker's thread or a fault thread (one at a time).
+
+    A chunk's blocks queue behind the previous chunk's, so a chunk can be done before the one
+    handed out before it; its "done" waits for that one's, so that a worker's chunks turn done
+    in plan order and so do the layers they hold (``ProgressView.layer_ready``)."""
+
+    def __init__(self, conn: Connection | Channel, paths: Sequence[str]) -> None:
+        self.conn, self.paths = conn, paths
+        self.lock = threading.Lock()
+        self.failed = False
+        self.held: deque[int] = deque()  # chunks received and not yet reported, in order
+        self.done: set[int] = set()  # those of them that are done
+
+    def send(self, message: tuple) -> None:
+        with self.lock:
+            self._send(message)
+
+    def _send(self, message: tuple) -> None:
+        try:
+            self.conn.send(message)
+        except OSError:
+            pass  # the coordinator went away: the worker's thread sees the end of file
+
+    def on_done(self, index: int, file: int) -> Callable[[BaseException | None], None]:
+        """What to call once chunk ``index`` is warm (None) or failed (the error)."""
+        with self.lock:
+            self.held.append(index)
+
+        def done(error: BaseException | None) -> None:
+            if error is None:
+                with self.lock:
+                    self.done.add(index)
+                    while self.held and self.held[0] in self.done:
+                        self.done.remove(first := self.held.popleft())
+                        self._send(("done", first))
+            elif isinstance(error, WarmpoolError):
+                error.path = error.path or self.paths[file]
+                self.failed = True
+                self.send(("error", index, error))
+            else:  # a bug: end as an uncaught exception would, so the coordinator names the chunk
+                import traceback
+
+                traceback.print_exception(error)
+                os._exit(1)
+        return done
 
 
 def _refuse(conn: Connection | Channel, error: WarmpoolError) -> None:
