@@ -242,11 +242,12 @@ class _Coordinator:
         except subprocess.TimeoutExpired:  # closed its socket but lives on: stop it
             worker.process.kill()
             code = worker.process.wait()
-        held = self.busy.get(worker.slot)
-        index = held[0] if held else None  # the oldest: the one it was faulting
-        where = self._describe(index) if index is not None else "no chunk"
-        if index is not None:
-            self.segment.set_chunk_state(index, "failed")
+        held = self.busy.get(worker.slot) or []
+        # Its fault threads may have been in either chunk it held: name each.
+        where = " or ".join(self._describe(i) for i in held) or "no chunk"
+        for i in held:
+            self.segment.set_chunk_state(i, "failed")
+        index = held[0] if held else None
         path = self.paths[self.chunks[index][0]] if index is not None else None
         if code == -signal.SIGBUS:
             raise FileChangedError(f"file shrank under the mapping: SIGBUS in worker {worker.slot} on {where}", path)

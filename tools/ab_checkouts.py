@@ -1,0 +1,99 @@
+"""Paired rounds of `warmpool warm` from several checkouts, beside `cat`, `dd bs=8M` and four
+parallel `dd`, with the CPU each one spent: for an A/B of a change to the warm itself.
+
+    python tools/ab_checkouts.py FILE NAME=CHECKOUT[@ARGS] ... [--rounds 4] [--wait-after-evict 10]
+
+    e.g. python tools/ab_checkouts.py MODEL before=/tmp/old after=. 'w4=.@--workers 4' --wait-after-evict 10
+
+Each round runs every way once, in an order rotated by one per round, each after its own
+eviction (and wait).  Wall time is from spawn to exit; CPU is user + system of the children
+(``getrusage(RUSAGE_CHILDREN)``, the warm's workers included); after each warm a fresh
+process's one-byte-per-page pass over the file reports its minor faults
+(``tools/folios.py --engine-pass``).  The summary gives medians, and "paired" is the median over
+rounds of the time over the faster of `cat` and `dd` in the same round.  One JSON line per run
+and one per way follow the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE)]
+
+import folios  # noqa: E402
+from _bench_peers import FILE, add_wait_after_evict, catalogue, evict_file, warmpool_argv  # noqa: E402
+
+PEERS = ("cat", "dd", "dd4")  # bench_warm's methods of these names
+
+
+def _ways(specs: list[str]) -> dict[str, tuple[list[str], dict[str, str] | None]]:
+    """name -> (argv, environment or None for the peers)."""
+    ways = {m.key: (list(m.argv), None) for m in catalogue() if m.key in PEERS}
+    for spec in specs:
+        name, sep, rest = spec.partition("=")
+        checkout, _, args = rest.partition("@")
+        if not sep or not name or not checkout or name in ways:
+            raise SystemExit(f"{spec!r}: expected a new NAME=CHECKOUT[@ARGS]")
+        if not (Path(checkout) / "warmpool" / "__init__.py").is_file():
+            raise SystemExit(f"{checkout}: not a warmpool checkout (no warmpool/__init__.py)")
+        env = {**os.environ, "PYTHONPATH": str(Path(checkout).resolve())}
+        ways[name] = ([*warmpool_argv(), "warm", FILE, "--quiet", "--no-progress", *args.split()], env)
+    return ways
+
+
+def _run(argv: list[str], env: dict[str, str] | None, path: str) -> tuple[float, float]:
+    before, started = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    subprocess.run([a.replace(FILE, path) for a in argv], env=env, check=True,
+                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    wall, after = time.perf_counter() - started, resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("file")
+    p.add_argument("ways", nargs="+", metavar="NAME=CHECKOUT[@ARGS]")
+    p.add_argument("--rounds", type=int, default=4)
+    add_wait_after_evict(p)
+    args = p.parse_args(argv)
+    ways = _ways(args.ways)
+    names, runs = list(ways), []
+    for r in range(args.rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            evict_file(args.file)
+            time.sleep(args.wait_after_evict)
+            wall, cpu = _run(*ways[name], args.file)
+            run = {"round": r, "way": name, "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
+                   "load_1m": round(os.getloadavg()[0], 2)}
+            if ways[name][1] is not None:
+                run["engine_pass_minor_faults"] = folios.engine_pass(args.file)["minor_faults"]
+            runs.append(run)
+            print(json.dumps(run), flush=True)
+    by_round = {r: {x["way"]: x for x in runs if x["round"] == r} for r in range(args.rounds)}
+    print(f"\n{'way':12s} {'median s':>9s} {'paired':>7s} {'CPU s':>6s}  engine pass faults")
+    for name in names:
+        mine = [x for x in runs if x["way"] == name]
+        paired = [b[name]["wall_s"] / min(b["cat"]["wall_s"], b["dd"]["wall_s"]) for b in by_round.values()]
+        faults = sorted({x["engine_pass_minor_faults"] for x in mine if "engine_pass_minor_faults" in x})
+        summary = {"way": name, "median_s": statistics.median(x["wall_s"] for x in mine),
+                   "paired_vs_min_cat_dd": round(statistics.median(paired), 3),
+                   "median_cpu_s": statistics.median(x["cpu_s"] for x in mine), "engine_pass_faults": faults,
+                   "command": " ".join(ways[name][0]), "pythonpath": (ways[name][1] or {}).get("PYTHONPATH")}
+        print(f"{name:12s} {summary['median_s']:9.3f} {summary['paired_vs_min_cat_dd']:6.2f}x "
+              f"{summary['median_cpu_s']:6.2f}  {faults or '-'}")
+        runs.append(summary)
+    print("\n".join(json.dumps(x) for x in runs[-len(names):]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
