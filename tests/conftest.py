@@ -66,6 +66,38 @@ def lines_until(stream, done: Callable[[str], bool], timeout: float = 30.0) -> l
     return seen
 
 
+def warm_watched(model, sample: Callable, interval: float = 0.0005, **warm_kwargs):
+    """A real ``warmpool.warm(model, **warm_kwargs)`` while a thread calls ``sample(view)`` on
+    its progress segment every ``interval`` s from the warm's start; then one last sample after
+    the warm returns (the last chunks can turn done after the thread's last one).  Returns the
+    warm's result."""
+    import warmpool
+    from warmpool._progress import ProgressView
+
+    stop, views, threads = threading.Event(), [], []
+
+    def follow(name):
+        views.append(ProgressView.attach(name))
+
+        def poll():
+            while not stop.is_set():
+                sample(views[0])
+                stop.wait(interval)
+
+        threads.append(threading.Thread(target=poll, daemon=True))
+        threads[0].start()
+
+    try:
+        result = warmpool.warm(model, on_start=follow, **warm_kwargs)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    sample(views[0])
+    views[0].close()
+    return result
+
+
 @pytest.fixture
 def reporting_order(shared_dir):
     """``hold(exclusive=False)``: a context in which no other xdist worker changes the VM's free

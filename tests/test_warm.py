@@ -13,7 +13,7 @@ import time
 import pytest
 
 import warmpool
-from conftest import MADV_PAGEOUT, evict_file
+from conftest import MADV_PAGEOUT, evict_file, warm_watched
 from warmpool import _platform
 from warmpool._plan import contiguous_runs
 from warmpool import ProgressView
@@ -253,7 +253,7 @@ def test_layers_become_ready_in_plan_order(pagecache_model):
     expected = sorted(keys, key=lambda k: last_chunk[k])
     assert expected != list(reversed(expected))  # the order says something
     first_ready: dict[int, int] = {}
-    samples, stop, views, threads = [0], threading.Event(), [], []
+    samples = [0]
 
     def sample(view):
         samples[0] += 1
@@ -261,26 +261,8 @@ def test_layers_become_ready_in_plan_order(pagecache_model):
             if k not in first_ready and view.layer_ready(k):
                 first_ready[k] = samples[0]
 
-    def follow(name):
-        view = ProgressView.attach(name)
-        views.append(view)
-
-        def poll():
-            while not stop.is_set() and len(first_ready) < len(keys):
-                sample(view)
-                stop.wait(0.0005)
-
-        threads.append(threading.Thread(target=poll, daemon=True))
-        threads[0].start()
-
     evict_file(pagecache_model)
-    warmpool.warm(pagecache_model, plan=plan, workers=1, on_start=follow)
-    stop.set()
-    threads[0].join()
-    # The last chunk's layers can become ready after the poller's last sample and before the
-    # warm returns: one more sample, after the poller has stopped, sees them (as one step).
-    sample(views[0])
-    views[0].close()
+    warm_watched(pagecache_model, sample, plan=plan, workers=1)
     assert set(first_ready) == set(keys), f"layers never seen ready: {set(keys) - set(first_ready)}"
     observed = sorted(keys, key=lambda k: (first_ready[k], last_chunk[k]))
     assert len(set(first_ready.values())) > len(keys) // 2, f"too coarse to tell an order: {first_ready}"

@@ -8,12 +8,11 @@ from __future__ import annotations
 import threading
 
 import pytest
-from conftest import evict_file
+from conftest import evict_file, warm_watched
 
 import warmpool
-from warmpool._pool import LOOKAHEAD
 from warmpool._errors import FileChangedError
-from warmpool._progress import ProgressView
+from warmpool._pool import LOOKAHEAD
 from warmpool._worker import _Reports
 from warmpool._worker_threads import FaultThreads
 
@@ -87,34 +86,16 @@ def test_a_worker_holds_the_next_chunk_and_reports_in_plan_order(pagecache_model
     assert len(plan.chunks) > 4
     seen_running: list[int] = []
     order_errors: list[str] = []
-    stop, views, threads = threading.Event(), [], []
 
     def sample(view):
         states = view.chunk_states()
-        running = [i for i, s in enumerate(states) if s == "running"]
-        seen_running.append(len(running))
-        done = [i for i, s in enumerate(states) if s == "done"]
+        seen_running.append(sum(state == "running" for state in states))
+        done = [i for i, state in enumerate(states) if state == "done"]
         if done != list(range(len(done))):
             order_errors.append(f"done out of plan order: {done}")
 
-    def follow(name):
-        view = ProgressView.attach(name)
-        views.append(view)
-
-        def poll():
-            while not stop.is_set():
-                sample(view)
-                stop.wait(0.0002)
-
-        threads.append(threading.Thread(target=poll, daemon=True))
-        threads[0].start()
-
     evict_file(pagecache_model)
-    warmpool.warm(pagecache_model, plan=plan, workers=1, on_start=follow)
-    stop.set()
-    threads[0].join()
-    sample(views[0])
-    views[0].close()
+    warm_watched(pagecache_model, sample, interval=0.0002, plan=plan, workers=1)
     assert not order_errors, order_errors[0]
     assert 2 <= max(seen_running) <= LOOKAHEAD, f"running chunks seen at once: {sorted(set(seen_running))}"
     assert seen_running[-1] == 0

@@ -29,8 +29,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE)]
 
-import folios  # noqa: E402
-from _bench_peers import FILE, add_wait_after_evict, catalogue, evict_file, warmpool_argv  # noqa: E402
+import folios
+from _bench_peers import (
+    FILE,
+    add_wait_after_evict,
+    catalogue,
+    evict_file,
+    warmpool_argv,
+)
 
 PEERS = ("cat", "dd", "dd4")  # bench_warm's methods of these names
 
