@@ -124,7 +124,7 @@ class _ChunkWarmer:
         self.warmed: list[tuple[int, int, int]] = []  # (fd, offset, length): chunks ``finish`` reads again
 
     def warm(self, fd: int, file: int, offset: int, length: int,
-             on_done: Callable[[BaseException | None], None] = lambda error: None) -> None:
+             on_done: Callable[[BaseException | None], None]) -> None:
         """Warm [offset, offset+length); resident pages count as done at once.  ``on_done(None)``
         runs once it is warm: here, or in a fault thread once its blocks are faulted (then with
         the first error instead, if one failed).  Errors before any block is queued raise."""
@@ -343,7 +343,7 @@ class _Reports:
                 error.path = error.path or self.paths[file]
                 self.failed = True
                 self.send(("error", index, error))
-            else:  # a bug: end as an uncaught exception would, so the coordinator names the chunk
+            else:  # a bug: end as an uncaught exception would; the coordinator names the chunks held
                 import traceback
 
                 traceback.print_exception(error)
