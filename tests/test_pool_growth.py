@@ -4,6 +4,7 @@ half when one did not, and never moves with a fixed worker count."""
 
 from __future__ import annotations
 
+from warmpool import _pool
 from warmpool._pool import AUTO_GAIN, AUTO_MIN_REST_S, AUTO_WINDOW_S, _Growth
 
 MB = 10**6
@@ -41,3 +42,19 @@ def test_a_fixed_worker_count_never_moves():
     assert growth.target == 3 and not growth.growing
     growth.update(0, 0.0)
     assert _window(growth, 300 * MB, 0.3) == 3
+
+
+def test_past_one_worker_per_cpu_a_doubling_needs_proportionally_more_work_left(monkeypatch):
+    """Each new worker's start-up then takes CPU from workers already faulting, so the bar of
+    AUTO_MIN_REST_S rises with the workers per CPU."""
+    monkeypatch.setattr(_pool, "_CPUS", 2)  # as on the 2-core VM, whatever runs the test
+    rest = 1.5 * AUTO_MIN_REST_S  # enough for the plain bar, not for twice it
+    for per_cpu, grows in ((1, True), (2, False)):
+        growth = _Growth(None, n_chunks=640, total_bytes=10_000 * MB)
+        growth.target = start = per_cpu * 2
+        growth.growing = True
+        growth.update(0, 0.0)
+        done = 1000 * MB  # 1 GB over 0.5 s: 2 GB/s
+        growth.total_bytes = done + int(rest * done / 0.5)
+        assert _window(growth, done, 0.5) == (2 * start if grows else start), per_cpu
+        assert growth.growing == grows

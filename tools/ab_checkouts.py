@@ -90,9 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         mine = [x for x in runs if x["way"] == name]
         paired = [b[name]["wall_s"] / min(b["cat"]["wall_s"], b["dd"]["wall_s"]) for b in by_round.values()]
         faults = sorted({x["engine_pass_minor_faults"] for x in mine if "engine_pass_minor_faults" in x})
-        summary = {"way": name, "median_s": statistics.median(x["wall_s"] for x in mine),
+        summary = {"way": name, "median_s": round(statistics.median(x["wall_s"] for x in mine), 3),
                    "paired_vs_min_cat_dd": round(statistics.median(paired), 3),
-                   "median_cpu_s": statistics.median(x["cpu_s"] for x in mine), "engine_pass_faults": faults,
+                   "median_cpu_s": round(statistics.median(x["cpu_s"] for x in mine), 3), "engine_pass_faults": faults,
                    "command": " ".join(ways[name][0]), "pythonpath": (ways[name][1] or {}).get("PYTHONPATH")}
         print(f"{name:12s} {summary['median_s']:9.3f} {summary['paired_vs_min_cat_dd']:6.2f}x "
               f"{summary['median_cpu_s']:6.2f}  {faults or '-'}")

@@ -51,17 +51,22 @@ __all__ = ["AUTO_MAX", "AUTO_START", "PoolResult", "run_pool"]
 
 # A worker costs a fresh interpreter's start-up and a few MB, and one worker already keeps many
 # requests in flight (stepped hints on latency-bound storage, PMD-size faults from its threads on
-# a local disk), so the pool grows only while that pays.  It starts with one worker per CPU (at
-# most 4), not one: each worker also reads every page once with the CPU (read_pages), and a
-# single worker left the second core idle for ~0.3 s of a 1 s warm before the first doubling
-# (docs/bench/warm_speed_phases.md).  Past 16 the CLI and its workers outgrow issue 3's 200 MB
-# memory bound.  Figures and how they were measured: docs/bench/pool.md.
-AUTO_START, AUTO_MAX = max(1, min(os.cpu_count() or 1, 4)), 16
+# a local disk), so the pool grows only while that pays.  It starts with two workers per CPU (at
+# most 4), not one: each worker also reads every page once with the CPU (read_pages), so the
+# CPUs are what a warm 10 s after an eviction waits on, and a pool that grew to 4 mid-warm on 2
+# CPUs lost to one that started with 4, because the new workers' start-up fell on CPUs already
+# busy (docs/bench/warm_speed_phases.md, "Starting with two workers per CPU").  Past 16 the CLI
+# and its workers outgrow issue 3's 200 MB memory bound.  Figures: docs/bench/pool.md.
+_CPUS = os.cpu_count() or 1
+AUTO_START, AUTO_MAX = max(1, min(2 * _CPUS, 4)), 16
 AUTO_GAIN = 1.15  # grow again only while a doubling bought at least 15% more throughput
 # Grow only while the rest of the warm, at the rate measured, would take at least this long:
 # a doubling is a bet that is judged one window later (>= AUTO_WINDOW_S) and costs the new
 # workers' start-up meanwhile, so near the end it cannot pay even where more workers would
-# (short selective warms grew and took twice as long: docs/bench/pool.md).
+# (short selective warms grew and took twice as long: docs/bench/pool.md).  Once the workers
+# outnumber the CPUs the bar rises in proportion (``_Growth.rest_needed``): each start-up then
+# takes CPU from the workers already faulting, and a selective warm on 2 CPUs that doubled from
+# 4 to 8 workers took 0.67x the faster peer's time where 4 took 0.45x.
 AUTO_MIN_REST_S = 0.5
 # A measurement window spans at least 64 MiB and 16 MiB (one default chunk) per worker, and at
 # least 0.25 s: 64 MiB alone passes in tens of ms, mostly scheduling noise on a busy machine.
@@ -142,6 +147,11 @@ class _Growth:
         self.total_bytes = total_bytes
         self.mark_bytes, self.mark_time, self.last_rate = 0, None, 0.0
 
+    def rest_needed(self) -> float:
+        """Seconds of work that must be left for the next doubling: ``AUTO_MIN_REST_S``, times
+        the workers per CPU once they outnumber the CPUs."""
+        return AUTO_MIN_REST_S * max(1.0, self.target / _CPUS)
+
     def update(self, done_bytes: int, now: float | None = None) -> None:
         if not self.growing:
             return
@@ -162,7 +172,7 @@ class _Growth:
             # (docs/bench/warm_speed_cpu.txt).
             self.growing = False
             self.target = max(self.target // 2, 1)
-        elif (self.total_bytes - done_bytes) / rate < AUTO_MIN_REST_S:
+        elif (self.total_bytes - done_bytes) / rate < self.rest_needed():
             self.growing = False  # too little left for a doubling to pay (AUTO_MIN_REST_S)
         else:
             self.target = min(self.target * 2, self.limit)
