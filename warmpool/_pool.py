@@ -66,7 +66,7 @@ AUTO_GAIN = 1.15  # grow again only while a doubling bought at least 15% more th
 # (short selective warms grew and took twice as long: docs/bench/pool.md).  Once the workers
 # outnumber the CPUs the bar rises in proportion (``_Growth.rest_needed``): each start-up then
 # takes CPU from the workers already faulting, and a selective warm on 2 CPUs that doubled from
-# 4 to 8 workers took 0.67x the faster peer's time where 4 took 0.45x.
+# 4 to 8 workers lost to one that stayed at 4 (same section of docs/bench/warm_speed_phases.md).
 AUTO_MIN_REST_S = 0.5
 # A measurement window spans at least 64 MiB and 16 MiB (one default chunk) per worker, and at
 # least 0.25 s: 64 MiB alone passes in tens of ms, mostly scheduling noise on a busy machine.
