@@ -262,7 +262,8 @@ _IOV_MAX = 1024
 class _Sink:
     """A memfd: pwritev's destination, always written at offset 0.  One per thread, because a
     shmem write holds the file's inode lock, so fault threads sharing one took turns; closed
-    when its thread ends (the fault threads live for one chunk)."""
+    when its thread ends (a caller's threads may be short-lived; a worker's fault threads
+    last as long as the worker)."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
