@@ -4,8 +4,11 @@ half when one did not, and never moves with a fixed worker count."""
 
 from __future__ import annotations
 
+from conftest import evict_file
+
+import warmpool
 from warmpool import _pool
-from warmpool._pool import AUTO_GAIN, AUTO_MIN_REST_S, AUTO_WINDOW_S, _Growth
+from warmpool._pool import AUTO_GAIN, AUTO_MIN_REST_S, AUTO_START, AUTO_START_IDLE, AUTO_WINDOW_S, _Growth
 
 MB = 10**6
 
@@ -58,3 +61,15 @@ def test_past_one_worker_per_cpu_a_doubling_needs_proportionally_more_work_left(
         growth.total_bytes = done + int(rest * done / 0.5)
         assert _window(growth, done, 0.5) == (2 * start if grows else start), per_cpu
         assert growth.growing == grows
+
+
+def test_an_idle_priority_warm_starts_one_worker_per_cpu(private_model):
+    """Beside an engine that is loading (priority "idle"), each worker's interpreter starts at
+    normal priority before it lowers its own, so such a pool starts smaller; a real warm of a
+    plan too short to grow shows the start."""
+    plan = warmpool.plan_model(private_model, chunk_size=64 * 1024)
+    assert len(plan.chunks) >= AUTO_START
+    for priority, start in (("idle", AUTO_START_IDLE), ("normal", AUTO_START)):
+        evict_file(private_model)
+        result = warmpool.warm(private_model, plan=plan, priority=priority)
+        assert result.workers == start, (priority, result.workers)

@@ -59,6 +59,10 @@ __all__ = ["AUTO_MAX", "AUTO_START", "PoolResult", "run_pool"]
 # and its workers outgrow issue 3's 200 MB memory bound.  Figures: docs/bench/pool.md.
 _CPUS = os.cpu_count() or 1
 AUTO_START, AUTO_MAX = max(1, min(2 * _CPUS, 4)), 16
+# At priority "idle" the warm runs beside an engine that is loading, and a worker's interpreter
+# starts at normal priority before it lowers its own: start one per CPU there, as before
+# (docs/bench/warm_speed_phases.md, "Starting with two workers per CPU").
+AUTO_START_IDLE = max(1, min(_CPUS, 4))
 AUTO_GAIN = 1.15  # grow again only while a doubling bought at least 15% more throughput
 # Grow only while the rest of the warm, at the rate measured, would take at least this long:
 # a doubling is a bet that is judged one window later (>= AUTO_WINDOW_S) and costs the new
@@ -140,9 +144,9 @@ def _socketpair() -> tuple[int, int]:
 class _Growth:
     """Decides when to add workers: while throughput keeps rising (see module doc)."""
 
-    def __init__(self, fixed: int | None, n_chunks: int, total_bytes: int) -> None:
+    def __init__(self, fixed: int | None, n_chunks: int, total_bytes: int, start: int = AUTO_START) -> None:
         self.limit = min(fixed or AUTO_MAX, max(n_chunks, 1))
-        self.target = self.limit if fixed else min(AUTO_START, self.limit)
+        self.target = self.limit if fixed else min(start, self.limit)
         self.growing = fixed is None and self.target < self.limit
         self.total_bytes = total_bytes
         self.mark_bytes, self.mark_time, self.last_rate = 0, None, 0.0
@@ -189,7 +193,8 @@ class _Coordinator:
         self.queue = list(reversed(order))  # pop() from the end = plan order
         self.strategy, self.segment, self.should_stop = strategy, segment, should_stop
         self.priority = priority
-        self.growth = _Growth(workers, len(order), sum(self.chunks[i][2] for i in order))
+        self.growth = _Growth(workers, len(order), sum(self.chunks[i][2] for i in order),
+                              AUTO_START if priority == "normal" else AUTO_START_IDLE)
         self.workers: list[_Worker] = []
         self.retired: set[int] = set()  # slots told to stop: the pool shrank back, or every chunk is done
         self.busy: dict[int, list[int]] = {}  # slot -> the chunks it holds, in the order handed out
