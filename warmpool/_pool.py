@@ -21,8 +21,8 @@ processes").  The coordinator is the only writer of chunk states in the progress
 worker writes only its own byte counter.
 
 Worker count: ``workers=None`` grows the pool while it pays.  It starts with
-``AUTO_START`` workers (``AUTO_START_IDLE`` at priority idle) and doubles, up to ``AUTO_MAX``, each time a measurement window shows
-the throughput still rising by ``AUTO_GAIN`` while ``AUTO_MIN_REST_S`` of work is left at
+``AUTO_START`` workers (``AUTO_START_IDLE`` at priority idle) and doubles, up to
+``AUTO_MAX``, each time a measurement window shows the throughput still rising by ``AUTO_GAIN`` while ``AUTO_MIN_REST_S`` of work is left at
 that rate, and undoes the last doubling when it did not pay
 (the extra workers stop after their chunk): on a local disk one reader already saturates the
 device and the pool stays small; on latency-bound storage (network block devices, NFS, FUSE)
