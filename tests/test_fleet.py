@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import shutil
 import subprocess
@@ -28,7 +29,7 @@ from ray._private import ray_constants
 from ray.cluster_utils import Cluster
 
 import warmpool
-from conftest import evict_file, resident_fraction
+from conftest import evict_file, pinned, resident_fraction
 from test_stores import make_ollama
 from warmpool import fleet
 
@@ -91,6 +92,19 @@ def cluster(tiny_model):
             os.environ.pop("RAY_TMPDIR", None)
         else:
             os.environ["RAY_TMPDIR"] = old_tmpdir
+
+
+@contextlib.contextmanager
+def held_selection(paths, **selection):
+    """Keep each file's selected ranges mapped (out of the VM's reclaim of unmapped page cache)."""
+    with contextlib.ExitStack() as stack:
+        for path in paths:
+            fd = os.open(path, os.O_RDONLY)
+            stack.callback(os.close, fd)
+            for chunk in warmpool.plan_model(path, **selection).chunks:
+                start = chunk.offset - chunk.offset % mmap.ALLOCATIONGRANULARITY  # a mapping starts on a page
+                stack.enter_context(pinned(fd, start, chunk.offset + chunk.length - start))
+        yield
 
 
 def by_node(rows):
@@ -216,7 +230,10 @@ def test_cli_table_json_and_exit_codes(cluster):
     assert sorted(line.split()[0] for line in lines[1:]) == sorted(n[:12] for n in cluster.dirs)
     assert all("(100.0%)" in line for line in lines[1:])
 
-    proc = run_cli("status", MODEL, "--address", cluster.address, "-ngl", "99", "--n-cpu-moe", "1", "--min-resident", "0.99", "--json")
+    # The VM's background reclaim takes a few hundred just-read, unmapped pages within seconds
+    # (a CI run saw one node at 97.8% here), so the selection is held mapped while status looks.
+    with held_selection(cluster.files().values(), n_gpu_layers=99, n_cpu_moe=1):
+        proc = run_cli("status", MODEL, "--address", cluster.address, "-ngl", "99", "--n-cpu-moe", "1", "--min-resident", "0.99", "--json")
     assert proc.returncode == 0, proc.stderr
     nodes = json.loads(proc.stdout)["nodes"]
     assert len(nodes) == 3 and all(n["error"] is None and n["resident_fraction"] >= 0.99 for n in nodes)
