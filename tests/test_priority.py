@@ -67,7 +67,7 @@ def test_idle_priority_runs_every_worker_thread_under_sched_idle(private_model):
     assert idle >= 1, f"no worker ran under SCHED_IDLE; policies seen: {last}"
     result = out["r"]
     assert result.workers >= 1 and result.bytes_warmed > 0
-    assert result.resident_fraction == 1.0 and resident_fraction(private_model) == 1.0
+    assert result.resident_fraction == 1.0 and resident_fraction(private_model) >= 0.99  # reclaim may take a few pages since
 
 
 def test_start_warmup_defaults_to_idle_priority(private_model):
