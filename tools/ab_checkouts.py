@@ -2,6 +2,7 @@
 parallel `dd`, with the CPU each one spent: for an A/B of a change to the warm itself.
 
     python tools/ab_checkouts.py FILE NAME=CHECKOUT[@ARGS] ... [--rounds 4] [--wait-after-evict 10]
+        [--no-page-reporting]
 
     e.g. python tools/ab_checkouts.py MODEL before=/tmp/old after=. 'w4=.@--workers 4' --wait-after-evict 10
 
@@ -32,9 +33,11 @@ sys.path[:0] = [str(HERE)]
 import folios
 from _bench_peers import (
     FILE,
+    add_no_page_reporting,
     add_wait_after_evict,
     catalogue,
     evict_file,
+    page_reporting_off,
     warmpool_argv,
 )
 
@@ -64,14 +67,7 @@ def _run(argv: list[str], env: dict[str, str] | None, path: str) -> tuple[float,
     return wall, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("file")
-    p.add_argument("ways", nargs="+", metavar="NAME=CHECKOUT[@ARGS]")
-    p.add_argument("--rounds", type=int, default=4)
-    add_wait_after_evict(p)
-    args = p.parse_args(argv)
-    ways = _ways(args.ways)
+def _rounds(args, ways) -> list[dict]:
     names, runs = list(ways), []
     for r in range(args.rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
@@ -84,7 +80,12 @@ def main(argv: list[str] | None = None) -> int:
                 run["engine_pass_minor_faults"] = folios.engine_pass(args.file)["minor_faults"]
             runs.append(run)
             print(json.dumps(run), flush=True)
-    by_round = {r: {x["way"]: x for x in runs if x["round"] == r} for r in range(args.rounds)}
+    return runs
+
+
+def _report(ways, runs: list[dict], rounds: int) -> None:
+    names = list(ways)
+    by_round = {r: {x["way"]: x for x in runs if x["round"] == r} for r in range(rounds)}
     print(f"\n{'way':12s} {'median s':>9s} {'paired':>7s} {'CPU s':>6s}  engine pass faults")
     for name in names:
         mine = [x for x in runs if x["way"] == name]
@@ -98,6 +99,20 @@ def main(argv: list[str] | None = None) -> int:
               f"{summary['median_cpu_s']:6.2f}  {faults or '-'}")
         runs.append(summary)
     print("\n".join(json.dumps(x) for x in runs[-len(names):]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("file")
+    p.add_argument("ways", nargs="+", metavar="NAME=CHECKOUT[@ARGS]")
+    p.add_argument("--rounds", type=int, default=4)
+    add_wait_after_evict(p)
+    add_no_page_reporting(p)
+    args = p.parse_args(argv)
+    ways = _ways(args.ways)
+    with page_reporting_off(args.no_page_reporting):
+        runs = _rounds(args, ways)
+    _report(ways, runs, args.rounds)
     return 0
 
 
