@@ -31,7 +31,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
-from _bench_peers import add_no_page_reporting, evict_file, page_reporting_off  # noqa: E402
+from _bench_peers import add_no_page_reporting, evict_file, page_reporting_off
 
 _CHILD = r"""
 import os, sys, threading
