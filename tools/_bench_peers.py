@@ -40,6 +40,7 @@ __all__ = [
     "file_resident",
     "peak_rss_anon",
     "run_method",
+    "timed_child",
     "unavailable",
     "warmpool_argv",
 ]
@@ -272,6 +273,17 @@ def run_method(method: Method, path: str, storage: str, round_no: int,
         extra.update(after_effects(path, resident))
     return Sample(method.label, storage, round_no, None if error else seconds, selection_fraction(),
                   resident, cold, extra, error)
+
+
+def timed_child(argv: Sequence[str], env: dict[str, str] | None = None) -> tuple[float, float]:
+    """Run argv to completion (output discarded, failure raised): (wall seconds from spawn to
+    exit, CPU seconds of it and every process it waited for, from ``RUSAGE_CHILDREN``)."""
+    import resource
+
+    before, started = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    subprocess.run(list(argv), env=env, check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    wall, after = time.perf_counter() - started, resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
 
 
 def after_effects(path: str, resident: float) -> dict:

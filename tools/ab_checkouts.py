@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,6 +36,7 @@ from _bench_peers import (
     catalogue,
     evict_file,
     page_reporting_off,
+    timed_child,
     warmpool_argv,
 )
 
@@ -59,21 +58,14 @@ def _ways(specs: list[str]) -> dict[str, tuple[list[str], dict[str, str] | None]
     return ways
 
 
-def _run(argv: list[str], env: dict[str, str] | None, path: str) -> tuple[float, float]:
-    before, started = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-    subprocess.run([a.replace(FILE, path) for a in argv], env=env, check=True,
-                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    wall, after = time.perf_counter() - started, resource.getrusage(resource.RUSAGE_CHILDREN)
-    return wall, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
-
-
 def _rounds(args, ways) -> list[dict]:
     names, runs = list(ways), []
     for r in range(args.rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
             evict_file(args.file)
             time.sleep(args.wait_after_evict)
-            wall, cpu = _run(*ways[name], args.file)
+            argv, env = ways[name]
+            wall, cpu = timed_child([a.replace(FILE, args.file) for a in argv], env)
             run = {"round": r, "way": name, "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
                    "load_1m": round(os.getloadavg()[0], 2)}
             if ways[name][1] is not None:

@@ -21,17 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
-from _bench_peers import add_no_page_reporting, evict_file, page_reporting_off
+from _bench_peers import add_no_page_reporting, evict_file, page_reporting_off, timed_child
 
 _CHILD = r"""
 import os, sys, threading
@@ -67,15 +64,6 @@ else:
 """
 
 
-def _run(path: str, way: str, threads: int) -> tuple[float, float]:
-    argv = (["cat", path] if way == "cat"
-            else [sys.executable, "-c", _CHILD, path, way, str(threads), str(HERE.parent)])
-    before, started = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-    subprocess.run(argv, check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    wall, after = time.perf_counter() - started, resource.getrusage(resource.RUSAGE_CHILDREN)
-    return wall, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
-
-
 def _ways(text: str) -> list[tuple[str, int]]:
     ways = []
     for item in text.split(","):
@@ -98,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.rounds):
             for way, threads in ways[r % len(ways):] + ways[:r % len(ways)]:
                 evict_file(args.file)
-                wall, cpu = _run(args.file, way, threads)
+                wall, cpu = timed_child(["cat", args.file] if way == "cat" else
+                                        [sys.executable, "-c", _CHILD, args.file, way, str(threads), str(HERE.parent)])
                 run = {"round": r, "way": f"{way}:{threads}", "wall_s": round(wall, 3), "cpu_s": round(cpu, 3)}
                 runs.append(run)
                 print(json.dumps(run), flush=True)
