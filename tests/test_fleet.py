@@ -31,7 +31,7 @@ from ray.cluster_utils import Cluster
 import warmpool
 from conftest import evict_file, pinned, resident_fraction
 from test_stores import make_ollama
-from warmpool import fleet
+from warmpool import _platform, fleet
 
 pytestmark = [pytest.mark.pagecache, pytest.mark.xdist_group("ray")]
 
@@ -94,9 +94,20 @@ def cluster(tiny_model):
             os.environ["RAY_TMPDIR"] = old_tmpdir
 
 
+def selected_resident(path, **selection) -> float:
+    """The fraction of the selection's bytes resident now, by this process's own mincore."""
+    chunks = warmpool.plan_model(path, **selection).chunks
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return sum(_platform.resident_bytes(fd, c.offset, c.length) for c in chunks) / sum(c.length for c in chunks)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def held_selection(paths, **selection):
-    """Keep each file's selected ranges mapped (out of the VM's reclaim of unmapped page cache)."""
+    """Keep each file's selected ranges mapped (out of the VM's reclaim of unmapped page cache).
+    Mapping them reads back whatever reclaim took already: check the warm's effect first."""
     with contextlib.ExitStack() as stack:
         for path in paths:
             fd = os.open(path, os.O_RDONLY)
@@ -230,8 +241,10 @@ def test_cli_table_json_and_exit_codes(cluster):
     assert sorted(line.split()[0] for line in lines[1:]) == sorted(n[:12] for n in cluster.dirs)
     assert all("(100.0%)" in line for line in lines[1:])
 
-    # The VM's background reclaim takes a few hundred just-read, unmapped pages within seconds
-    # (a CI run saw one node at 97.8% here), so the selection is held mapped while status looks.
+    # The warm's effect, seen by this process at once: the VM's background reclaim takes a few
+    # hundred just-read, unmapped pages within seconds (a CI run saw one node at 97.8% by the
+    # time status looked), so the selection is then held mapped while status looks.
+    assert all(selected_resident(p, n_gpu_layers=99, n_cpu_moe=1) >= 0.99 for p in cluster.files().values())
     with held_selection(cluster.files().values(), n_gpu_layers=99, n_cpu_moe=1):
         proc = run_cli("status", MODEL, "--address", cluster.address, "-ngl", "99", "--n-cpu-moe", "1", "--min-resident", "0.99", "--json")
     assert proc.returncode == 0, proc.stderr
