@@ -41,6 +41,7 @@ __all__ = [
     "peak_rss_anon",
     "run_method",
     "timed_child",
+    "timed_rounds",
     "unavailable",
     "warmpool_argv",
 ]
@@ -284,6 +285,29 @@ def timed_child(argv: Sequence[str], env: dict[str, str] | None = None) -> tuple
     subprocess.run(list(argv), env=env, check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
     wall, after = time.perf_counter() - started, resource.getrusage(resource.RUSAGE_CHILDREN)
     return wall, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+
+
+def timed_rounds(path: str, ways: dict[str, Sequence[str] | tuple[Sequence[str], dict[str, str] | None]],
+                 rounds: int, wait_s: float = 0.0,
+                 after: Callable[[str, dict], None] | None = None) -> list[dict]:
+    """Paired rounds: each runs every way once (``timed_child``), in an order rotated by one per
+    round so that no way always runs first, each after its own eviction of ``path`` and
+    ``wait_s``.  A way is an argv, or (argv, environment).  One JSON line per run is printed and
+    returned ({"round", "way", "wall_s", "cpu_s"}); ``after(name, run)`` may add to it."""
+    names, runs = list(ways), []
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            evict_file(path)
+            time.sleep(wait_s)
+            way = ways[name]
+            argv, env = way if isinstance(way, tuple) else (way, None)
+            wall, cpu = timed_child(argv, env)
+            run = {"round": r, "way": name, "wall_s": round(wall, 3), "cpu_s": round(cpu, 3)}
+            if after is not None:
+                after(name, run)
+            runs.append(run)
+            print(json.dumps(run), flush=True)
+    return runs
 
 
 def after_effects(path: str, resident: float) -> dict:

@@ -22,7 +22,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -34,9 +33,8 @@ from _bench_peers import (
     add_no_page_reporting,
     add_wait_after_evict,
     catalogue,
-    evict_file,
     page_reporting_off,
-    timed_child,
+    timed_rounds,
     warmpool_argv,
 )
 
@@ -59,20 +57,13 @@ def _ways(specs: list[str]) -> dict[str, tuple[list[str], dict[str, str] | None]
 
 
 def _rounds(args, ways) -> list[dict]:
-    names, runs = list(ways), []
-    for r in range(args.rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            evict_file(args.file)
-            time.sleep(args.wait_after_evict)
-            argv, env = ways[name]
-            wall, cpu = timed_child([a.replace(FILE, args.file) for a in argv], env)
-            run = {"round": r, "way": name, "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
-                   "load_1m": round(os.getloadavg()[0], 2)}
-            if ways[name][1] is not None:
-                run["engine_pass_minor_faults"] = folios.engine_pass(args.file)["minor_faults"]
-            runs.append(run)
-            print(json.dumps(run), flush=True)
-    return runs
+    def after(name: str, run: dict) -> None:
+        run["load_1m"] = round(os.getloadavg()[0], 2)
+        if ways[name][1] is not None:
+            run["engine_pass_minor_faults"] = folios.engine_pass(args.file)["minor_faults"]
+
+    filled = {name: ([a.replace(FILE, args.file) for a in argv], env) for name, (argv, env) in ways.items()}
+    return timed_rounds(args.file, filled, args.rounds, args.wait_after_evict, after)
 
 
 def _report(ways, runs: list[dict], rounds: int) -> None:

@@ -20,7 +20,6 @@ reporting off for the run, so every read refills memory the host still backs.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -28,7 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
-from _bench_peers import add_no_page_reporting, evict_file, page_reporting_off, timed_child
+from _bench_peers import add_no_page_reporting, page_reporting_off, timed_rounds
 
 _CHILD = r"""
 import os, sys, threading
@@ -81,16 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ways", default="cat,seq,huge:1,huge:4")
     add_no_page_reporting(p)
     args = p.parse_args(argv)
-    ways, runs = _ways(args.ways), []
+    ways = _ways(args.ways)
+    argvs = {f"{way}:{threads}": ["cat", args.file] if way == "cat" else
+             [sys.executable, "-c", _CHILD, args.file, way, str(threads), str(HERE.parent)]
+             for way, threads in ways}
     with page_reporting_off(args.no_page_reporting):
-        for r in range(args.rounds):
-            for way, threads in ways[r % len(ways):] + ways[:r % len(ways)]:
-                evict_file(args.file)
-                wall, cpu = timed_child(["cat", args.file] if way == "cat" else
-                                        [sys.executable, "-c", _CHILD, args.file, way, str(threads), str(HERE.parent)])
-                run = {"round": r, "way": f"{way}:{threads}", "wall_s": round(wall, 3), "cpu_s": round(cpu, 3)}
-                runs.append(run)
-                print(json.dumps(run), flush=True)
+        runs = timed_rounds(args.file, argvs, args.rounds)
     print(f"\n{'way':8s} {'median s':>9s} {'CPU s':>6s}  CPU s per round")
     for way, threads in ways:
         mine = [x for x in runs if x["way"] == f"{way}:{threads}"]

@@ -15,7 +15,6 @@ fraction of the selection left resident.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
-from _bench_peers import add_no_page_reporting, evict_file, page_reporting_off, timed_child, warmpool_argv
+from _bench_peers import add_no_page_reporting, page_reporting_off, timed_rounds, warmpool_argv
 
 _CHILD = r"""
 import os, sys, threading
@@ -93,16 +92,11 @@ def main(argv: list[str] | None = None) -> int:
                       str(args.n_gpu_layers) if args.n_gpu_layers is not None else "-",
                       str(args.n_cpu_moe) if args.n_cpu_moe is not None else "-"],
     }
-    names, walls = list(ways), {name: [] for name in ways}
     with page_reporting_off(args.no_page_reporting):
-        for r in range(args.rounds):
-            for name in names[r % len(names):] + names[:r % len(names)]:
-                evict_file(args.file)
-                wall, cpu = timed_child(ways[name])
-                walls[name].append(wall)
-                print(json.dumps({"round": r, "way": name, "wall_s": round(wall, 3), "cpu_s": round(cpu, 3)}), flush=True)
+        runs = timed_rounds(args.file, ways, args.rounds)
+    walls = {name: [x["wall_s"] for x in runs if x["way"] == name] for name in ways}
     print(f"\n{'way':10s} {'median s':>9s} {'paired x cat':>13s}")
-    for name in names:
+    for name in ways:
         paired = statistics.median(w / c for w, c in zip(walls[name], walls["cat"]))
         print(f"{name:10s} {statistics.median(walls[name]):9.3f} {paired:12.2f}x")
     return 0
