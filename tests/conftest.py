@@ -72,7 +72,7 @@ def warm_watched(model, sample: Callable, interval: float = 0.0005, **warm_kwarg
     the warm returns (the last chunks can turn done after the thread's last one).  Returns the
     warm's result."""
     import warmpool
-    from warmpool._progress import ProgressView
+    from warmpool._progress.segment import ProgressView
 
     stop, views, threads = threading.Event(), [], []
 

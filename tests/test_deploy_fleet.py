@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from warmpool._keep_http import parse_listen
+from warmpool._keep.http import parse_listen
 from warmpool._policy import BUDGET_FRACTION
 from warmpool._units import parse_size
 from warmpool.commands import build_parser

@@ -29,7 +29,7 @@ def parse_keep(argv: list[str]):
 
 
 def listen_port(args) -> int:
-    from warmpool._keep_http import parse_listen
+    from warmpool._keep.http import parse_listen
 
     assert args.listen, "the recipe serves no HTTP (--listen) for its probe"
     return parse_listen(args.listen)[1]

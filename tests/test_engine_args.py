@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from warmpool import Selection
-from warmpool._engine_args import EngineArgsError, parse_engine
+from warmpool._engine.args import EngineArgsError, parse_engine
 from warmpool._select import moe_overrides
 
 EXPERTS = moe_overrides(cpu_moe=True)

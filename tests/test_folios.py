@@ -17,7 +17,7 @@ import pytest
 import warmpool
 from conftest import evict_file
 from warmpool import _platform
-from warmpool._worker import FAULT_READAHEAD_MIN, Guards
+from warmpool._pool.worker import FAULT_READAHEAD_MIN, Guards
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import folios  # noqa: E402

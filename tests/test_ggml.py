@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from warmpool._ggml import GGML_TYPES, GgmlType, tensor_nbytes
+from warmpool._gguf.ggml import GGML_TYPES, GgmlType, tensor_nbytes
 
 
 def test_every_gguf_type_is_in_our_table_with_the_same_sizes():

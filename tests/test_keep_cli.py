@@ -167,7 +167,7 @@ def _assert_nothing_left(pid: int) -> None:
                     cmdline = f.read()
             except OSError:
                 continue
-            if b"warmpool._worker" in cmdline and f"warmpool-{pid}-".encode() in cmdline:
+            if b"warmpool._pool.worker" in cmdline and f"warmpool-{pid}-".encode() in cmdline:
                 workers.append(entry)
     assert not workers
 

@@ -170,7 +170,7 @@ def test_touch_spreads_each_pass_over_the_refresh_period(private_model):
     """Steps cover the share of a pass that the time since the last step is of the period; a
     pass ends after one period; a long gap covers one pass at most; and a pass that cost more
     than the CPU cap allows stretches the period (the cap is REFRESH_CPU_SHARE of a core)."""
-    from warmpool._keep import REFRESH_CPU_SHARE, TOUCH_TICK
+    from warmpool._keep.keeper import REFRESH_CPU_SHARE, TOUCH_TICK
 
     keeper = _kept(private_model, refresh=1.0)
     try:

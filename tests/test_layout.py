@@ -76,7 +76,7 @@ def test_accepts_str_and_pathlike(tiny_model):
 def test_any_read_size_parses_the_same(tiny_model, monkeypatch, read_ahead):
     """Tiny preads end the buffer anywhere, inside strings and string groups: the walk's
     refill path must resume exactly where it stopped."""
-    from warmpool import _header
+    from warmpool._gguf import header as _header
 
     expected = read_layout(tiny_model)
     monkeypatch.setattr(_header, "MAX_READ_AHEAD", read_ahead)

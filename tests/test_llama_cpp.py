@@ -107,5 +107,5 @@ def test_a_failing_constructor_cancels_the_warm_mid_way(private_model):
     hook.view.close()
     assert final.state == "cancelled" and final.done_bytes < final.total_bytes, final
     assert glob.glob(f"/dev/shm/warmpool-{os.getpid()}-*") == []
-    workers = [p for p in psutil.Process().children(recursive=True) if "warmpool._worker" in " ".join(p.cmdline())]
+    workers = [p for p in psutil.Process().children(recursive=True) if "warmpool._pool.worker" in " ".join(p.cmdline())]
     assert workers == []

@@ -112,7 +112,7 @@ def test_page_cache_filling_a_cgroup_still_counts_as_available(tmp_path):
     import sys
 
     from warmpool import _platform
-    from warmpool._policy import _cgroup_files
+    from warmpool._platform.proc import _cgroup_files
 
     files = _cgroup_files()
     if files is None or not files[0].endswith("limit_in_bytes") and not files[0].endswith("memory.max"):

@@ -37,7 +37,7 @@ def worker_policies(parent: int) -> dict[int, set[int]]:
         return found
     for child in children:
         try:
-            if "warmpool._worker" not in " ".join(child.cmdline()):
+            if "warmpool._pool.worker" not in " ".join(child.cmdline()):
                 continue
             found[child.pid] = {os.sched_getscheduler(int(tid)) for tid in os.listdir(f"/proc/{child.pid}/task")}
         except (psutil.Error, OSError):  # it exited meanwhile
@@ -107,7 +107,7 @@ def test_bad_priority_is_one_line_and_starts_nothing(private_model):
 def test_posix_fallback_lowers_to_nice_19():
     """Where SCHED_IDLE is refused the Linux backend falls back to the POSIX one: nice 19, for
     the calling thread (run in a child so this test process keeps its own priority)."""
-    code = ("import os; from warmpool import _platform_posix as p; "
+    code = ("import os; from warmpool._platform import posix as p; "
             "print(p.lower_priority(), os.getpriority(os.PRIO_PROCESS, 0))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr

@@ -15,9 +15,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from warmpool import _progress
+from warmpool._progress import segment as _progress
 from warmpool._errors import ProgressError
-from warmpool._progress import ProgressSegment, ProgressView, WorkerCounter
+from warmpool._progress.segment import ProgressSegment, ProgressView, WorkerCounter
 
 SHM = "/dev/shm"
 REPO = Path(_progress.__file__).resolve().parents[1]
@@ -208,7 +208,7 @@ def test_readers_never_see_a_torn_counter():
 def test_attaching_processes_leave_no_trace(segment):
     code = (
         "import sys\n"
-        "from warmpool._progress import ProgressView, WorkerCounter\n"
+        "from warmpool._progress.segment import ProgressView, WorkerCounter\n"
         f"c = WorkerCounter.attach({segment.name!r}, 2); c.add(123); c.close()\n"
         f"v = ProgressView.attach({segment.name!r}); v.snapshot(); v.close()\n"
         "print('multiprocessing.resource_tracker' in sys.modules)\n"

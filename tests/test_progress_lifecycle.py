@@ -19,9 +19,10 @@ from test_progress import (  # noqa: F401 - segment and shm_file are fixtures
     CHUNKS, REPO, SHM, TOTAL, needs_dev_shm, python_env, segment, shm_file,
 )
 
-from warmpool import _progress, _shm
+from warmpool._progress import segment as _progress
+from warmpool._progress import shm as _shm
 from warmpool._errors import CancelledError, ProgressError, WorkerDiedError
-from warmpool._progress import ProgressSegment, ProgressView, WorkerCounter
+from warmpool._progress.segment import ProgressSegment, ProgressView, WorkerCounter
 
 
 # --- lifecycle ----------------------------------------------------------------------
@@ -85,7 +86,7 @@ def test_context_manager_settles_state_and_unlinks(leave_with, final):
 def test_abandoned_after_coordinator_is_killed():
     code = (
         "import time\n"
-        "from warmpool._progress import ProgressSegment\n"
+        "from warmpool._progress.segment import ProgressSegment\n"
         "seg = ProgressSegment.create(10, 1, (), 0)\n"
         "seg.set_state('running')\n"
         "print(seg.name, flush=True)\n"

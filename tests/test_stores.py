@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 import warmpool
-from warmpool import AmbiguousModelError, ModelNotFoundError, _store_ollama, resolve_model, resolve_models
+from warmpool import AmbiguousModelError, ModelNotFoundError, resolve_model, resolve_models
+from warmpool._stores import ollama as _store_ollama
 
 STORE_VARS = ("OLLAMA_MODELS", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME", "LLAMA_CACHE")
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

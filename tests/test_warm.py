@@ -17,7 +17,7 @@ from conftest import MADV_PAGEOUT, evict_file, warm_watched
 from warmpool import _platform
 from warmpool._plan import contiguous_runs
 from warmpool import ProgressView
-from warmpool._worker import FAULT_READAHEAD_MIN
+from warmpool._pool.worker import FAULT_READAHEAD_MIN
 
 pytestmark = [pytest.mark.pagecache, pytest.mark.xdist_group("pagecache")]
 
@@ -59,7 +59,7 @@ def reclaimed_pages(path, pages) -> int:
     where cachestat is missing (the caller then sees residency alone)."""
     if not _platform.supports_cachestat():
         return 0
-    from warmpool._platform_linux import _cachestat
+    from warmpool._platform.linux import _cachestat
 
     page, total = _platform.PAGE_SIZE, 0
     member = bytearray(max(pages) + 1)
@@ -138,7 +138,7 @@ def test_the_last_pass_reads_every_page_of_its_chunks_and_nothing_around(pagecac
     """``_worker_finish.reread``, the pass each worker makes over its chunks once the warm is
     done: on an evicted file it must fault in exactly the chunk's pages (MADV_RANDOM: no
     readahead or read-around past them)."""
-    from warmpool._worker_finish import reread
+    from warmpool._pool.reread import reread
 
     page, size = _platform.PAGE_SIZE, os.path.getsize(pagecache_model)
     offset, length = size // page // 2 * page, 512 * page  # far from the header other tests read

@@ -13,8 +13,9 @@ import pytest
 
 import warmpool
 from conftest import evict_file
-from warmpool import WarmError, WorkerDiedError, _pool
-from warmpool._progress import ProgressSegment
+from warmpool import WarmError, WorkerDiedError
+from warmpool._pool import coordinator as _pool
+from warmpool._progress.segment import ProgressSegment
 
 
 def open_fds() -> set[int]:

@@ -7,7 +7,7 @@ from multiprocessing.connection import Connection
 
 import pytest
 
-from warmpool._wire import Channel, wait
+from warmpool._pool.wire import Channel, wait
 
 
 def _pair():

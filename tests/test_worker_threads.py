@@ -12,9 +12,9 @@ from conftest import evict_file, warm_watched
 
 import warmpool
 from warmpool._errors import FileChangedError
-from warmpool._pool import LOOKAHEAD
-from warmpool._worker import _Reports
-from warmpool._worker_threads import FaultThreads
+from warmpool._pool.coordinator import LOOKAHEAD
+from warmpool._pool.worker import _Reports
+from warmpool._pool.threads import FaultThreads
 
 
 def _pool(n: int, slow: dict[int, threading.Event] | None = None, fail: set[int] = frozenset()):

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
 from warmpool import Keeper, _platform, plan_model, warm  # noqa: E402
-from warmpool._keep import REFRESH_CPU_SHARE  # noqa: E402
+from warmpool._keep.keeper import REFRESH_CPU_SHARE  # noqa: E402
 from warmpool._units import parse_size  # noqa: E402
 
 

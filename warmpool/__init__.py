@@ -1,9 +1,15 @@
 """warmpool: warm the page cache with the parts of a GGUF model an engine keeps on the CPU.
 
-Pipeline, one module each: ``_layout`` (tensor table, via ``_header``) -> ``_select``
-(llama.cpp's placement rules) -> ``_plan`` (page-aligned, byte-balanced chunks) -> ``_policy``
-(RAM budget) -> ``_pool``/``_worker`` (processes faulting pages in, through ``_platform``) ->
-``_progress`` (shared-memory counters) -> ``commands``.
+The tree reads as the pipeline, then the services on it:
+
+- ``_gguf`` (header walk, tensor table) -> ``_select`` (llama.cpp's placement rules) ->
+  ``_plan`` (page-aligned, byte-balanced chunks) -> ``_policy`` (memory budget) -> ``_pool``
+  (worker processes faulting pages in) -> ``_progress`` (shared-memory counters);
+  ``_api`` composes them into ``warm``, ``residency``, ``evict``.  Every OS call goes through
+  ``_platform``.
+- Services: ``_keep`` (keep a model resident), ``_engine`` (engine command lines, ``run``),
+  ``_stores`` (Ollama, Hugging Face, LM Studio names), ``fleet`` (a Ray cluster).
+- ``commands`` (the CLI, one module per subcommand) and ``example`` (synthetic models).
 """
 
 from __future__ import annotations
@@ -25,28 +31,28 @@ from ._errors import (
 )
 
 # The rest is imported on first use (PEP 562): an engine's first ``read_layout`` and every
-# worker process (which imports ``warmpool._worker``, and so this package) would otherwise pay
+# worker process (which imports ``warmpool._pool.worker``, and so this package) would otherwise pay
 # for the CLI, the policy and the warm engine they never use (docs/bench/pool.md).
 _LAZY = {
     "main": ".commands",
-    "ModelFile": "._layout", "ModelLayout": "._layout", "TensorInfo": "._layout", "read_layout": "._layout",
+    "ModelFile": "._gguf.layout", "ModelLayout": "._gguf.layout", "TensorInfo": "._gguf.layout", "read_layout": "._api",
     "DEFAULT_CHUNK_SIZE": "._plan", "Chunk": "._plan", "Plan": "._plan", "make_plan": "._plan",
-    "Keeper": "._keep",
-    "ProgressView": "._progress",
+    "Keeper": "._keep.keeper",
+    "ProgressView": "._progress.segment",
     "Selection": "._select", "parse_overrides": "._select",
-    "ResolvedModel": "._stores", "resolve_model": "._stores", "resolve_models": "._stores",
-    "FileResidency": "._warm", "LayerResidency": "._warm", "Residency": "._warm", "residency_hidden": "._warm", "WarmResult": "._warm", "evict": "._warm",
-    "plan_model": "._warm", "residency": "._warm", "warm": "._warm",
+    "ResolvedModel": "._stores.resolve", "resolve_model": "._stores.resolve", "resolve_models": "._stores.resolve",
+    "FileResidency": "._api", "LayerResidency": "._api", "Residency": "._api", "residency_hidden": "._api", "WarmResult": "._api", "evict": "._api",
+    "plan_model": "._api", "residency": "._api", "warm": "._api",
 }
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
-    from ._layout import ModelFile, ModelLayout, TensorInfo, read_layout
-    from ._keep import Keeper
+    from ._gguf.layout import ModelFile, ModelLayout, TensorInfo, read_layout
+    from ._keep.keeper import Keeper
     from ._plan import DEFAULT_CHUNK_SIZE, Chunk, Plan, make_plan
-    from ._progress import ProgressView
+    from ._progress.segment import ProgressView
     from ._select import Selection, parse_overrides
-    from ._stores import ResolvedModel, resolve_model, resolve_models
-    from ._warm import (
+    from ._stores.resolve import ResolvedModel, resolve_model, resolve_models
+    from ._api import (
         FileResidency,
         LayerResidency,
         Residency,

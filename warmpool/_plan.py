@@ -14,7 +14,7 @@ from __future__ import annotations
 import mmap
 from typing import NamedTuple
 
-from ._layout import ModelFile, ModelLayout, TensorInfo
+from ._gguf.layout import ModelFile, ModelLayout, TensorInfo
 from ._select import Selection
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "PAGE_SIZE", "Chunk", "Plan", "contiguous_runs", "layer_key", "make_plan"]

@@ -23,7 +23,6 @@ from typing import NamedTuple
 __all__ = ["BUDGET_FRACTION", "Decision", "MemoryFigures", "decide", "memory_figures"]
 
 BUDGET_FRACTION = 0.8
-CGROUP = "/sys/fs/cgroup"
 
 
 class MemoryFigures(NamedTuple):
@@ -41,45 +40,6 @@ class Decision(NamedTuple):
     reason: str
 
 
-def _read_int(path: str) -> int | None:
-    try:
-        with open(path) as f:
-            text = f.read().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
-
-
-UNLIMITED = 1 << 60  # cgroup v1 writes "no limit" as a page-rounded LONG_MAX
-
-
-def _cgroup_files() -> tuple[str, str] | None:
-    """(limit file, usage file) of this process's memory cgroup: v2, else v1."""
-    try:
-        with open("/proc/self/cgroup") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if controllers == "" and os.path.exists(f"{CGROUP}{path}/memory.max"):
-            return f"{CGROUP}{path}/memory.max", f"{CGROUP}{path}/memory.current"
-        if "memory" in controllers.split(","):
-            base = f"{CGROUP}/memory{path}"
-            return f"{base}/memory.limit_in_bytes", f"{base}/memory.usage_in_bytes"
-    return None
-
-
-def _inactive_file(cgroup_dir: str) -> int:
-    """The cgroup's inactive file pages (memory.stat: v2 ``inactive_file``, v1 ``total_inactive_file``)."""
-    try:
-        with open(f"{cgroup_dir}/memory.stat") as f:
-            stat = dict(line.split() for line in f if line.count(" ") == 1)
-    except OSError:
-        return 0
-    return int(stat.get("total_inactive_file", stat.get("inactive_file", 0)))
-
-
 def memory_figures() -> MemoryFigures:
     from . import _platform
 
@@ -90,15 +50,13 @@ def memory_figures() -> MemoryFigures:
         vm = psutil.virtual_memory()
         ram = vm.total, vm.available
     total, available = ram
-    files = _cgroup_files()
-    limit = _read_int(files[0]) if files else None  # "max" (v2) reads as None
-    limit = limit if limit is not None and limit < UNLIMITED else None
+    cgroup = _platform.cgroup_memory()
+    limit = cgroup.limit if cgroup else None
     if limit is not None:
         # A cgroup's usage counts its page cache, and a busy cgroup sits at its limit with cache
         # the kernel reclaims at the next allocation. Like MemAvailable (and kubelet's working
         # set), count the inactive file pages as available, or nothing is ever warmed there.
-        usage = (_read_int(files[1]) or 0) - _inactive_file(os.path.dirname(files[1]))
-        available = min(available, max(limit - usage, 0))
+        available = min(available, max(limit - (cgroup.usage - cgroup.inactive_file), 0))
     return MemoryFigures(total, available, limit)
 
 

@@ -8,10 +8,10 @@ import sys
 import threading
 
 from .._errors import WarmpoolError
-from .._layout import read_layout
+from .._gguf.layout import read_layout
 from .._plan import DEFAULT_CHUNK_SIZE, Plan, make_plan
 from .._select import CATEGORIES, Selection, category, moe_overrides, parse_overrides
-from .._strategy import STRATEGIES
+from .._pool.strategy import STRATEGIES
 from .._units import parse_size
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_READY, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -91,11 +91,11 @@ def target(args: argparse.Namespace) -> tuple[str, Selection]:
     if getattr(args, "_target", None):
         return args._target
     if args.engine:  # imported only then: ~4 ms before a cold warm's first worker otherwise
-        from .._engine_args import recognized
+        from .._engine.args import recognized
 
     # MODEL with an engine warmpool cannot read: placement from warmpool's own flags.
     if args.engine and (recognized(args.engine) or not (args.model or args.example)):
-        from .._engine_args import fit_placement, parse_engine
+        from .._engine.args import fit_placement, parse_engine
 
         if args.n_gpu_layers is not None or args.rules:
             raise UsageError("placement flags go either to warmpool or in the engine command line after --, not both")
@@ -132,7 +132,12 @@ def model_path(args: argparse.Namespace, ref: str | None = None) -> str:
     ref = ref or args.model
     if not ref:
         raise WarmpoolError("no model given: pass a GGUF path, a model name or --example")
-    from .._stores import _resolve
+    return resolve_ref(ref)
+
+
+def resolve_ref(ref: str) -> str:
+    """The file a model reference names (a path as it is), saying which store it was found in."""
+    from .._stores.resolve import _resolve
 
     resolved = _resolve(ref, strict=False)  # a bad path is read_layout's to report
     if resolved.store != "path":
@@ -187,7 +192,7 @@ class Bar:
     def start(self, segment_name: str) -> None:
         if not self.enabled:
             return
-        from .._progress import ProgressView
+        from .._progress.segment import ProgressView
 
         view = ProgressView.attach(segment_name)  # before the unlink: the mapping outlives it
         self.thread = threading.Thread(target=self._draw, args=(view,), daemon=True)

@@ -17,12 +17,12 @@ class Command:
         add_model_argument(parser)
 
     def run(self, args: argparse.Namespace) -> int:
-        from .._warm import evict
+        from .._api import evict
 
         plan = plan_from(args)
         left = evict(plan.files[0].path, plan=plan)
         if left is None:
-            from .._warm import HIDDEN
+            from .._api import HIDDEN
 
             print(f"evicted {format_bytes(plan.bytes_planned)} selected; what is still resident is unknown: {HIDDEN}")
             return EXIT_OK

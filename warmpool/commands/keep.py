@@ -10,13 +10,14 @@ import sys
 import threading
 
 from .._errors import WarmpoolError
-from .._keep import HOLD_MODES, reporting_note
+from .._keep.keeper import HOLD_MODES, reporting_note
 from .._units import format_bytes
 from ._common import (
     EXIT_OK,
     Bar,
     add_model_argument,
     add_warm_arguments,
+    resolve_ref,
     plan_from,
     resolve_budget,
     selection_from,
@@ -47,7 +48,7 @@ class Command:
 
     def run(self, args: argparse.Namespace) -> int:
         from .. import _platform
-        from .._keep import Keeper
+        from .._keep.keeper import Keeper
         from .._log import enable_cli_logging
 
         enable_cli_logging(getattr(args, "verbose", False))
@@ -72,7 +73,7 @@ class Command:
                 bar.stop()
             print(json.dumps(event) if args.json else _describe(event), flush=True)
 
-        from .._layout import read_layout
+        from .._gguf.layout import read_layout
         from .._plan import make_plan
 
         if args.engine:  # model and placement from the engine's command line after --
@@ -106,12 +107,12 @@ def _models(args: argparse.Namespace) -> list[str]:
         return [str(example_model()), *args.model]
     if not args.model:
         raise WarmpoolError("no model given: pass one or more GGUF paths or --example")
-    # A directory names every model in it (docs/stores.md); other references resolve in read_layout.
-    return [path for ref in args.model for path in (_directory_models(ref) or [ref])]
+    # A directory names every model in it (docs/stores.md); a name is looked up in the stores.
+    return [path for ref in args.model for path in (_directory_models(ref) or [resolve_ref(ref)])]
 
 
 def _directory_models(ref: str) -> list[str]:
-    from .._stores import models_in
+    from .._stores.resolve import models_in
 
     return [m.paths[0] for m in models_in(ref)] if os.path.isdir(ref) and not ref.lower().endswith(".gguf") else []
 

@@ -24,7 +24,7 @@ class Command:
         parser.add_argument("--json", action="store_true", help="print one JSON object per model, one per line")
 
     def run(self, args: argparse.Namespace) -> int:
-        from .._stores import list_models, models_in
+        from .._stores.resolve import list_models, models_in
 
         models = [m for d in args.directories for m in models_in(d)] if args.directories else list_models()
         rows = [_row(m) for m in models]
@@ -46,7 +46,7 @@ class Command:
 def _row(model) -> dict:
     """One model's row: None (null) for whatever could not be observed."""
     from .._errors import WarmpoolError
-    from .._warm import residency
+    from .._api import residency
 
     row = {"store": model.store, "name": model.name, "paths": list(model.paths), "size": None,
            "resident_fraction": None, "residency_hidden": False}

@@ -21,8 +21,8 @@ class Command:
         parser.add_argument("--follow", action="store_true", help="draw a bar until the warm ends")
 
     def run(self, args: argparse.Namespace) -> int:
-        from .._progress import ProgressView
-        from .._shm import is_unnamed
+        from .._progress.segment import ProgressView
+        from .._progress.shm import is_unnamed
 
         if is_unnamed(args.segment):
             raise ProgressError("an unnamed segment (/dev/shm was unusable): only the warming process can read it", args.segment)

@@ -33,8 +33,8 @@ class Command:
         parser.add_argument("--json", action="store_true", help="print the keeper's events, one JSON object per line, on stderr")
 
     def run(self, args: argparse.Namespace) -> int:
-        from .._engine_args import parse_engine
-        from .._run_engine import print_report, run_engine
+        from .._engine.args import parse_engine
+        from .._engine.child import print_report, run_engine
 
         if not args.engine:
             raise UsageError("run needs the engine's command line after --, e.g. warmpool run -- llama-server -m MODEL")
@@ -61,7 +61,7 @@ def _keep(args: argparse.Namespace, budget: int | None, fail):
         if args.json:
             print(json.dumps(event), file=sys.stderr, flush=True)
         elif event.get("event") == "started" and event.get("free_page_reporting") is not None:
-            from .._keep import reporting_note
+            from .._keep.keeper import reporting_note
 
             say(f"note: {reporting_note(event['free_page_reporting'])}")
         elif event.get("event") == "warmed":
@@ -72,11 +72,11 @@ def _keep(args: argparse.Namespace, budget: int | None, fail):
             fail(f"keeping {plan.files[0].path}: {event.get('message')}")
 
     try:
-        from .._keep import Keeper
+        from .._keep.keeper import Keeper
     except ImportError:
         Keeper = None
     if Keeper is None or (command is not None and not command.reads_page_cache):
-        from .._warm import warm
+        from .._api import warm
 
         if Keeper is None:
             say("this build has no keeper (warmpool.Keeper): warming once, not keeping" + (", no --listen" if args.listen else ""))

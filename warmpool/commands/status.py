@@ -23,7 +23,7 @@ class Command:
         parser.add_argument("--min-resident", type=float, metavar="F", help="exit 3 when the resident fraction is below F (0..1)")
 
     def run(self, args: argparse.Namespace) -> int:
-        from .._warm import residency
+        from .._api import residency
 
         plan = plan_from(args)
         r = residency(plan.files[0].path, plan=plan)
@@ -45,7 +45,7 @@ class Command:
 
     @staticmethod
     def _print(r, plan, verbose: bool) -> None:
-        from .._warm import hidden_note
+        from .._api import hidden_note
 
         if r.residency_hidden:
             visible = [f for f in r.files if not f.hidden]

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 from .._errors import WarmpoolError
-from .._strategy import PRIORITIES
+from .._pool.strategy import PRIORITIES
 from .._units import format_bytes
 from ._common import (
     EXIT_OK,
@@ -45,7 +45,7 @@ class Command:
 
     def run(self, args: argparse.Namespace) -> int:
         from .._log import enable_cli_logging
-        from .._warm import warm
+        from .._api import warm
 
         if args.workers is not None and args.workers < 1:
             raise WarmpoolError(f"--workers must be at least 1, got {args.workers}")
@@ -87,7 +87,7 @@ class Command:
 
 def _show_cold_start(plan) -> None:
     """The built-in example starts from a cold cache so the warm has something to show."""
-    from .._warm import evict, residency
+    from .._api import evict, residency
 
     evict(plan.files[0].path, plan=plan)
     before = residency(plan.files[0].path, plan=plan)

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 from warmpool._errors import WarmpoolError
-from warmpool._ggml import GGML_TYPES
-from warmpool._header import ARRAY, SCALAR_TYPES, STRING
+from warmpool._gguf.ggml import GGML_TYPES
+from warmpool._gguf.header import ARRAY, SCALAR_TYPES, STRING
 from warmpool._units import parse_size
 
 __all__ = ["BENCH", "EXAMPLE", "MoeShape", "TEST", "TINY", "model_nbytes", "shape_for_size"]
@@ -43,7 +43,7 @@ BENCH = MoeShape(16, 64, 8, 1024, 512, 2048, 8, 2, 64, 1024, 4096)  # ~1.75 GB: 
 _ARCH = "qwen3moe"
 _ALIGNMENT = 32  # GGUF default general.alignment; gguf-py writes no key for it
 
-# The ggml types the model uses (ids of ggml.h's enum ggml_type; sizes from warmpool._ggml).
+# The ggml types the model uses (ids of ggml.h's enum ggml_type; sizes from warmpool._gguf.ggml).
 _F32, _F16, _Q8_0 = 0, 1, 8
 
 # GGUF metadata value types used here (docs/design.md, "GGUF layout"); sizes from _header's table.

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from warmpool._errors import PlatformError, WarmpoolError
-from warmpool._ggml import GGML_TYPES
+from warmpool._gguf.ggml import GGML_TYPES
 
 from ._model import _ARCH, _F16, _Q8_0, TEST, MoeShape, _check_shape, _metadata, _Tensor, _tensors
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 
-from ._errors import AmbiguousModelError
+from .._errors import AmbiguousModelError
+from .files import ResolvedModel, group_shards, is_model_file
 
 __all__ = ["find", "home", "list_models"]
 
@@ -28,7 +29,6 @@ def home() -> str:
 
 
 def _models(folder: str, root: str) -> list:
-    from ._stores import ResolvedModel, group_shards, is_model_file
 
     try:
         files = [os.path.join(folder, e) for e in os.listdir(folder) if is_model_file(e)]

@@ -5,7 +5,7 @@ store their running byte totals in it; any process in any language maps it read-
 follow the warm.  The layout is a wire format (docs/progress-protocol.md, which also says
 why no locks are needed); the ``struct`` formats below are its one source in Python.
 
-The object itself (naming, creation, mapping, unlinking) is ``_shm``'s.
+The object itself (naming, creation, mapping, unlinking) is ``shm``'s.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 from warmpool._errors import CancelledError, ProgressError
 from warmpool._platform import pid_alive
-from warmpool._shm import create_object, is_unnamed, map_object, os_error, posix_name, unlink_object
+from warmpool._progress.shm import create_object, is_unnamed, map_object, os_error, posix_name, unlink_object
 
 if TYPE_CHECKING:  # any object with these fields will do
     from warmpool._plan import Chunk

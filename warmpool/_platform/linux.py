@@ -15,8 +15,8 @@ import mmap
 import os
 import threading
 
-from warmpool import _platform_posix as _posix
-from warmpool._platform_posix import (
+from warmpool._platform import posix as _posix
+from warmpool._platform.posix import (
     DEFAULT_READAHEAD,
     PAGE_SIZE,
     advise_random,

@@ -7,8 +7,8 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from . import _platform
-from ._errors import WarmpoolError
+from .. import _platform
+from .._errors import WarmpoolError
 
 __all__ = ["Marks", "reread"]
 

@@ -1,9 +1,8 @@
-"""OS calls of a long-lived keeper: a held mapping (populate, touch, mlock, munlock), the
-memlock limit, locked bytes as the kernel counts them, memory pressure (PSI), whether a
-process is alive, and whether this guest hands free memory back to its host.
+"""A held mapping: a keeper's read-only mapping of a selection with every page mapped
+(populate, refresh, touch, mlock, munlock).
 
 Part of the platform layer (re-exported by ``_platform``); POSIX calls through the same libc
-bindings as ``_platform_posix``, Linux-only files (/proc) read where they exist and reported
+bindings as ``posix``, Linux-only files (/proc) read where they exist and reported
 as unknown (None) elsewhere.  Why holding a mapping matters for residency is in docs/keep.md.
 """
 
@@ -13,15 +12,13 @@ import ctypes
 import errno
 import mmap
 import os
-import resource
 
-from warmpool import _platform_posix as _posix
+from warmpool._platform import posix as _posix
 from warmpool._errors import PlatformError
-from warmpool._platform_libc import page_runs
-from warmpool._platform_window import FileWindow
+from warmpool._platform.libc import page_runs
+from warmpool._platform.window import FileWindow
 
-__all__ = ["HeldMapping", "PAGE_REPORTING_ORDER", "free_page_reporting", "locked_bytes", "memlock_limit",
-           "memory_pressure", "page_reporting_order", "physical_memory", "pid_alive"]
+__all__ = ["HeldMapping"]
 
 # Linux >= 5.14; elsewhere populate falls back to touching each page.
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
@@ -193,129 +190,3 @@ class HeldMapping(FileWindow):
         """Unmap (which also unlocks); later calls do nothing."""
         self._view = None
         super().close()
-
-
-def memlock_limit() -> int | None:
-    """RLIMIT_MEMLOCK's soft limit in bytes; None when unlimited."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-    return None if soft == resource.RLIM_INFINITY else soft
-
-
-def _proc_kb(path: str, *fields: str) -> dict[str, int]:
-    """The ``Field: N kB`` lines of a /proc file (status, meminfo) that are asked for, in bytes;
-    whatever is missing or unreadable is left out."""
-    found: dict[str, int] = {}
-    try:
-        with open(path) as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                if key in fields:
-                    found[key] = int(rest.split()[0]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return found
-
-
-def locked_bytes(pid: int | str = "self") -> int | None:
-    """VmLck of a process (bytes the kernel counts as mlocked by it); None where unknown."""
-    return _proc_kb(f"/proc/{pid}/status", "VmLck").get("VmLck")
-
-
-def physical_memory() -> tuple[int, int] | None:
-    """(MemTotal, MemAvailable) in bytes from /proc/meminfo; None where either is missing (not
-    Linux, or a kernel before 3.14).  What psutil.virtual_memory() reports as total and
-    available on Linux, without importing psutil (~10 ms before a cold warm's first worker;
-    docs/bench/warm_speed_phases.md)."""
-    found = _proc_kb("/proc/meminfo", "MemTotal", "MemAvailable")
-    if len(found) < 2:
-        return None
-    return found["MemTotal"], min(found["MemAvailable"], found["MemTotal"])
-
-
-def memory_pressure() -> float | None:
-    """PSI memory "some" avg10 (percent of the last 10 s some task stalled on memory):
-    the cgroup's where it has one, else the system's; None without PSI."""
-    paths = ["/proc/pressure/memory"]
-    try:
-        with open("/proc/self/cgroup") as f:
-            for line in f:
-                if line.startswith("0::"):
-                    paths.insert(0, f"/sys/fs/cgroup{line[3:].strip()}/memory.pressure")
-    except OSError:
-        pass
-    for path in paths:
-        try:
-            with open(path) as f:
-                for line in f:
-                    if line.startswith("some "):
-                        return float(dict(kv.split("=") for kv in line.split()[1:])["avg10"])
-        except (OSError, ValueError, KeyError):
-            continue
-    return None
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether the process exists and is not a zombie (a pid <= 0 names no single process:
-    kill(0, 0) would ask about our own process group)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # it exists, owned by someone else
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return True  # no /proc: kill(0) said it exists
-
-
-_VIRTIO_BALLOON_F_REPORTING = 5  # include/uapi/linux/virtio_balloon.h
-PAGE_REPORTING_ORDER = "module/page_reporting/parameters/page_reporting_order"  # under sysfs
-
-
-def page_reporting_order(sysfs: str = "/sys") -> int | None:
-    """The running value of mm/page_reporting.c's ``page_reporting_order`` parameter; None where
-    the kernel has no page reporting.  Whether anything is reported also takes a reporting
-    device: ``free_page_reporting``."""
-    try:
-        with open(f"{sysfs}/{PAGE_REPORTING_ORDER}") as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return None
-
-
-def free_page_reporting(sysfs: str = "/sys", buddyinfo: str = "/proc/buddyinfo") -> int | None:
-    """The order of the free blocks this guest hands back to its host (free page reporting,
-    mm/page_reporting.c, through a virtio balloon that offers ``VIRTIO_BALLOON_F_REPORTING``),
-    or None where it is not known to: no such device, or an order above the largest free block
-    (``/proc/buddyinfo`` has one column per order), which reports nothing.  Under memory
-    pressure such a guest makes an engine's first read of idle pages slower, and keeping the
-    pages resident does not prevent it (docs/keep.md).  Hyper-V's balloon also reports; it is
-    not detected here."""
-    order = page_reporting_order(sysfs)
-    if order is None:
-        return None
-    try:
-        with open(buddyinfo) as f:
-            largest = len(f.readline().split()) - 5  # "Node 0, zone DMA" and one count per order
-    except OSError:
-        return None
-    if not 0 <= order <= largest:
-        return None
-    base = f"{sysfs}/bus/virtio/drivers/virtio_balloon"
-    try:
-        devices = [name for name in os.listdir(base) if name.startswith("virtio")]
-    except OSError:
-        return None
-    for name in devices:
-        try:
-            with open(f"{base}/{name}/features") as f:
-                bits = f.read().strip()  # one character per feature bit, bit 0 first
-        except OSError:
-            continue
-        if len(bits) > _VIRTIO_BALLOON_F_REPORTING and bits[_VIRTIO_BALLOON_F_REPORTING] == "1":
-            return order
-    return None

@@ -16,14 +16,15 @@ from typing import NamedTuple
 
 from . import _platform
 from ._errors import FileChangedError, PlatformError
-from ._layout import read_layout
+from ._gguf import layout as _layout
+from ._gguf.layout import ModelLayout
 from ._log import logger
 from ._plan import DEFAULT_CHUNK_SIZE, Plan, contiguous_runs, layer_key, make_plan
 from ._select import Selection
-from ._strategy import check_priority, check_strategy
+from ._pool.strategy import check_priority, check_strategy
 
-__all__ = ["FileResidency", "LayerResidency", "Residency", "WarmResult", "evict", "plan_model", "residency",
-           "residency_hidden", "resolve_strategy", "warm"]
+__all__ = ["FileResidency", "LayerResidency", "Residency", "WarmResult", "evict", "model_file", "plan_model",
+           "read_layout", "residency", "residency_hidden", "resolve_strategy", "warm"]
 
 
 # What a reader is told when the kernel hides a file's residency (docs/design.md).
@@ -96,6 +97,23 @@ class Residency(NamedTuple):
     layers: tuple[LayerResidency, ...]
     residency_hidden: bool = False
     files: tuple[FileResidency, ...] = ()
+
+
+def model_file(model: str | os.PathLike[str]) -> str:
+    """The file to read for a model reference: an existing file as it is, else the store lookup
+    (``warmpool._stores``), imported only then.  A path that does not exist is returned as it is,
+    so that the layout reader says what is wrong with it."""
+    if os.path.isfile(model):
+        return os.fspath(model)
+    from ._stores.resolve import model_file as lookup
+
+    return lookup(model)
+
+
+def read_layout(model: str | os.PathLike[str]) -> ModelLayout:
+    """Read the tensor table of a GGUF model: a path (any shard of a split model names them all),
+    a directory holding one model, or a store name (``ollama:``, ``hf:``, ``lmstudio:``)."""
+    return _layout.read_layout(model_file(model))
 
 
 def plan_model(path: str | os.PathLike[str], *, n_gpu_layers: int | None = None, cpu_moe: bool = False,
@@ -240,7 +258,7 @@ def warm(path: str | os.PathLike[str], *, workers: int | None = None, strategy: 
                               strategy=strategy, resident_fraction=_fraction(resident, plan, hidden),
                               skipped=decision.action == "skip", files=files.per_file(plan, measured))
         strategy = resolve_strategy(strategy)
-        from ._run import run_warm
+        from ._pool.lifetime import run_warm
 
         outcome = run_warm(plan, files.paths, decision.chunks, before, strategy, workers, on_start, should_stop, linger,
                            require_name=require_name, priority=priority)

@@ -18,49 +18,14 @@ Each store module has ``find(name) -> (ResolvedModel | None, [where it looked])`
 from __future__ import annotations
 
 import os
-import re
-from collections.abc import Iterable
-from typing import NamedTuple
 
-from ._errors import AmbiguousModelError, ModelNotFoundError
+from .._errors import AmbiguousModelError, ModelNotFoundError
+from .._gguf.layout import shard_paths
+from .files import ResolvedModel, is_model_file, models_in
 
 __all__ = ["ResolvedModel", "is_model_file", "list_models", "model_file", "models_in", "resolve_model", "resolve_models"]
 
 STORES = ("ollama", "hf", "lmstudio")  # the order a bare name is tried in
-
-
-class ResolvedModel(NamedTuple):
-    ref: str  # what the caller wrote
-    store: str  # "path" | "ollama" | "hf" | "lmstudio" | "llama.cpp-cache"
-    name: str  # the model's name in that store (a path's is its file name)
-    paths: tuple[str, ...]  # every file of the model, first shard first; paths[0] goes to read_layout
-
-    def describe(self) -> str:
-        return f"{self.ref} -> {self.store} {self.name}: {self.paths[0]}"
-
-
-# llama.cpp's common/download.cpp gguf_filename_is_model(): GGUF files in a model repository that
-# are not the language model itself (projectors, importance matrices, draft heads).
-_NOT_A_MODEL = ("mmproj", "imatrix", "mtp-", "eagle3-", "dflash-", "dspark-")
-_SHARD = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$", re.IGNORECASE)
-
-
-def is_model_file(name: str) -> bool:
-    base = os.path.basename(name)
-    return base.lower().endswith(".gguf") and not any(word in base for word in _NOT_A_MODEL)
-
-
-def group_shards(files: Iterable[str]) -> list[tuple[str, ...]]:
-    """Model files -> one tuple per model (a split model's shards together, in order), sorted."""
-    models: dict[tuple[str, str], list[tuple[int, str]]] = {}
-    for path in files:
-        m = _SHARD.match(os.path.basename(path))
-        if m:
-            key = (os.path.join(os.path.dirname(path), m["prefix"]), m["count"])
-            models.setdefault(key, []).append((int(m["no"]), path))
-        else:
-            models[(path, "")] = [(1, path)]
-    return sorted(tuple(p for _, p in sorted(shards)) for shards in models.values())
 
 
 def _looks_like_path(ref: str) -> bool:
@@ -68,18 +33,7 @@ def _looks_like_path(ref: str) -> bool:
     return ref.startswith(("/", "./", "../", "~")) or ref.lower().endswith(".gguf") and ":" not in ref
 
 
-def models_in(directory: str) -> list[ResolvedModel]:
-    """Every model under ``directory`` (recursively, symlinked folders not followed), shards grouped."""
-    found = []
-    for root, dirs, files in os.walk(directory):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [os.path.join(root, f) for f in files if is_model_file(f)]
-    return [ResolvedModel(directory, "path", os.path.relpath(paths[0], directory), paths) for paths in group_shards(found)]
-
-
 def _from_path(ref: str, path: str) -> ResolvedModel:
-    from ._layout import shard_paths
-
     shards = shard_paths(path)
     return ResolvedModel(ref, "path", os.path.basename(path), tuple(shards) if len(shards) > 1 else (path,))
 
@@ -151,4 +105,4 @@ def list_models() -> list[ResolvedModel]:
 def _store(name: str):
     import importlib
 
-    return importlib.import_module(f"._store_{name}", __package__)
+    return importlib.import_module(f".{name}", __package__)

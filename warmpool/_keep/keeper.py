@@ -18,10 +18,10 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from . import _platform
-from ._errors import CancelledError, FileChangedError, WarmpoolError
-from ._kept import KeptModel, identity
-from ._plan import Plan
+from .. import _platform
+from .._errors import CancelledError, FileChangedError, WarmpoolError
+from .model import KeptModel, identity
+from .._plan import Plan
 
 __all__ = ["HOLD_MODES", "Keeper", "PSI_BACKOFF", "reporting_note"]
 
@@ -68,7 +68,7 @@ class Keeper:
                  force: bool = False, on_event: Callable[[dict], None] | None = None,
                  hold: str = "map", refresh: float = 1.0, for_pid: int | None = None,
                  on_warm_start: Callable[[str], None] | None = None, **selection) -> None:
-        from ._warm import plan_model
+        from .._api import plan_model
 
         if interval <= 0:
             raise WarmpoolError(f"interval must be positive, got {interval}")
@@ -110,7 +110,7 @@ class Keeper:
         if self._thread is not None:
             return self
         if self._listen is not None:
-            from ._keep_http import serve
+            from .http import serve
 
             self._server = serve(self, self._listen)  # binds now: a taken port is the caller's error
         self._emit("started", models=[m.path for m in self.models], interval=self.interval, lock=self.lock,
@@ -295,7 +295,7 @@ class Keeper:
             self._emit("locked", **model.lock())
 
     def _warm(self, model: KeptModel, plan: Plan, on_start=None):
-        from ._warm import warm
+        from .._api import warm
 
         return warm(model.path, plan=plan, workers=self.workers, strategy=self.strategy, budget=self.budget,
                     force=self.force, on_start=on_start, should_stop=self._stop)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
-from ._plan import Plan
-from ._pool import AUTO_MAX, PoolResult, run_pool
-from ._progress import ProgressSegment
+from .._plan import Plan
+from .coordinator import AUTO_MAX, PoolResult, run_pool
+from .._progress.segment import ProgressSegment
 
 __all__ = ["run_warm"]
 

@@ -4,12 +4,12 @@ A worker opens each model file read-only once, and for each chunk maps it, skips
 already resident (mincore), faults the rest in with the chosen strategy, adds its progress to
 its own slot of the shared-memory segment every ``STEP`` bytes, and unmaps the chunk again:
 no mapping or buffer outlives a chunk except the one pread buffer it reuses.  In the default
-huge-folio path its fault threads (``_worker_threads``) fault the chunk's blocks, while this
-thread already sets up the next chunk the coordinator handed out (``_pool.LOOKAHEAD``).  Once
+huge-folio path its fault threads (``threads``) fault the chunk's blocks, while this
+thread already sets up the next chunk the coordinator handed out (``coordinator.LOOKAHEAD``).  Once
 every chunk of the warm is done, it reads each page of the chunks it warmed once more
-(``_worker_finish``).
+(``reread``).
 
-Kept to the standard library plus ``_platform``/``_progress`` so that a worker forked from the
+Kept to the standard library plus ``_platform``/``warmpool._progress`` so that a worker forked from the
 forkserver costs a few MB of private memory (numpy is imported only by the ``touch`` strategy).
 """
 
@@ -23,14 +23,14 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from . import _platform
-from ._errors import FileChangedError, WarmpoolError
-from ._plan import contiguous_runs
-from ._progress import WorkerCounter
-from ._strategy import STRATEGIES  # re-exported: the names _ChunkWarmer implements
-from ._wire import Channel
-from ._worker_finish import Marks, reread
-from ._worker_threads import FaultThreads
+from .. import _platform
+from .._errors import FileChangedError, WarmpoolError
+from .._plan import contiguous_runs
+from .._progress.segment import WorkerCounter
+from .strategy import STRATEGIES  # re-exported: the names _ChunkWarmer implements
+from .wire import Channel
+from .reread import Marks, reread
+from .threads import FaultThreads
 
 if TYPE_CHECKING:  # pragma: no cover
     from multiprocessing.connection import Connection
@@ -199,7 +199,7 @@ class _ChunkWarmer:
             self.threads.drain()
 
     def finish(self) -> None:
-        """Once every chunk of the warm is done (``_worker_finish``)."""
+        """Once every chunk of the warm is done (``reread``)."""
         self.drain()
         if self.marks:
             self.marks.close()
@@ -363,7 +363,7 @@ def _refuse(conn: Connection | Channel, error: WarmpoolError) -> None:
 
 
 def serve(fd: int) -> None:
-    """Entry point of ``python -I -S -c ...`` (see ``_pool``): read the job, then work."""
+    """Entry point of ``python -I -S -c ...`` (see ``coordinator``): read the job, then work."""
     conn = Channel(fd)
     try:
         paths, chunks, shm_name, slot, strategy, warmed, priority = conn.recv()

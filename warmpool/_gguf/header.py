@@ -24,8 +24,8 @@ import stat
 import struct
 from typing import NamedTuple
 
-from ._errors import LayoutError
-from ._ggml import GGML_TYPES, tensor_nbytes
+from .._errors import LayoutError
+from .ggml import GGML_TYPES, tensor_nbytes
 
 __all__ = ["FileHeader", "RawTensor", "read_header"]
 

@@ -11,7 +11,7 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from ._errors import WarmpoolError
+from .._errors import WarmpoolError
 
 __all__ = ["parse_listen", "serve"]
 

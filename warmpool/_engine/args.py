@@ -4,7 +4,7 @@ llama.cpp's tools (llama-server, llama-cli, llama-bench, ...) parse options as
 ``common/arg.cpp`` ``common_params_parse_ex`` does: ``LLAMA_ARG_*`` environment variables
 first, in the order the options are defined, then the command line; ``--long_name`` is read as
 ``--long-name``.  ``-ot``, ``--cpu-moe`` and ``--n-cpu-moe`` append to one override list in that
-order.  Every other option is skipped with its value(s) (``_llama_flags``, generated from
+order.  Every other option is skipped with its value(s) (``llama_flags``, generated from
 arg.cpp).  ``--flag=value`` is accepted too.  llama-cpp-python's server
 (``python -m llama_cpp.server``) takes ``--model``, ``--n_gpu_layers`` (default 0, -1 all),
 ``--use_mmap`` and ``--use_mlock``, or the same names as environment variables.
@@ -16,8 +16,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
-from ._errors import WarmpoolError
-from ._select import Selection, moe_overrides, parse_overrides
+from .._errors import WarmpoolError
+from .._select import Selection, moe_overrides, parse_overrides
 
 __all__ = ["EngineArgsError", "EngineCommand", "fit_placement", "parse_engine", "recognized"]
 
@@ -129,7 +129,7 @@ def _bench_value(key: str, value: str, notes: list[str]) -> str:
 
 
 def _llama_cpp(argv: Sequence[str], env: Mapping[str, str], bench: bool = False, notes: list[str] | None = None) -> _State:
-    from ._llama_flags import TAKES_ONE, TAKES_TWO
+    from .llama_flags import TAKES_ONE, TAKES_TWO
 
     state = _State()
     for name, key in () if bench else _ENV:

@@ -9,7 +9,7 @@ import mmap
 import os
 
 from warmpool._errors import FileChangedError, PlatformError
-from warmpool._platform_libc import (
+from warmpool._platform.libc import (
     _BIT0,
     PAGE_SIZE,
     _failure,

@@ -1,11 +1,11 @@
 """The names of the ways a worker faults pages in, and of the CPU priorities it runs at: the
 one list of each that the API, the pool and the CLI check against (what each strategy does:
 ``_worker._ChunkWarmer``; a priority: ``_platform.lower_priority``).  Kept apart from
-``_worker`` so that checking a name does not import the worker's platform and progress code."""
+``worker`` so that checking a name does not import the worker's platform and progress code."""
 
 from __future__ import annotations
 
-from ._errors import WarmError
+from .._errors import WarmError
 
 __all__ = ["PRIORITIES", "STRATEGIES", "check_priority", "check_strategy"]
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from .files import ResolvedModel
 
 __all__ = ["find", "list_models", "models_dirs", "parse_name"]
 
@@ -97,7 +98,6 @@ def _blob(models: str, manifest: str) -> str | None:
 
 
 def find(name: str):
-    from ._stores import ResolvedModel
 
     parts = parse_name(name)
     if parts is None:
@@ -114,7 +114,6 @@ def find(name: str):
 
 
 def list_models() -> list:
-    from ._stores import ResolvedModel
 
     out = []
     for models in models_dirs():

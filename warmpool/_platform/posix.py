@@ -4,7 +4,7 @@ This is the honest fallback for non-Linux systems, and the base the Linux backen
 builds on: mmap/munmap/mincore/madvise(MADV_WILLNEED) and pread exist on Linux, macOS
 and the BSDs with the same ABI, so their bindings live here once.  What only Linux
 has (cachestat(2), MADV_POPULATE_READ, per-device readahead in sysfs) is reported
-unsupported here and implemented in ``_platform_linux``.
+unsupported here and implemented in ``linux``.
 
 Ranges: ``length == 0`` means "to end of file" for the advice and measurement
 functions (the convention of posix_fadvise(2) and cachestat(2)); measurements cover
@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 
 from warmpool._errors import FileChangedError, PlatformError
-from warmpool._platform_libc import (  # noqa: F401 - the Linux backend and the keeper's calls use them as _posix._NAME
+from warmpool._platform.libc import (  # noqa: F401 - the Linux backend and the keeper's calls use them as _posix._NAME
     _BIT0,
     _MAP_FAILED,
     PAGE_SIZE,
@@ -35,8 +35,8 @@ from warmpool._platform_libc import (  # noqa: F401 - the Linux backend and the 
     _round_up,
     _unmap,
 )
-from warmpool._platform_window import FILE_CHANGED as _FILE_CHANGED
-from warmpool._platform_window import FileWindow
+from warmpool._platform.window import FILE_CHANGED as _FILE_CHANGED
+from warmpool._platform.window import FileWindow
 
 __all__ = [
     "DEFAULT_READAHEAD", "FileWindow", "PAGE_SIZE", "advise_random", "cached_bytes", "evict",

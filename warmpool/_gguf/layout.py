@@ -1,7 +1,7 @@
 """The model's layout: every tensor of a GGUF model, across its split shards.
 
 ``read_layout`` is what engines call at start-up, so it only walks headers (see
-``_header``) and never touches tensor data.  A split model (llama.cpp's ``gguf-split``
+``header``) and never touches tensor data.  A split model (llama.cpp's ``gguf-split``
 names shards ``<name>-00001-of-00003.gguf``, 1-based, and stores ``split.no`` 0-based,
 ``split.count`` and ``split.tensors.count`` in each shard) is read as one layout whose
 tensors name the shard they live in.
@@ -13,8 +13,8 @@ import os
 import re
 from typing import NamedTuple
 
-from ._errors import LayoutError
-from ._header import FileHeader, read_header
+from .._errors import LayoutError
+from .header import FileHeader, read_header
 
 __all__ = ["ModelFile", "ModelLayout", "TensorInfo", "read_layout", "shard_paths"]
 
@@ -117,12 +117,7 @@ def _n_layers(metadata: dict, architecture: str | None, tensors: list[TensorInfo
 def read_layout(path: str | os.PathLike[str]) -> ModelLayout:
     """Read the tensor table of a GGUF model (any shard of a split model names them all).
 
-    ``path`` may also be a model reference (a store name, a directory holding one model; see
-    ``_stores``); an existing file is read as it is."""
-    if not os.path.isfile(path):
-        from ._stores import model_file
-
-        path = model_file(path)
+    A path only: store names are resolved where a request comes in (``warmpool.read_layout``)."""
     headers = _read_headers(os.fspath(path))
     tensors: list[TensorInfo] = []
     seen: set[str] = set()

@@ -23,7 +23,8 @@ import json
 import os
 import re
 
-from ._errors import WarmpoolError
+from .._errors import WarmpoolError
+from .files import ResolvedModel, group_shards, is_model_file
 
 __all__ = ["choose_file", "find", "flat_dir", "hub_dirs", "list_models", "split_ref"]
 
@@ -72,7 +73,6 @@ def _shard(path: str) -> tuple[int, int]:
 
 def choose_file(files: list[str], tag: str, hf_file: str = "") -> str | None:
     """llama.cpp's choice among a repository's files (paths relative to the snapshot)."""
-    from ._stores import is_model_file
 
     files = sorted(files)
     if hf_file:  # -hff: compared ignoring case (string_iequal)
@@ -135,7 +135,6 @@ def _repo_dir(cache: str, repo: str) -> str | None:
 
 
 def _find_hub(cache: str, repo: str, tag: str, hf_file: str):
-    from ._stores import ResolvedModel
 
     hub = _hub()
     repo_dir = _repo_dir(cache, repo)
@@ -171,7 +170,6 @@ def _flat_manifest_file(cache: str, repo: str, tag: str) -> str | None:
 
 
 def _find_flat(cache: str, repo: str, tag: str, hf_file: str):
-    from ._stores import ResolvedModel
 
     prefix = repo.replace("/", "_") + "_"
     try:
@@ -209,7 +207,6 @@ def find(name: str, hf_file: str = ""):
 
 
 def list_models() -> list:
-    from ._stores import ResolvedModel, group_shards, is_model_file
 
     out = []
     for cache in hub_dirs():

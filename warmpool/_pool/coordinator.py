@@ -10,7 +10,7 @@ has (an engine has many; a child can deadlock on a lock held by a thread that no
 exists), and ``spawn``/``forkserver`` re-run the caller's ``__main__`` script in every child
 (multiprocessing's main-module fixup): an engine script without a ``__main__`` guard would
 start again in each worker.  A fresh, isolated interpreter without ``site`` starts fast,
-imports only the stdlib and ``warmpool._worker``, and runs in its own session, so the
+imports only the stdlib and ``warmpool._pool.worker``, and runs in its own session, so the
 terminal's Ctrl-C goes to the coordinator alone, which then stops the workers itself.
 
 Each worker has its own socket pair (``_wire.Channel``, framed like ``multiprocessing``'s);
@@ -41,11 +41,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-from ._errors import CancelledError, FileChangedError, WarmError, WorkerDiedError
-from ._plan import Chunk
-from ._progress import ProgressSegment
-from ._strategy import check_priority, check_strategy
-from ._wire import Channel, wait
+from .._errors import CancelledError, FileChangedError, WarmError, WorkerDiedError
+from .._plan import Chunk
+from .._progress.segment import ProgressSegment
+from .strategy import check_priority, check_strategy
+from .wire import Channel, wait
 
 __all__ = ["AUTO_MAX", "AUTO_START", "PoolResult", "run_pool"]
 
@@ -78,7 +78,7 @@ AUTO_WINDOW, AUTO_WINDOW_PER_WORKER, AUTO_WINDOW_S = 64 * 1024 * 1024, 16 * 1024
 POLL = 0.1  # seconds between checks of the stop flag: Ctrl-C/cancel answer well within 2 s
 # Chunks a worker holds at once: the one its fault threads work on, and the next, which it sets
 # up meanwhile and whose blocks its threads take as soon as the current chunk has none left
-# (_worker_threads).  With one, every chunk ended with threads waiting for the slowest block and
+# (``threads``).  With one, every chunk ended with threads waiting for the slowest block and
 # for the round trip (docs/bench/warm_speed_phases.md, "Chunk edges").
 LOOKAHEAD = 2
 
@@ -88,7 +88,7 @@ class PoolResult(NamedTuple):
 
 
 # argv: socket fd, the segment name (so `ps` shows which warm a worker belongs to), import path
-WORKER_CODE = "import sys; sys.path[:0] = sys.argv[3:]; from warmpool._worker import serve; serve(int(sys.argv[1]))"
+WORKER_CODE = "import sys; sys.path[:0] = sys.argv[3:]; from warmpool._pool.worker import serve; serve(int(sys.argv[1]))"
 
 
 class _Worker(NamedTuple):

@@ -17,7 +17,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 
-from ._errors import WarmpoolError
+from .._errors import WarmpoolError
 
 __all__ = ["FORWARDED", "run_engine"]
 

@@ -1,7 +1,7 @@
 """Every OS call warmpool makes, behind one portable facade (psutil style).
 
-The backend is chosen once at import: ``_platform_linux`` (ctypes to libc:
-cachestat, MADV_POPULATE_READ, sysfs readahead) or ``_platform_posix`` (what any POSIX
+The backend is chosen once at import: ``linux`` (ctypes to libc:
+cachestat, MADV_POPULATE_READ, sysfs readahead) or ``posix`` (what any POSIX
 libc offers; the rest reported by ``platform_notes()``).  Only stdlib is imported
 here: this module is on the hot path of every run (numpy is imported inside
 ``FileWindow.touch`` only).
@@ -25,16 +25,18 @@ import sys
 from warmpool._errors import PlatformError
 
 if sys.platform.startswith("linux"):
-    from warmpool import _platform_linux as _backend
+    from warmpool._platform import linux as _backend
 else:
-    from warmpool import _platform_posix as _backend
+    from warmpool._platform import posix as _backend
 
 __all__ = [
+    "CgroupMemory",
     "FileWindow",
     "HeldMapping",
     "PAGE_SIZE",
     "advise_random",
     "cached_bytes",
+    "cgroup_memory",
     "evict",
     "evict_file",
     "evict_ranges",
@@ -76,11 +78,13 @@ resident_pages = _backend.resident_pages
 residency_hidden = _backend.residency_hidden
 supports_cachestat = _backend.supports_cachestat
 supports_populate = _backend.supports_populate
-from warmpool._platform_libc import page_runs  # noqa: E402 - a mincore vector's runs, for every caller
+from warmpool._platform.libc import page_runs  # noqa: E402 - a mincore vector's runs, for every caller
 
-# A keeper's calls (held mappings, mlock, PSI), POSIX with Linux's /proc where it exists.
-from warmpool._platform_hold import (  # noqa: E402
-    HeldMapping,
+# A keeper's calls: held mappings (POSIX), and what /proc and /sys tell where they exist.
+from warmpool._platform.mapping import HeldMapping  # noqa: E402
+from warmpool._platform.proc import (  # noqa: E402
+    CgroupMemory,
+    cgroup_memory,
     free_page_reporting,
     locked_bytes,
     memlock_limit,

@@ -1,6 +1,6 @@
 """One model a keeper keeps: its plan, open files, held mappings, locks and counters.
 
-The keeper thread (``_keep``) decides when to warm, check, re-warm and back off; this module
+The keeper thread (``keeper``) decides when to warm, check, re-warm and back off; this module
 owns what it holds between those decisions and measures residency the same way every time.
 Rows handed to ``status()`` are read under ``guard`` so an HTTP scrape never sees half an update.
 """
@@ -11,22 +11,15 @@ import errno
 import os
 import threading
 
-from . import _platform
-from ._plan import Chunk, Plan, contiguous_runs, make_plan
-from ._warm import file_identity as identity
+from .. import _platform
+from .._plan import Chunk, Plan, contiguous_runs, make_plan
+from .._api import file_identity as identity
+from .._api import residency_hidden
 
 __all__ = ["MEMLOCK_FIX", "KeptModel", "identity"]
 
 MEMLOCK_FIX = ("raise the memlock limit: systemd LimitMEMLOCK=infinity, docker --ulimit memlock=-1 "
                "or --cap-add IPC_LOCK, Kubernetes securityContext.capabilities.add: [IPC_LOCK]")
-
-
-def _hidden(path: str) -> bool:
-    """Whether the kernel hides this file's residency from us (issue 8's helper where it exists)."""
-    import warmpool
-
-    helper = getattr(warmpool, "residency_hidden", None)
-    return bool(helper(path)) if helper is not None else False
 
 
 class KeptModel:
@@ -70,14 +63,14 @@ class KeptModel:
 
     def replan(self) -> None:
         """Plan the file now under the same name with the same selection and chunk size."""
-        from ._layout import read_layout
+        from .._gguf.layout import read_layout
 
         plan = make_plan(read_layout(self.path), self.plan.selection, self.plan.chunk_size)
         self.set(plan=plan, state="starting")
 
     def note_identity(self) -> None:
         self.identity = [identity(f.path) for f in self.plan.files]
-        self.hidden = _hidden(self.path)
+        self.hidden = residency_hidden(self.path)
 
     def hold(self, mapped: bool) -> None:
         """Open the files and, if ``mapped``, map the selection (one mapping per run of adjacent
