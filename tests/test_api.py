@@ -60,6 +60,21 @@ def test_all_is_pinned_and_sorted():
     assert warmpool.__all__ == sorted(warmpool.__all__)
 
 
+def test_lazy_map_and_type_checking_imports_agree():
+    """The three lists of the lazy facade (``_LAZY``, the TYPE_CHECKING imports, ``__all__``) name
+    the same objects in the same modules, as huggingface_hub's check_static_imports keeps them."""
+    source = Path(warmpool.__file__).read_text()
+    static: dict[str, str] = {}
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING":
+            for stmt in node.body:
+                static.update({alias.name: "." * stmt.level + stmt.module for alias in stmt.names})
+    assert static == warmpool._LAZY
+    eager = {name for name in PUBLIC if name not in warmpool._LAZY}
+    assert eager == set(_errors.__all__)  # only the exception tree is imported with the package
+    assert set(warmpool._LAZY) | eager == set(PUBLIC)
+
+
 def test_every_public_name_imports():
     namespace: dict = {}
     exec("from warmpool import *", namespace)  # noqa: S102 - what a star import really gives

@@ -29,12 +29,13 @@ def test_json_contract(test_model, capsys):
     plan = make_plan(layout)
     assert summary["files"] == [{"path": str(test_model), "size": test_model.stat().st_size}]
     assert summary["tensors_total"] == len(layout.tensors) == summary["tensors_selected"]
-    assert summary["bytes_total"] == sum(t.nbytes for t in layout.tensors) == summary["bytes_selected"]
+    assert summary["tensor_bytes_total"] == sum(t.nbytes for t in layout.tensors) == summary["tensor_bytes_selected"]
     assert summary["chunks"] == len(plan.chunks) == len(summary["chunk_table"])
-    assert summary["bytes_planned"] == sum(c["length"] for c in summary["chunk_table"])
+    # one meaning of bytes_selected in every --json: the selection's whole pages, as warm reports them
+    assert summary["bytes_selected"] == sum(c["length"] for c in summary["chunk_table"]) == plan.bytes_planned
     assert summary["architecture"] == "qwen3moe" and summary["n_layers"] == layout.n_layers
     assert set(summary["categories"]) == set(CATEGORIES)
-    assert sum(row["bytes_total"] for row in summary["categories"].values()) == summary["bytes_total"]
+    assert sum(row["tensor_bytes_total"] for row in summary["categories"].values()) == summary["tensor_bytes_total"]
     assert summary["chunk_table"][0] == plan.chunks[0]._asdict()
 
 
@@ -42,19 +43,20 @@ def test_json_follows_the_selection(test_model, capsys):
     summary = plan_json(capsys, str(test_model), "-ngl", "99", "--cpu-moe", "--chunk-size", "1M")
     plan = make_plan(read_layout(test_model), Selection(n_gpu_layers=99, cpu_moe=True), 1 << 20)
     assert summary["tensors_selected"] == len(plan.selected) == 1 + 3 * plan.n_layers  # token_embd + experts
-    assert summary["bytes_selected"] == plan.bytes_selected < summary["bytes_total"]
+    assert summary["tensor_bytes_selected"] == plan.bytes_selected < summary["tensor_bytes_total"]
+    assert summary["bytes_selected"] == plan.bytes_planned
     assert summary["chunks"] == len(plan.chunks)
     assert summary["chunk_size"] == 1 << 20
     experts = summary["categories"]["experts"]
     assert experts["tensors_selected"] == experts["tensors_total"] == 3 * plan.n_layers
     assert summary["categories"]["attention"]["tensors_selected"] == 0
-    assert "--cpu-moe" in summary["selection"] and "-ngl 99" in summary["selection"]
+    assert summary["selection"] == "-ngl 99 --cpu-moe"  # as written
 
 
 def test_json_split_model(split_model, tiny_model, capsys):
     summary = plan_json(capsys, str(split_model[2]))
     assert [f["path"] for f in summary["files"]] == [str(p) for p in split_model]
-    assert summary["bytes_total"] == read_layout(tiny_model).nbytes
+    assert summary["tensor_bytes_total"] == read_layout(tiny_model).nbytes
     assert {c["file"] for c in summary["chunk_table"]} == {0, 1, 2}
 
 

@@ -145,9 +145,9 @@ def test_cli_plans_what_warmpools_flags_plan(test_model):
         got = _cli("plan", "--json", "--", *engine, env={"LLAMA_ARG_MODEL": str(test_model), "LLAMA_ARG_N_GPU_LAYERS": "5"})
         assert got.returncode == 0, got.stderr
         a, b = json.loads(got.stdout), json.loads(own.stdout)
-        assert (a["categories"], a["chunks"], a["bytes_planned"]) == (b["categories"], b["chunks"], b["bytes_planned"])
+        assert (a["categories"], a["chunks"], a["bytes_selected"]) == (b["categories"], b["chunks"], b["bytes_selected"])
     status = _cli("status", "--json", "--", "llama-server", "-m", str(test_model), "-ngl", "5", "--n-cpu-moe", "2", "-ot", "attn_q=CPU")
-    assert json.loads(status.stdout)["bytes_selected"] == json.loads(own.stdout)["bytes_planned"]
+    assert json.loads(status.stdout)["bytes_selected"] == json.loads(own.stdout)["bytes_selected"]
 
 
 def test_cli_engine_decides_placement(test_model, tmp_path):
@@ -156,7 +156,7 @@ def test_cli_engine_decides_placement(test_model, tmp_path):
     got = _cli("plan", "--json", "--", "llama-server", "-m", str(test_model), env=env)
     assert got.returncode == 0, got.stderr
     assert "llama-fit-params is not on PATH: warming what a CPU-only run keeps (every tensor)" in got.stderr
-    assert json.loads(got.stdout)["bytes_planned"] == everything["bytes_planned"]
+    assert json.loads(got.stdout)["bytes_selected"] == everything["bytes_selected"]
 
 
 def test_cli_reads_llama_fit_params_output(test_model, tmp_path):
@@ -169,7 +169,7 @@ def test_cli_reads_llama_fit_params_output(test_model, tmp_path):
     want = _cli("plan", str(test_model), "-ngl", "3", "-ot", "blk\\.0\\.ffn_up_exps=CPU", "--json")
     assert got.returncode == 0, got.stderr
     assert 'llama-fit-params chose: -c 4096 -ngl 3 -ot "blk\\.0\\.ffn_up_exps=CPU"' in got.stderr
-    assert json.loads(got.stdout)["bytes_planned"] == json.loads(want.stdout)["bytes_planned"]
+    assert json.loads(got.stdout)["bytes_selected"] == json.loads(want.stdout)["bytes_selected"]
 
 
 def test_cli_no_model_is_a_usage_error(test_model):
@@ -189,7 +189,7 @@ def test_cli_no_model_is_a_usage_error(test_model):
 def test_keep_reads_the_engine_command_line(test_model, tmp_path):
     """`warmpool keep -- ENGINE` keeps what the engine keeps on the CPU; it ends with --for-pid."""
     engine = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3)"])
-    want = json.loads(_cli("plan", str(test_model), "-ngl", "4", "--cpu-moe", "--json").stdout)["bytes_planned"]
+    want = json.loads(_cli("plan", str(test_model), "-ngl", "4", "--cpu-moe", "--json").stdout)["bytes_selected"]
     got = _cli("keep", "--json", "--interval", "1", "--for-pid", str(engine.pid), "--",
                "llama-server", "-m", str(test_model), "-ngl", "4", "-cmoe", "--port", "1")
     engine.wait()

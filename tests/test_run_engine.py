@@ -121,7 +121,6 @@ def _complete(port: int, deadline: float) -> dict:
 
 @pytest.mark.slow
 def test_real_llama_cpp_python_server(test_model, tmp_path):
-    pytest.importorskip("llama_cpp.server.app", reason="needs llama-cpp-python[server] (pip install 'llama-cpp-python[server]')")
     from warmpool import evict, residency
 
     model = tmp_path / "model.gguf"
@@ -152,8 +151,6 @@ def test_real_llama_cpp_python_server(test_model, tmp_path):
 
 @pytest.mark.slow
 def test_real_server_kept_with_listen(test_model, tmp_path):
-    pytest.importorskip("llama_cpp.server.app", reason="needs llama-cpp-python[server] (pip install 'llama-cpp-python[server]')")
-    pytest.importorskip("warmpool._keep.keeper", reason="warmpool.Keeper (issue 10) is not in this build")
     model = tmp_path / "model.gguf"
     shutil.copyfile(test_model, model)
     port, status_port = _free_port(), _free_port()

@@ -266,9 +266,9 @@ def test_cli_names_the_store_and_plans_as_the_path(home, tiny_model):
     assert by_name.returncode == 0, by_name.stderr
     assert "tiny:q8: ollama model tiny:q8 at " in by_name.stderr
     a, b = json.loads(by_name.stdout), json.loads(by_path.stdout)
-    assert a["categories"] == b["categories"] and a["chunks"] == b["chunks"] and a["bytes_planned"] == b["bytes_planned"]
+    assert a["categories"] == b["categories"] and a["chunks"] == b["chunks"] and a["bytes_selected"] == b["bytes_selected"]
     status = _cli("status", "ollama:tiny:q8", "-ngl", "3", "--json", env=env)
-    assert status.returncode == 0 and json.loads(status.stdout)["bytes_selected"] == b["bytes_planned"]
+    assert status.returncode == 0 and json.loads(status.stdout)["bytes_selected"] == b["bytes_selected"]
 
 
 def test_cli_unknown_and_ambiguous_are_one_line(home, tiny_model, tmp_path):
@@ -366,3 +366,25 @@ def test_hub_cache_blob_missing_is_not_cached(home, tiny_model):
     os.unlink(os.path.realpath(snapshot / "m-Q4_K_M.gguf"))
     with pytest.raises(ModelNotFoundError, match="looked in"):
         resolve_model("hf:org/repo")
+
+
+def test_cli_takes_llama_cpp_model_flags(home, tiny_model):
+    """-hf/-hff/-m as llama.cpp reads them, resolved offline from the HF cache (argparse once
+    read -hf as -h, printing help and exiting 0)."""
+    make_hub(home / ".cache" / "huggingface" / "hub", "org/tiny-GGUF", {"tiny-Q8_0.gguf": tiny_model, "tiny-Q4_K_M.gguf": tiny_model})
+    env = _env(home)
+    want = json.loads(_cli("plan", str(tiny_model), "-ngl", "3", "--json", env=env).stdout)
+    for flags in (["-hf", "org/tiny-GGUF:Q8_0"], ["-hf", "org/tiny-GGUF"], ["--hf-repo", "org/tiny-GGUF", "-hff", "tiny-Q8_0.gguf"],
+                  ["-m", str(tiny_model)]):
+        got = _cli("plan", *flags, "-ngl", "3", "--json", env=env)
+        assert got.returncode == 0, (flags, got.stderr)
+        a = json.loads(got.stdout)
+        assert (a["bytes_selected"], a["categories"], a["chunks"]) == (want["bytes_selected"], want["categories"], want["chunks"])
+        if flags[0] != "-m":
+            assert "hf model org/tiny-GGUF/tiny-" in got.stderr
+    chosen = _cli("plan", "-hf", "org/tiny-GGUF", "--json", env=env)
+    assert "tiny-Q4_K_M.gguf" in chosen.stderr  # no quant: Q4_K_M first, as llama.cpp chooses
+    both = _cli("plan", str(tiny_model), "-m", str(tiny_model), env=env)
+    assert both.returncode == 2 and both.stderr.count("\n") == 1 and "two models" in both.stderr
+    lone = _cli("plan", "-hff", "tiny-Q8_0.gguf", env=env)
+    assert lone.returncode == 2 and "-hff/--hf-file without -hf" in lone.stderr and "Traceback" not in lone.stderr

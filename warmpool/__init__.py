@@ -46,12 +46,6 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
-    from ._gguf.layout import ModelFile, ModelLayout, TensorInfo, read_layout
-    from ._keep.keeper import Keeper
-    from ._plan import DEFAULT_CHUNK_SIZE, Chunk, Plan, make_plan
-    from ._progress.segment import ProgressView
-    from ._select import Selection, parse_overrides
-    from ._stores.resolve import ResolvedModel, resolve_model, resolve_models
     from ._api import (
         FileResidency,
         LayerResidency,
@@ -59,10 +53,17 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
         WarmResult,
         evict,
         plan_model,
+        read_layout,
         residency,
         residency_hidden,
         warm,
     )
+    from ._gguf.layout import ModelFile, ModelLayout, TensorInfo
+    from ._keep.keeper import Keeper
+    from ._plan import DEFAULT_CHUNK_SIZE, Chunk, Plan, make_plan
+    from ._progress.segment import ProgressView
+    from ._select import Selection, parse_overrides
+    from ._stores.resolve import ResolvedModel, resolve_model, resolve_models
     from .commands import main
 
 

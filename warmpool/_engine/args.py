@@ -19,7 +19,7 @@ from typing import NamedTuple
 from .._errors import WarmpoolError
 from .._select import Selection, moe_overrides, parse_overrides
 
-__all__ = ["EngineArgsError", "EngineCommand", "fit_placement", "parse_engine", "recognized"]
+__all__ = ["EngineArgsError", "EngineCommand", "fit_placement", "model_reference", "parse_engine", "recognized"]
 
 
 class EngineArgsError(WarmpoolError):
@@ -216,6 +216,19 @@ def recognized(argv: Sequence[str]) -> bool:
     return bool(argv) and (_engine_of(argv)[0] == "llama-cpp-python" or os.path.basename(argv[0]).startswith("llama"))
 
 
+def model_reference(model: str | None, hf_repo: str | None, hf_file: str | None) -> str | None:
+    """The model reference llama.cpp's ``-m``, ``-hf ORG/REPO[:QUANT]`` and ``-hff FILE`` name
+    (``-m`` when given); ``hf:...`` is looked up in the Hugging Face cache, offline."""
+    if model:
+        return model
+    if hf_repo:
+        repo = hf_repo.partition(":")[0]
+        return f"hf:{repo}/{hf_file}" if hf_file else f"hf:{hf_repo}"
+    if hf_file:
+        raise EngineArgsError("-hff/--hf-file without -hf/--hf-repo")
+    return None
+
+
 def parse_engine(argv: Sequence[str], env: Mapping[str, str] | None = None) -> EngineCommand:
     """What the engine started with ``argv`` (and ``env``) will load, and where it places it."""
     if not argv:
@@ -231,13 +244,7 @@ def parse_engine(argv: Sequence[str], env: Mapping[str, str] | None = None) -> E
     if engine == "llama.cpp" and not prog.startswith("llama"):
         notes.append(f"{prog}: read as a llama.cpp tool's command line")
     v = state.values
-    model = v.get("model")
-    if not model and v.get("hf_repo"):
-        repo, _, tag = v["hf_repo"].partition(":")
-        file = v.get("hf_file")
-        model = f"hf:{repo}/{file}" if file else f"hf:{v['hf_repo']}"
-    elif not model and v.get("hf_file"):
-        raise EngineArgsError("-hff/--hf-file without -hf/--hf-repo")
+    model = model_reference(v.get("model"), v.get("hf_repo"), v.get("hf_file"))
     selection: Selection | None
     ngl = v.get("ngl", "auto")
     if v.get("dev", "").strip() == "none":

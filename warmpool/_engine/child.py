@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import threading
 from collections.abc import Callable, Sequence
 
@@ -94,7 +93,3 @@ def _wait(child: subprocess.Popen) -> int:
                 child.send_signal(info.si_signo)
             except ProcessLookupError:
                 pass
-
-
-def print_report(line: str) -> None:
-    print(f"warmpool: {line}", file=sys.stderr, flush=True)

@@ -18,7 +18,7 @@ import traceback
 from collections.abc import Sequence
 
 from .._errors import WarmpoolError
-from ._common import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, UsageError
+from ._common import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, UsageError, model_flags
 
 __all__ = ["build_parser", "main"]
 
@@ -51,15 +51,29 @@ def build_parser(only: str | None = None) -> tuple[argparse.ArgumentParser, dict
     worker started (docs/bench/warm_speed_phases.md)."""
     parser = argparse.ArgumentParser(prog="warmpool", description="Warm the page cache with the parts of a GGUF model an engine keeps on the CPU.")
     parser.add_argument("-v", "--verbose", action="store_true", help="more detail, and tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"warmpool {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands = {}
     for command in _commands(only):
         doc = command.__doc__.strip()
-        p = sub.add_parser(command.name, help=doc.splitlines()[0], description=doc)
+        p = sub.add_parser(command.name, help=_first_sentence(doc), description=doc)
         p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="more detail, and tracebacks on errors")
         command.add_arguments(p)
         commands[command.name] = command
     return parser, commands
+
+
+def _first_sentence(doc: str) -> str:
+    """A docstring's first sentence on one line (``--help`` lists one per command)."""
+    paragraph = " ".join(doc.split("\n\n")[0].split())
+    end = paragraph.find(". ")
+    return paragraph if end < 0 else paragraph[: end + 1]
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
 
 
 def _terminate(signum, frame):
@@ -102,6 +116,8 @@ def _main(argv: Sequence[str] | None) -> int:
     except SystemExit as e:  # argparse: 0 for --help, 2 for usage errors
         return int(e.code or 0)
     try:
+        if hasattr(args, "model_flag"):
+            model_flags(args)
         return commands[args.command].run(args)
     except KeyboardInterrupt:
         print("warmpool: interrupted", file=sys.stderr)

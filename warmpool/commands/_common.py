@@ -19,10 +19,23 @@ EXIT_HIDDEN = 4  # ``status``: the kernel hides residency for a file of the mode
 EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a process it terminated
 
 
+def _write(namespace: argparse.Namespace, option: str, value=None) -> None:
+    """Record a placement flag as the user wrote it, for output (``selection`` in plan)."""
+    words = [*(getattr(namespace, "written", None) or []), option if value is None else f"{option} {value}"]
+    namespace.written = words
+
+
+class _Layers(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        _write(namespace, option_string, values)
+        setattr(namespace, self.dest, values)
+
+
 class _OrderedRule(argparse.Action):
     """Collect -ot / --cpu-moe / --n-cpu-moe in command-line order, as llama.cpp applies them."""
 
     def __call__(self, parser, namespace, values, option_string=None):
+        _write(namespace, option_string, values if self.dest != "cpu_moe" else None)
         rules = list(getattr(namespace, "rules", None) or [])
         try:
             if self.dest == "override_tensor":
@@ -46,11 +59,11 @@ def _size(text: str) -> int:
 
 def add_selection_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("selection (llama.cpp's flags; default: every tensor, a CPU-only engine)")
-    group.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", type=int, metavar="N", help="layers offloaded to the GPU")
+    group.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", type=int, metavar="N", action=_Layers, help="layers offloaded to the GPU")
     group.add_argument("--cpu-moe", nargs=0, action=_OrderedRule, help="keep every MoE expert tensor on the CPU")
     group.add_argument("--n-cpu-moe", type=int, metavar="N", action=_OrderedRule, help="keep the experts of the first N layers on the CPU")
     group.add_argument("-ot", "--override-tensor", metavar="PATTERN=BUFT[,...]", action=_OrderedRule, help="regex=buffer type; CPU keeps, any other moves off (repeatable)")
-    parser.set_defaults(rules=[], cpu_moe=False, n_cpu_moe=None, override_tensor=None)
+    parser.set_defaults(rules=[], written=[], cpu_moe=False, n_cpu_moe=None, override_tensor=None)
 
 
 def selection_from(args: argparse.Namespace) -> Selection:
@@ -75,14 +88,46 @@ def add_model_argument(parser: argparse.ArgumentParser, *, many: bool = False) -
         parser.add_argument("model", nargs="*", help="models: " + MODEL_HELP)
     else:
         parser.add_argument("model", nargs="?", help=MODEL_HELP)
+    group = parser.add_argument_group("model, with llama.cpp's flags (instead of MODEL)")
+    group.add_argument("-m", "--model", dest="model_flag", metavar="PATH", help="the model file, as llama.cpp's -m")
+    group.add_argument("-hf", "-hfr", "--hf-repo", dest="hf_repo", metavar="ORG/REPO[:QUANT]",
+                       help="a model in the Hugging Face cache, chosen as llama.cpp's -hf chooses it (offline)")
+    group.add_argument("-hff", "--hf-file", dest="hf_file", metavar="FILE", help="with -hf: that file of the repository")
     parser.add_argument("--example", action="store_true", help="use the built-in example MoE model (generated once)")
     parser.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK_SIZE, metavar="SIZE", help="largest chunk a worker takes (default 16M)")
     add_selection_arguments(parser)
     parser.set_defaults(engine=None)
 
 
+def model_flags(args: argparse.Namespace) -> None:
+    """Fold -m / -hf / -hff into ``args.model``, once (a usage error beside MODEL)."""
+    ref = None
+    if args.model_flag or args.hf_repo or args.hf_file:
+        from .._engine.args import EngineArgsError, model_reference
+
+        try:
+            ref = model_reference(args.model_flag, args.hf_repo, args.hf_file)
+        except EngineArgsError as e:
+            raise UsageError(str(e)) from None
+    if ref is None:
+        return
+    if isinstance(args.model, list):
+        args.model = [*args.model, ref]
+    elif args.model:
+        raise UsageError(f"two models: {args.model} and {ref} (-m/-hf name the model instead of MODEL)")
+    else:
+        args.model = ref
+    args.model_flag = args.hf_repo = args.hf_file = None
+
+
 def say(line: str) -> None:
-    print(f"warmpool: {line}", file=sys.stderr)
+    """A note for the user: on stderr, or in the running service's log (``--log-format``)."""
+    from . import _logs
+
+    if _logs.current is not None:
+        _logs.current.note(line)
+    else:
+        print(f"warmpool: {line}", file=sys.stderr)
 
 
 def target(args: argparse.Namespace) -> tuple[str, Selection]:
@@ -116,6 +161,7 @@ def target(args: argparse.Namespace) -> tuple[str, Selection]:
         for note in notes:
             say(note)
         selection.validate()
+        args.written = list(command.placement)
     else:
         selection = selection_from(args)  # a bad flag is reported before the file is read
         path = model_path(args, args.model)
@@ -145,33 +191,41 @@ def resolve_ref(ref: str) -> str:
     return resolved.paths[0]
 
 
+def selection_text(args: argparse.Namespace, selection: Selection) -> str:
+    """The placement flags as the user wrote them (``--n-cpu-moe 2``, not its two regexes)."""
+    return " ".join(getattr(args, "written", None) or []) or selection.describe()
+
+
 def plan_from(args: argparse.Namespace) -> Plan:
     path, selection = target(args)
     return make_plan(read_layout(path), selection, args.chunk_size)
 
 
-def plan_summary(plan: Plan) -> dict:
-    """The machine-readable description of a plan, shared by ``plan --json`` and others."""
+def plan_summary(plan: Plan, selection: str | None = None) -> dict:
+    """``plan --json``: the fields are documented in docs/json.md.  ``bytes_selected`` is the
+    selection's page-rounded bytes, as warm, status, keep and fleet report it; ``tensor_bytes_*``
+    count tensor data alone."""
     layout = plan.layout
-    by_category = {c: {"tensors_total": 0, "tensors_selected": 0, "bytes_total": 0, "bytes_selected": 0} for c in CATEGORIES}
+    by_category = {c: {"tensors_total": 0, "tensors_selected": 0, "tensor_bytes_total": 0, "tensor_bytes_selected": 0}
+                   for c in CATEGORIES}
     selected = {t.name for t in plan.selected}
     for t in layout.tensors:
         row = by_category[category(t.name)]
         row["tensors_total"] += 1
-        row["bytes_total"] += t.nbytes
+        row["tensor_bytes_total"] += t.nbytes
         if t.name in selected:
             row["tensors_selected"] += 1
-            row["bytes_selected"] += t.nbytes
+            row["tensor_bytes_selected"] += t.nbytes
     return {
         "files": [{"path": f.path, "size": f.size} for f in layout.files],
         "architecture": layout.architecture,
         "n_layers": layout.n_layers,
-        "selection": plan.selection.describe(),
+        "selection": selection or plan.selection.describe(),
         "tensors_total": len(layout.tensors),
         "tensors_selected": len(plan.selected),
-        "bytes_total": layout.nbytes,
-        "bytes_selected": plan.bytes_selected,
-        "bytes_planned": plan.bytes_planned,
+        "bytes_selected": plan.bytes_planned,
+        "tensor_bytes_total": layout.nbytes,
+        "tensor_bytes_selected": plan.bytes_selected,
         "chunk_size": plan.chunk_size,
         "chunks": len(plan.chunks),
         "categories": by_category,

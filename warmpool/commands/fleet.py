@@ -10,6 +10,7 @@ import sys
 from .._errors import WarmpoolError
 from .._units import format_bytes
 from ._common import EXIT_ERROR, EXIT_OK, add_selection_arguments, selection_from
+from ._logs import add_log_format
 
 ACTIONS = ("warm", "status", "evict")
 
@@ -57,10 +58,13 @@ class Command:
                                  % ", ".join(f"{k} {v:g}" for k, v in DEFAULT_TIMEOUT.items()))
         parser.add_argument("--min-resident", type=_fraction, metavar="F", help="warm, status: a node below F (0..1), or unknown, fails")
         parser.add_argument("--json", action="store_true", help='print {"nodes": [...]}, one object per node')
+        add_log_format(parser)
 
     def run(self, args: argparse.Namespace) -> int:
         from .. import fleet
+        from . import _logs
 
+        log = _logs.start("fleet", args.log_format, verbose=getattr(args, "verbose", False))  # stderr: stdout has the table
         if args.action == "evict" and args.min_resident is not None:
             raise WarmpoolError("--min-resident applies to fleet warm and fleet status, not evict")
         selection = selection_from(args)._asdict()
@@ -68,18 +72,21 @@ class Command:
         if args.action != "evict":
             options["min_resident"] = args.min_resident
         # Ray's driver prints cluster events (a node marked dead...) to stdout: keep stdout for
-        # the table or the JSON, and let those lines go to stderr.
-        with contextlib.redirect_stdout(sys.stderr):
+        # the table or the JSON, and let those lines go to the log (stderr).
+        with contextlib.redirect_stdout(sys.stderr if args.log_format == "text" else _logs.LineWriter(log, source="ray")):
             rows = getattr(fleet, args.action)(args.model, args.address, **options)
         if args.json:
             print(json.dumps({"nodes": [row._asdict() for row in rows]}))
         else:
             print(_table(rows))
+        for row in rows:  # one record per node, for a log collector (the table is for people)
+            line = f"fleet {args.action}: node {row.node_id[:12]} ({row.node_ip}): {row.error or 'ok'}"
+            (log.info if row.ok else log.warning)(line, action=args.action, **row._asdict())
         bad = fleet.failed(rows)
         if not bad:
             return EXIT_OK
         names = "; ".join(f"{r.node_id[:12]} ({r.node_ip}): {r.error}" for r in bad)
-        print(f"warmpool: fleet {args.action} failed on {len(bad)} of {len(rows)} nodes: {names}", file=sys.stderr)
+        log.note(f"fleet {args.action} failed on {len(bad)} of {len(rows)} nodes: {names}", error=True)
         return EXIT_ERROR
 
 

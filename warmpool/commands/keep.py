@@ -12,6 +12,7 @@ import threading
 from .._errors import WarmpoolError
 from .._keep.keeper import HOLD_MODES, reporting_note
 from .._units import format_bytes
+from ._logs import add_log_format
 from ._common import (
     EXIT_OK,
     Bar,
@@ -44,14 +45,17 @@ class Command:
         parser.add_argument("--min-resident", type=float, default=0.99, metavar="F", help="/ready answers 200 from this resident fraction (default 0.99)")
         parser.add_argument("--for-pid", type=int, metavar="PID", help="exit 0 when this process ends")
         parser.add_argument("--no-progress", action="store_true", help="no progress bar for the first warm")
-        parser.add_argument("--json", action="store_true", help="print one JSON event per line")
+        parser.add_argument("--json", action="store_true", help="print one JSON event per line on stdout (the log then goes to stderr)")
+        add_log_format(parser)
 
     def run(self, args: argparse.Namespace) -> int:
         from .. import _platform
         from .._keep.keeper import Keeper
-        from .._log import enable_cli_logging
+        from . import _logs
 
-        enable_cli_logging(getattr(args, "verbose", False))
+        # The log is keep's output on stdout, unless --json gives stdout to the event stream.
+        log = _logs.start("keep", args.log_format, sys.stderr if args.json else sys.stdout, prefix="",
+                          verbose=getattr(args, "verbose", False))
         if args.workers is not None and args.workers < 1:
             raise WarmpoolError(f"--workers must be at least 1, got {args.workers}")
         if args.for_pid is not None and not _platform.pid_alive(args.for_pid):
@@ -71,7 +75,11 @@ class Command:
         def on_event(event: dict) -> None:
             for bar in bars if event["event"] != "started" else ():
                 bar.stop()
-            print(json.dumps(event) if args.json else _describe(event), flush=True)
+            if args.json:
+                print(json.dumps(event), flush=True)
+            else:
+                level = {"error": log.error, "backoff": log.warning}.get(event["event"], log.info)
+                level(_describe(event), **event)
 
         from .._gguf.layout import read_layout
         from .._plan import make_plan

@@ -56,7 +56,6 @@ def _row(model) -> dict:
     except (OSError, WarmpoolError) as e:
         row["error"] = str(e)
         return row
-    # Residency.residency_hidden (issue 8): the kernel hides residency from this caller.
-    row["residency_hidden"] = bool(getattr(r, "residency_hidden", False))
+    row["residency_hidden"] = r.residency_hidden  # the kernel hides residency from this caller
     row["resident_fraction"] = None if row["residency_hidden"] else r.resident_fraction
     return row

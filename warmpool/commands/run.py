@@ -8,6 +8,7 @@ import sys
 
 from .._units import format_bytes
 from ._common import UsageError, add_model_argument, budget_syntax, resolve_budget, say
+from ._logs import add_log_format
 
 
 class Command:
@@ -31,24 +32,27 @@ class Command:
         parser.add_argument("--budget", type=budget_syntax, metavar="SIZE|PCT", help="most bytes to warm")
         parser.add_argument("--force", action="store_true", help="ignore the memory budget")
         parser.add_argument("--json", action="store_true", help="print the keeper's events, one JSON object per line, on stderr")
+        add_log_format(parser)
 
     def run(self, args: argparse.Namespace) -> int:
         from .._engine.args import parse_engine
-        from .._engine.child import print_report, run_engine
+        from .._engine.child import run_engine
+        from . import _logs
 
         if not args.engine:
             raise UsageError("run needs the engine's command line after --, e.g. warmpool run -- llama-server -m MODEL")
         if not (args.model or args.example or parse_engine(args.engine).model):
             raise UsageError("no model in the engine command line (-m, -hf, LLAMA_ARG_MODEL, --model) and none given")
         budget = resolve_budget(args.budget) if args.budget else None
+        log = _logs.start("run", args.log_format, verbose=getattr(args, "verbose", False))  # stderr: stdout is the engine's
 
         def start(fail):
-            return _keep(args, budget, fail)
+            return _keep(args, budget, fail, log)
 
-        return run_engine(args.engine, start, print_report)
+        return run_engine(args.engine, start, lambda line: log.note(line, error=True))
 
 
-def _keep(args: argparse.Namespace, budget: int | None, fail):
+def _keep(args: argparse.Namespace, budget: int | None, fail, log):
     """warmpool's part: plan, then keep (the first warm runs in the keeper's thread)."""
     from ._common import plan_from
 
@@ -63,26 +67,22 @@ def _keep(args: argparse.Namespace, budget: int | None, fail):
         elif event.get("event") == "started" and event.get("free_page_reporting") is not None:
             from .._keep.keeper import reporting_note
 
-            say(f"note: {reporting_note(event['free_page_reporting'])}")
+            log.note(f"note: {reporting_note(event['free_page_reporting'])}")
         elif event.get("event") == "warmed":
             share = event.get("resident_fraction")
-            say(f"warmed {format_bytes(event.get('bytes_warmed') or 0)} of {format_bytes(event.get('bytes_selected') or 0)} "
-                f"selected; {'unknown' if share is None else f'{share:.1%}'} resident")
+            log.note(f"warmed {format_bytes(event.get('bytes_warmed') or 0)} of {format_bytes(event.get('bytes_selected') or 0)} "
+                     f"selected; {'unknown' if share is None else f'{share:.1%}'} resident", **event)
         if event.get("event") == "error":
             fail(f"keeping {plan.files[0].path}: {event.get('message')}")
 
-    try:
-        from .._keep.keeper import Keeper
-    except ImportError:
-        Keeper = None
-    if Keeper is None or (command is not None and not command.reads_page_cache):
+    if command is not None and not command.reads_page_cache:
         from .._api import warm
 
-        if Keeper is None:
-            say("this build has no keeper (warmpool.Keeper): warming once, not keeping" + (", no --listen" if args.listen else ""))
         result = warm(plan.files[0].path, plan=plan, workers=args.workers, budget=budget, force=args.force)
         on_event({"event": "warmed", **result._asdict()})
         return None
+    from .._keep.keeper import Keeper
+
     keeper = Keeper([plan], interval=args.interval, lock=args.lock, min_resident=args.min_resident,
                     listen=args.listen, workers=args.workers, budget=budget, force=args.force, on_event=on_event)
     keeper.start()
