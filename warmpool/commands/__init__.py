@@ -76,6 +76,9 @@ def _version() -> str:
     return __version__
 
 
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a tool its reader left
+
+
 def _terminate(signum, frame):
     raise SystemExit(EXIT_TERMINATED)
 
@@ -122,6 +125,11 @@ def _main(argv: Sequence[str] | None) -> int:
     except KeyboardInterrupt:
         print("warmpool: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader went away (warmpool plan ... | head): as a C tool would end
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing to flush at exit
+        return EXIT_BROKEN_PIPE
     except WarmpoolError as e:
         if args.verbose:
             traceback.print_exc()
