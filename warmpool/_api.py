@@ -21,6 +21,7 @@ from ._gguf.layout import ModelLayout
 from ._log import logger
 from ._plan import DEFAULT_CHUNK_SIZE, Plan, contiguous_runs, layer_key, make_plan
 from ._select import Selection
+from ._units import format_bytes
 from ._pool.strategy import check_priority, check_strategy
 
 __all__ = ["FileResidency", "LayerResidency", "Residency", "WarmResult", "evict", "model_file", "plan_model",
@@ -55,18 +56,17 @@ class WarmResult(NamedTuple):
     files: tuple[FileResidency, ...] = ()  # per file, after the warm
 
     def summary(self) -> str:
-        gib = 2**30
         rate = self.bytes_warmed / self.seconds / 1e9 if self.seconds else 0.0
         if self.skipped:
             head = f"skipped: {self.reason}"
         else:
             already = ("" if self.bytes_already_resident is None
-                       else f" ({self.bytes_already_resident / gib:.2f} GiB already resident)")
-            head = (f"warmed {self.bytes_warmed / gib:.2f} GiB of {self.bytes_selected / gib:.2f} GiB selected"
+                       else f" ({format_bytes(self.bytes_already_resident)} already resident)")
+            head = (f"warmed {format_bytes(self.bytes_warmed)} of {format_bytes(self.bytes_selected)} selected"
                     f"{already} in {self.seconds:.2f} s, {rate:.2f} GB/s, {self.workers} workers, {self.strategy}")
             if self.bytes_left_cold >= self.bytes_selected / 1000:  # not a few stray pages
                 why = f" ({self.reason})" if "left cold" in self.reason else ""
-                head += f"; {self.bytes_left_cold / gib:.2f} GiB left cold{why}"
+                head += f"; {format_bytes(self.bytes_left_cold)} left cold{why}"
         if self.resident_fraction is None:
             return f"{head}; {hidden_note(self.files)}"
         return f"{head}; {self.resident_fraction:.1%} resident"

@@ -1,4 +1,18 @@
-"""One exception tree for everything warmpool raises.
+"""One exception tree for everything warmpool raises::
+
+    WarmpoolError
+    ├── LayoutError           the file is not a GGUF warmpool can read
+    ├── SelectionError        a placement flag is malformed
+    ├── ModelNotFoundError    a reference names no file and no stored model
+    ├── AmbiguousModelError   a reference names several models
+    ├── EngineArgsError       an engine command line cannot be read
+    ├── UsageError            a command line is incomplete (the CLI exits 2)
+    ├── PlatformError         an OS call failed
+    ├── ProgressError         a progress segment is missing, foreign or unknown
+    └── WarmError             a warm could not complete
+        ├── WorkerDiedError   a worker ended without reporting
+        ├── FileChangedError  the model file changed under the warm
+        └── CancelledError    the warm was cancelled
 
 Every error is a :class:`WarmpoolError`.  Errors cross process boundaries (a worker
 process reports a failure to the coordinator through a pipe), so each class pickles
@@ -13,12 +27,14 @@ import os
 __all__ = [
     "AmbiguousModelError",
     "CancelledError",
+    "EngineArgsError",
     "FileChangedError",
     "LayoutError",
     "ModelNotFoundError",
     "PlatformError",
     "ProgressError",
     "SelectionError",
+    "UsageError",
     "WarmError",
     "WarmpoolError",
     "WorkerDiedError",
@@ -78,3 +94,11 @@ class ModelNotFoundError(WarmpoolError):
 
 class AmbiguousModelError(WarmpoolError):
     """A model reference names more than one model (a directory or repository holding several)."""
+
+
+class EngineArgsError(WarmpoolError):
+    """An engine's command line cannot be read (a flag without its value, a bad number)."""
+
+
+class UsageError(WarmpoolError):
+    """A command line is incomplete (the CLI exits 2, as for argparse's own usage errors)."""

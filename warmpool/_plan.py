@@ -11,15 +11,14 @@ key ``n_layers``, last.
 
 from __future__ import annotations
 
-import mmap
 from typing import NamedTuple
 
 from ._gguf.layout import ModelFile, ModelLayout, TensorInfo
 from ._select import Selection
+from ._platform import PAGE_SIZE  # the platform layer's, the one page size
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "PAGE_SIZE", "Chunk", "Plan", "contiguous_runs", "layer_key", "make_plan"]
 
-PAGE_SIZE = mmap.PAGESIZE
 # 16 MiB: two 8 MiB readahead windows per chunk, and a per-chunk overhead (IPC, mmap, mincore)
 # small against the chunk's I/O; still enough chunks per model to balance the workers and to
 # mark a large MoE layer ready in several steps (figures: docs/bench/pool.md).

@@ -20,6 +20,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
+from ._units import format_bytes
+
 __all__ = ["BUDGET_FRACTION", "Decision", "MemoryFigures", "decide", "memory_figures"]
 
 BUDGET_FRACTION = 0.8
@@ -62,12 +64,12 @@ def memory_figures() -> MemoryFigures:
 
 def _budget(memory: MemoryFigures, budget: int | None) -> tuple[int, str]:
     if budget is not None:
-        return budget, f"--budget {budget / 2**30:.2f} GiB"
+        return budget, f"--budget {format_bytes(budget)}"
     ceiling = min(memory.total, memory.cgroup_limit or memory.total)
     where = "cgroup memory.max" if memory.cgroup_limit and memory.cgroup_limit < memory.total else "physical RAM"
     amount = min(int(ceiling * BUDGET_FRACTION), memory.available)
     limit_by = "available memory" if amount == memory.available else f"{BUDGET_FRACTION:.0%} of {where}"
-    return amount, f"budget {amount / 2**30:.2f} GiB ({limit_by})"
+    return amount, f"budget {format_bytes(amount)} ({limit_by})"
 
 
 def decide(cold: Sequence[int], *, env: Mapping[str, str] | None = None, force: bool = False,
@@ -86,7 +88,7 @@ def decide(cold: Sequence[int], *, env: Mapping[str, str] | None = None, force: 
         return Decision("warm", every, None, total_cold, 0, f"{why}: warming everything, no budget")
     allowed, why = _budget(memory or memory_figures(), budget)
     if total_cold <= allowed:
-        return Decision("warm", every, allowed, total_cold, 0, f"{total_cold / 2**30:.2f} GiB cold fits the {why}")
+        return Decision("warm", every, allowed, total_cold, 0, f"{format_bytes(total_cold)} cold fits the {why}")
     chosen, spent = [], 0
     for i in every:
         if spent + cold[i] > allowed:
@@ -95,6 +97,6 @@ def decide(cold: Sequence[int], *, env: Mapping[str, str] | None = None, force: 
         spent += cold[i]
     left = total_cold - spent
     return Decision("partial" if chosen else "skip", tuple(chosen), allowed, total_cold, left,
-                    f"{total_cold / 2**30:.2f} GiB cold exceeds the {why}: "
+                    f"{format_bytes(total_cold)} cold exceeds the {why}: "
                     f"{'warming the first ' + str(len(chosen)) + ' chunks in plan order, ' if chosen else ''}"
-                    f"{left / 2**30:.2f} GiB left cold")
+                    f"{format_bytes(left)} left cold")

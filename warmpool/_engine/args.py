@@ -16,14 +16,10 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
-from .._errors import WarmpoolError
+from .._errors import EngineArgsError, WarmpoolError
 from .._select import Selection, moe_overrides, parse_overrides
 
 __all__ = ["EngineArgsError", "EngineCommand", "fit_placement", "model_reference", "parse_engine", "recognized"]
-
-
-class EngineArgsError(WarmpoolError):
-    """The engine command line cannot be read (a flag without its value, a bad number)."""
 
 
 class EngineCommand(NamedTuple):

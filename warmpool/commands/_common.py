@@ -7,7 +7,7 @@ import argparse
 import sys
 import threading
 
-from .._errors import WarmpoolError
+from .._errors import UsageError, WarmpoolError
 from .._gguf.layout import read_layout
 from .._plan import DEFAULT_CHUNK_SIZE, Plan, make_plan
 from .._select import CATEGORIES, Selection, category, moe_overrides, parse_overrides
@@ -72,10 +72,6 @@ def selection_from(args: argparse.Namespace) -> Selection:
     if args.override_tensor is None:
         return Selection(args.n_gpu_layers, bool(args.cpu_moe), args.n_cpu_moe or 0).validate()
     return Selection(args.n_gpu_layers, overrides=tuple(args.rules)).validate()
-
-
-class UsageError(WarmpoolError):
-    """The command line is incomplete (main exits 2, as for argparse's own usage errors)."""
 
 
 MODEL_HELP = ("a GGUF file (any shard of a split model), a directory holding one, or a store name: "
