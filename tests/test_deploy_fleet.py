@@ -159,7 +159,9 @@ def test_image_and_readme_agree_with_the_manifests():
     assert len(images) == 1
     dockerfile = (KUBE / "Dockerfile").read_text()
     assert f"-t {images.pop()} ." in dockerfile, "the Dockerfile builds the image the manifests name"
-    assert "[server]" in dockerfile, "keep --listen serves /metrics: the server extra"
+    assert "pip install --no-cache-dir /src " in dockerfile, "the image installs this checkout"
+    requires = re.search(r"^dependencies = \[(.*?)\]", (KUBE.parents[2] / "pyproject.toml").read_text(), re.M | re.S)
+    assert '"prometheus-client' in requires.group(1), "keep --listen serves /metrics in the image"
     readme = (KUBE / "README.md").read_text()
     for path in re.findall(r"kubectl apply -f ([\w./-]+)", readme):
         assert (KUBE.parents[2] / path).is_file(), path
