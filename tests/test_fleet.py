@@ -30,7 +30,7 @@ from ray.cluster_utils import Cluster
 
 import warmpool
 from conftest import evict_file, pinned, resident_fraction
-from test_stores import make_ollama
+from tests.helpers.stores import make_ollama
 from warmpool import _platform, fleet
 
 pytestmark = [pytest.mark.pagecache, pytest.mark.xdist_group("ray")]

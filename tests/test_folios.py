@@ -2,25 +2,23 @@
 
 A warm should leave the selection in folios as large as a sequential reader leaves, so an
 engine's first pass maps many pages per fault (docs/folios.md).  Folio sizes are read with
-tools/folios.py (/proc/self/pagemap + /proc/kpageflags): root only, skipped otherwise.  The
+tests/helpers/folios.py (/proc/self/pagemap + /proc/kpageflags): root only, skipped otherwise.  The
 guard-zone guarantee (no unselected page read) is checked here for the huge-folio path too.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 import warmpool
 from conftest import evict_file
+from tests.helpers import folios
 from warmpool import _platform
 from warmpool._pool.worker import FAULT_READAHEAD_MIN, Guards
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-import folios  # noqa: E402
 
 HUGE = 2 << 20
 

@@ -1,20 +1,17 @@
 """Fuzz the header walk: whatever the bytes, read_layout returns or raises LayoutError.
 
-The strategy, the seeds and the per-parse guards live in tools/fuzz_layout.py (which also runs
-10,000 examples on demand); this test runs 2,000 under CI and a few hundred locally.
+The strategy, the seeds and the per-parse guards live in tests/helpers/fuzz.py (tools/fuzz_layout.py
+runs 10,000 examples of it on demand); this test runs 2,000 under CI and a few hundred locally.
 """
 
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import fuzz_layout  # noqa: E402 - tools/ is not a package
+from tests.helpers import fuzz as fuzz_layout
 
 
 # Explicit, not left to the profile: the issue asks for >= 2000 examples in CI.

@@ -7,16 +7,13 @@ from __future__ import annotations
 
 import os
 import re
-import sys
-from pathlib import Path
 
 import pytest
 
 import warmpool
 from conftest import MiB, evict_file, page_out, resident_fraction, write_random
+from tests.helpers import folios
 from warmpool import _platform
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-import folios  # noqa: E402
 
 pytestmark = pytest.mark.pagecache
 
@@ -68,13 +65,9 @@ def _referenced(held) -> float:
     """Share of the mapping's present pages whose folio the kernel marks referenced or active."""
     import numpy as np
 
-    page = _platform.PAGE_SIZE
-    n = -(-held.length // page)
-    with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
-        entries = np.frombuffer(os.pread(pagemap.fileno(), n * 8, held.address // page * 8), dtype=np.uint64)
-    present = (entries >> np.uint64(63)) != 0
-    pfns = (entries & np.uint64((1 << 55) - 1)).astype(np.int64)
-    flags = folios._kpageflags(pfns, present)
+    n = -(-held.length // _platform.PAGE_SIZE)
+    present, pfns = folios.page_frames(held.address, n)
+    flags = folios.kpageflags(pfns, present)
     assert present.sum() > 0.99 * n  # the held mapping maps the whole (resident) file
     return float(np.count_nonzero(flags[present] & (KPF_REFD | KPF_ACTIVE))) / float(present.sum())
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import struct
-import sys
 from pathlib import Path
 
 import gguf
@@ -21,9 +20,8 @@ from warmpool.example import TEST, TINY
 from warmpool._platform import PAGE_SIZE, resident_pages
 
 from conftest import evict_file
+from tests.helpers.gguf_files import write_small_gguf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-from fuzz_layout import write_small_gguf  # noqa: E402
 
 
 Row = tuple[str, int, int, int, tuple[int, ...]]  # name, absolute offset, bytes, ggml type, shape

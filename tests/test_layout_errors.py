@@ -1,7 +1,7 @@
 """Bad model files: every one raises LayoutError naming the file and the defect, never writes
 the file, never allocates what a corrupt count claims, and the CLI reports it in one line.
 
-Bad files are valid ones with one field patched.  The valid file is tools/fuzz_layout.py's
+Bad files are valid ones with one field patched.  The valid file is tests/helpers/gguf_files.py's
 small GGUF (written by gguf-py's GGUFWriter); ``map_fields`` finds each field with gguf-py's
 reader, so a case names the field it breaks ("tokenizer.ggml.tokens/array_len"), not an offset.
 """
@@ -12,20 +12,16 @@ import os
 import random
 import re
 import shutil
-import struct
-import sys
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import gguf
 import pytest
 
+from tests.helpers.gguf_files import Span, find_span, map_fields, patch_field, write_small_gguf, write_with_strings
 from warmpool import LayoutError, main, read_layout
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-from fuzz_layout import Span, find_span, map_fields, write_small_gguf  # noqa: E402
 
 
 ALIGNMENT = 64  # the base file carries general.alignment, so its value can be broken too
@@ -53,16 +49,10 @@ def write(path: Path, data: bytes) -> tuple[Path, Path]:
     return path, path
 
 
-def patch(data: bytes, span: Span, value: int) -> bytes:
-    out = bytearray(data)
-    struct.pack_into("<" + {1: "B", 2: "H", 4: "I", 8: "Q"}[span.size], out, span.offset, value)
-    return bytes(out)
-
-
 def patched(tmp: Path, base: Base, what: str, value: int, *more: tuple[str, int]) -> tuple[Path, Path]:
     data = base.data
     for field, new in ((what, value), *more):
-        data = patch(data, find_span(base.spans, field), new)
+        data = patch_field(data, find_span(base.spans, field), new)
     return write(tmp / "bad.gguf", data)
 
 
@@ -122,7 +112,7 @@ def shard_key_patched(index: int, key: str, value: int) -> Callable[[Path, list[
     def build(tmp: Path, shards: list[Path]) -> tuple[Path, Path]:
         copies = copy_shards(tmp, shards)
         _, spans = map_fields(copies[index])
-        copies[index].write_bytes(patch(copies[index].read_bytes(), find_span(spans, f"{key}/value"), value))
+        copies[index].write_bytes(patch_field(copies[index].read_bytes(), find_span(spans, f"{key}/value"), value))
         return copies[0], copies[index]
 
     return build
@@ -142,16 +132,7 @@ def shard_renamed(tmp: Path, shards: list[Path]) -> tuple[Path, Path]:
 
 def split_count_as_string(tmp: Path, shards: list[Path]) -> tuple[Path, Path]:
     """Well-formed GGUF, ill-typed key: once a TypeError escaped (str > int)."""
-    import numpy as np
-
-    path = tmp / "typed.gguf"
-    writer = gguf.GGUFWriter(path, "llama")
-    writer.add_string("split.count", "3")
-    writer.add_tensor("token_embd.weight", np.zeros(8, np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    path = write_with_strings(tmp / "typed.gguf", {"split.count": "3"})
     return path, path
 
 
@@ -332,5 +313,5 @@ def test_plausible_counts_do_not_read_the_file(test_model, tmp_path, what, min_b
     data = test_model.read_bytes()
     _, spans = map_fields(test_model)
     span = find_span(spans, what)
-    path, _ = write(tmp_path / "plausible.gguf", patch(data, span, (len(data) - span.offset - 8) // min_bytes))
+    path, _ = write(tmp_path / "plausible.gguf", patch_field(data, span, (len(data) - span.offset - 8) // min_bytes))
     assert peak_bytes_of_failing_parse(path) < 10 << 20

@@ -4,7 +4,6 @@ same plan as the plain path; unknown and ambiguous names; which environment vari
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -17,10 +16,10 @@ import pytest
 
 import warmpool
 from warmpool import AmbiguousModelError, ModelNotFoundError, resolve_model, resolve_models
+from tests.helpers.stores import link, make_hub, make_ollama
 from warmpool._stores import ollama as _store_ollama
 
 STORE_VARS = ("OLLAMA_MODELS", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME", "LLAMA_CACHE")
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 @pytest.fixture
@@ -33,58 +32,6 @@ def home(tmp_path, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(_store_ollama, "SERVICE_MODELS", str(tmp_path / "no-service"))
     return h
-
-
-def _link(src: Path, dst: Path) -> Path:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    os.link(src, dst)  # same bytes and inode: no copy of the model
-    return dst
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def make_ollama(models: Path, model: Path, host: str, namespace: str, name: str, tag: str) -> Path:
-    """manifests/<host>/<namespace>/<model>/<tag> -> blobs/sha256-<hex>, as ``ollama pull`` writes."""
-    digest = sha256(model)
-    blob = models / "blobs" / f"sha256-{digest}"
-    if not blob.exists():  # blobs are shared by the manifests that name them
-        _link(model, blob)
-    config = models / "blobs" / ("sha256-" + "c" * 64)
-    config.write_text('{"model_format":"gguf"}')
-    template = models / "blobs" / ("sha256-" + "d" * 64)
-    template.write_text("{{ .Prompt }}")
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-        "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "digest": "sha256:" + "c" * 64, "size": 23},
-        "layers": [
-            {"mediaType": "application/vnd.ollama.image.model", "digest": f"sha256:{digest}", "size": model.stat().st_size},
-            {"mediaType": "application/vnd.ollama.image.template", "digest": "sha256:" + "d" * 64, "size": 13},
-        ],
-    }
-    path = models / "manifests" / host / namespace / name / tag
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(manifest))
-    return blob
-
-
-def make_hub(cache: Path, repo: str, files: dict[str, Path], ref: str = "main") -> Path:
-    """models--ORG--REPO/{blobs/<sha256>, snapshots/<commit>/<file> -> ../../blobs/<sha256>, refs/<ref>},
-    as huggingface_hub's hf_hub_download and llama.cpp's hf-cache write it."""
-    root = cache / ("models--" + repo.replace("/", "--"))
-    snapshot = root / "snapshots" / COMMIT
-    for rel, src in files.items():
-        blob = root / "blobs" / sha256(src)
-        if not blob.exists():
-            _link(src, blob)
-        link = snapshot / rel
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    (root / "refs").mkdir(parents=True, exist_ok=True)
-    (root / "refs" / ref).write_text(COMMIT)
-    return snapshot
 
 
 def same_plan(ref, path) -> None:
@@ -184,8 +131,8 @@ def test_hub_cache_location_precedence(home, tiny_model, tmp_path, monkeypatch, 
 def test_llama_cpp_flat_cache(home, tiny_model, tmp_path, monkeypatch):
     """Builds before the hub layout: <cache>/<org>_<repo>_<file> and the tag's cached manifest."""
     flat = home / ".cache" / "llama.cpp"
-    _link(tiny_model, flat / "org_Tiny-GGUF_Tiny-Q4_K_M.gguf")
-    _link(tiny_model, flat / "org_Tiny-GGUF_Tiny-Q8_0.gguf")
+    link(tiny_model, flat / "org_Tiny-GGUF_Tiny-Q4_K_M.gguf")
+    link(tiny_model, flat / "org_Tiny-GGUF_Tiny-Q8_0.gguf")
     (flat / "manifest=org_Tiny-GGUF=latest.json").write_text(json.dumps({"ggufFile": {"rfilename": "Tiny-Q8_0.gguf"}}))
     model = resolve_model("hf:org/Tiny-GGUF")
     assert (model.store, model.paths) == ("llama.cpp-cache", (str(flat / "org_Tiny-GGUF_Tiny-Q8_0.gguf"),))
@@ -199,10 +146,10 @@ def test_llama_cpp_flat_cache(home, tiny_model, tmp_path, monkeypatch):
 
 def test_lmstudio(home, tiny_model, tmp_path):
     models = home / ".lmstudio" / "models"
-    _link(tiny_model, models / "lmstudio-community" / "Tiny-GGUF" / "Tiny-Q4_K_M.gguf")
-    _link(tiny_model, models / "lmstudio-community" / "Tiny-GGUF" / "mmproj-Tiny-F16.gguf")
-    _link(tiny_model, models / "pub" / "Two-GGUF" / "Two-Q4_K_M.gguf")
-    _link(tiny_model, models / "pub" / "Two-GGUF" / "Two-Q8_0.gguf")
+    link(tiny_model, models / "lmstudio-community" / "Tiny-GGUF" / "Tiny-Q4_K_M.gguf")
+    link(tiny_model, models / "lmstudio-community" / "Tiny-GGUF" / "mmproj-Tiny-F16.gguf")
+    link(tiny_model, models / "pub" / "Two-GGUF" / "Two-Q4_K_M.gguf")
+    link(tiny_model, models / "pub" / "Two-GGUF" / "Two-Q8_0.gguf")
     model = resolve_model("lmstudio:lmstudio-community/Tiny-GGUF")
     assert (model.store, model.name) == ("lmstudio", "lmstudio-community/Tiny-GGUF/Tiny-Q4_K_M.gguf")
     assert resolve_model("lmstudio-community/Tiny-GGUF").store == "lmstudio"  # bare: Ollama, HF, then LM Studio
@@ -211,7 +158,7 @@ def test_lmstudio(home, tiny_model, tmp_path):
         resolve_model("lmstudio:pub/Two-GGUF")
     assert resolve_model("lmstudio:pub/Two-GGUF/Two-Q8_0").name == "pub/Two-GGUF/Two-Q8_0.gguf"
     elsewhere = tmp_path / "lms-home"
-    _link(tiny_model, elsewhere / "models" / "p" / "r" / "m.gguf")
+    link(tiny_model, elsewhere / "models" / "p" / "r" / "m.gguf")
     (home / ".lmstudio-home-pointer").write_text(f"{elsewhere}\n")  # the pointer wins
     assert resolve_model("lmstudio:p/r").paths[0] == str(elsewhere / "models" / "p" / "r" / "m.gguf")
 
@@ -226,10 +173,10 @@ def test_bare_name_order_ollama_first(home, tiny_model):
 
 def test_directory(tmp_path, tiny_model, split_model):
     (tmp_path / "d" / "sub").mkdir(parents=True)
-    _link(tiny_model, tmp_path / "d" / "one.gguf")
+    link(tiny_model, tmp_path / "d" / "one.gguf")
     for shard in split_model:
-        _link(shard, tmp_path / "d" / "sub" / shard.name)
-    _link(tiny_model, tmp_path / "d" / "mmproj-x.gguf")
+        link(shard, tmp_path / "d" / "sub" / shard.name)
+    link(tiny_model, tmp_path / "d" / "mmproj-x.gguf")
     models = resolve_models(tmp_path / "d")
     assert [(m.store, m.name, len(m.paths)) for m in models] == [("path", "one.gguf", 1), ("path", "sub/tiny-00001-of-00003.gguf", 3)]
     with pytest.raises(AmbiguousModelError, match="holding 2 models"):
@@ -282,7 +229,7 @@ def test_cli_unknown_and_ambiguous_are_one_line(home, tiny_model, tmp_path):
     assert missing_hf.returncode == 1 and len(missing_hf.stderr.splitlines()) == 1
     assert f"hf {home}/.cache/huggingface/hub" in missing_hf.stderr and "lmstudio " in missing_hf.stderr
     for k in (1, 2):
-        _link(tiny_model, tmp_path / "two" / f"m{k}.gguf")
+        link(tiny_model, tmp_path / "two" / f"m{k}.gguf")
     ambiguous = _cli("evict", str(tmp_path / "two"), env=env)
     assert ambiguous.returncode == 1 and len(ambiguous.stderr.splitlines()) == 1
     assert "a directory holding 2 models (m1.gguf, m2.gguf)" in ambiguous.stderr
@@ -292,7 +239,7 @@ def test_list(home, tiny_model, split_model):
     make_ollama(home / ".ollama" / "models", tiny_model, "registry.ollama.ai", "library", "tiny", "latest")
     make_hub(home / ".cache" / "huggingface" / "hub", "org/Tiny-GGUF",
              {f"Tiny-IQ2_M-{k:05d}-of-00003.gguf": s for k, s in enumerate(split_model, 1)})
-    _link(tiny_model, home / ".lmstudio" / "models" / "p" / "r" / "m.gguf")
+    link(tiny_model, home / ".lmstudio" / "models" / "p" / "r" / "m.gguf")
     out = _cli("list", "--json", env=_env(home))
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines()]
@@ -344,18 +291,18 @@ def test_list_reports_hidden_residency_as_null(tiny_model, tmp_path):
 
 def test_home_in_a_path_is_expanded(tmp_path, tiny_model, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
-    _link(tiny_model, tmp_path / "models" / "m.gguf")
+    link(tiny_model, tmp_path / "models" / "m.gguf")
     assert resolve_model("~/models/m.gguf").paths == (str(tmp_path / "models" / "m.gguf"),)
     assert warmpool.read_layout("~/models/m.gguf").files[0].path == str(tmp_path / "models" / "m.gguf")
 
 
 def test_lmstudio_home_order(home, tiny_model, tmp_path):
     """findLMStudioHome: the pointer file, else ~/.cache/lm-studio when it exists, else ~/.lmstudio."""
-    _link(tiny_model, home / ".lmstudio" / "models" / "p" / "r" / "default.gguf")
+    link(tiny_model, home / ".lmstudio" / "models" / "p" / "r" / "default.gguf")
     assert resolve_model("lmstudio:p/r").name == "p/r/default.gguf"
-    _link(tiny_model, home / ".cache" / "lm-studio" / "models" / "p" / "r" / "legacy.gguf")
+    link(tiny_model, home / ".cache" / "lm-studio" / "models" / "p" / "r" / "legacy.gguf")
     assert resolve_model("lmstudio:p/r").name == "p/r/legacy.gguf"
-    _link(tiny_model, tmp_path / "pointed" / "models" / "p" / "r" / "pointed.gguf")
+    link(tiny_model, tmp_path / "pointed" / "models" / "p" / "r" / "pointed.gguf")
     (home / ".lmstudio-home-pointer").write_text(str(tmp_path / "pointed"))
     assert resolve_model("lmstudio:p/r").name == "p/r/pointed.gguf"
 

@@ -10,7 +10,7 @@ Each round runs every way once, in an order rotated by one per round, each after
 eviction (and wait).  Wall time is from spawn to exit; CPU is user + system of the children
 (``getrusage(RUSAGE_CHILDREN)``, the warm's workers included); after each warm a fresh
 process's one-byte-per-page pass over the file reports its minor faults
-(``tools/folios.py --engine-pass``).  The summary gives medians, and "paired" is the median over
+(``python tools/lib/measure.py engine-pass FILE``).  The summary gives medians, and "paired" is the median over
 rounds of the time over the faster of `cat` and `dd` in the same round.  One JSON line per run
 and one per way follow the table.
 """
@@ -24,19 +24,17 @@ import statistics
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE)]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: warmpool
 
-import folios
-from _bench_peers import (
-    FILE,
+from lib.measure import (  # noqa: E402
     add_no_page_reporting,
     add_wait_after_evict,
-    catalogue,
+    engine_pass,
     page_reporting_off,
     timed_rounds,
     warmpool_argv,
 )
+from lib.peers import FILE, catalogue  # noqa: E402
 
 PEERS = ("cat", "dd", "dd4")  # bench_warm's methods of these names
 
@@ -60,7 +58,7 @@ def _rounds(args, ways) -> list[dict]:
     def after(name: str, run: dict) -> None:
         run["load_1m"] = round(os.getloadavg()[0], 2)
         if ways[name][1] is not None:
-            run["engine_pass_minor_faults"] = folios.engine_pass(args.file)["minor_faults"]
+            run["engine_pass_minor_faults"] = engine_pass(args.file)["minor_faults"]
 
     filled = {name: ([a.replace(FILE, args.file) for a in argv], env) for name, (argv, env) in ways.items()}
     return timed_rounds(args.file, filled, args.rounds, args.wait_after_evict, after)

@@ -20,10 +20,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))  # the checkout: warmpool and tests.helpers
 
-from test_stores import make_hub, make_ollama  # noqa: E402 - the test's own store layouts
-
+from tests.helpers.stores import make_hub, make_ollama  # noqa: E402 - the stores the tests build
 from warmpool.example import TEST, write_moe_gguf  # noqa: E402
 
 

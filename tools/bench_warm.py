@@ -14,7 +14,7 @@ resident (``--wait-after-evict``: that many seconds after the eviction; on a VM 
 reporting the evicted memory goes back to the host a few seconds after it is freed, and every
 method then fills the page cache more slowly: README, "Device speed"; ``--no-page-reporting``,
 as root, switches that reporting off for the run and restores it after).  Medians and ratios are
-paired per round (``_bench_report``).  ``--latency-ms`` runs
+paired per round (``lib/warm_report.py``).  ``--latency-ms`` runs
 the same comparison through ``tools/latency_fs.py`` (a FUSE passthrough that sleeps per read)
 on a smaller synthetic model (``--latency-size``), whose source file is kept cached so only
 the latency shows.  Then: the hot run (``warmpool warm FILE`` when all is resident), Python's
@@ -37,8 +37,10 @@ import sys
 import time
 from pathlib import Path
 
-import _bench_peers as peers
-import _bench_report as report
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: warmpool and tests.helpers
+
+from lib import measure, peers  # noqa: E402
+from lib import warm_report as report  # noqa: E402
 
 __all__ = ["main"]
 
@@ -61,8 +63,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache-dir", help="where synthetic models live (default ~/.cache/warmpool/bench)")
     p.add_argument("--latency-only", action="store_true", help="skip the local-disk comparison")
     p.add_argument("--quick", action="store_true", help="1 round, core methods, 5 ms only, 256MB on FUSE")
-    peers.add_wait_after_evict(p)
-    peers.add_no_page_reporting(p)
+    measure.add_wait_after_evict(p)
+    measure.add_no_page_reporting(p)
     p.add_argument("--no-engine-pass", action="store_true",
                    help="skip the folio histogram and the engine pass after each method (faster)")
     args = p.parse_args(argv)
@@ -90,24 +92,14 @@ def log(message: str) -> None:
 # -- the model files ----------------------------------------------------------------------------
 
 
-def _bench_dir(cache_dir: str | None) -> Path:
-    from warmpool.example import _cache_dir
-
-    return Path(cache_dir) if cache_dir else _cache_dir(None) / "bench"
-
-
 def synthetic_model(size: str, cache_dir: str | None) -> Path:
     """A synthetic MoE of about ``size`` bytes, in a directory of its own (FUSE serves that
     directory); generated once, reused while its size matches."""
-    from warmpool.example import model_nbytes, shape_for_size, write_moe_gguf
+    from warmpool.example import _cache_dir, shape_for_size
 
     shape = shape_for_size(size)
     name = f"bench-moe-{shape.n_layers}L"
-    path = _bench_dir(cache_dir) / name / f"{name}.gguf"
-    if not path.exists() or path.stat().st_size != model_nbytes(shape):
-        log(f"generating {path} ({model_nbytes(shape) / 1e9:.2f} GB) ...")
-        write_moe_gguf(path, shape)
-    return path
+    return measure.synthetic_model(shape, f"{name}.gguf", Path(cache_dir or _cache_dir(None) / "bench") / name)
 
 
 def resolve_model(arg: str, cache_dir: str | None) -> Path:
@@ -193,7 +185,7 @@ def run_storage(path: Path, storage: str, methods: list[peers.Method], rounds: i
     for r in range(rounds):
         order = runnable[r % len(runnable):] + runnable[:r % len(runnable)] if runnable else []
         for m in order:
-            if keep_warm is not None and peers.file_resident(keep_warm) < 0.99:
+            if keep_warm is not None and measure.file_resident(keep_warm) < 0.99:
                 _warm_source(keep_warm)  # the backing file must not add disk time to FUSE runs
             loads.append(os.getloadavg()[0])
             s = peers.run_method(m, str(path), storage, r, selection, TIMEOUT_S, ENGINE_PASS, WAIT_AFTER_EVICT_S)
@@ -239,11 +231,11 @@ def _wall(argv: list[str]) -> float:
 
 def hot_run(path: Path, runs: int) -> dict:
     """``warmpool warm FILE`` with everything resident: the whole CLI's wall time."""
-    argv = [*peers.warmpool_argv(), "warm", str(path)]
+    argv = [*measure.warmpool_argv(), "warm", str(path)]
     _warm_source(path)
     seconds = [_wall(argv) for _ in range(runs)]
     return {"record": "hot_run", "command": "warmpool warm FILE", "median_s": round(statistics.median(seconds), 4),
-            "seconds": [round(s, 4) for s in seconds], "file_resident_fraction": round(peers.file_resident(path), 5)}
+            "seconds": [round(s, 4) for s in seconds], "file_resident_fraction": round(measure.file_resident(path), 5)}
 
 
 def _import_us(lines: list[str], module: str) -> int | None:
@@ -268,8 +260,8 @@ def python_startup(runs: int) -> dict:
 def memory_peak(path: Path, storage: str) -> dict:
     """Peak RssAnon of the default CLI warm plus its workers (a separate, untimed run)."""
     method = peers.catalogue()[0]
-    peers.evict_file(path)
-    peak, procs, seconds = peers.peak_rss_anon(method.command(path))
+    measure.evict_file(path)
+    peak, procs, seconds = measure.peak_rss_anon(method.command(path))
     return {"record": "rss", "storage": storage, "command": method.shown(), "peak_rss_anon_bytes": peak,
             "peak_rss_anon_mb": round(peak / 1e6, 1), "most_processes": procs, "seconds": round(seconds, 3)}
 
@@ -320,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     ENGINE_PASS, WAIT_AFTER_EVICT_S = not args.no_engine_pass, args.wait_after_evict
     command = shlex.join(["python", "tools/bench_warm.py", *(sys.argv[1:] if argv is None else argv)])
-    with peers.page_reporting_off(args.no_page_reporting):
+    with measure.page_reporting_off(args.no_page_reporting):
         return _run(args, command)
 
 

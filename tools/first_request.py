@@ -10,7 +10,7 @@ experts, experts ~97% of the bytes), generated once into ``$WARMPOOL_CACHE/bench
 the eviction or ``--wait-after-evict`` seconds later (a VM with free page reporting has handed
 the evicted memory back to its host by then: README, "Device speed").
 
-Part A: a simulated CPU-MoE engine (tools/engine_sim.py: the access pattern of decoding with
+Part A: a simulated CPU-MoE engine (tools/lib/engine_sim.py: the access pattern of decoding with
 mmap'd experts and no pre-fault, no real inference).  One request = ``--tokens`` tokens, each
 routing top-k of E experts per layer with a seeded router.  Its first request after start-up:
 cold; after the seed's loop (first and last byte of each tensor); after ``cat FILE`` (the
@@ -24,10 +24,10 @@ the response.  Major faults are reads from disk; minor faults are page-table set
 engine's fresh mapping, which even a fully cached file costs and the steady state does not.
 
 Engine pass: after ``dd bs=8M``, ``cat`` and ``warmpool warm`` of the evicted file, a fresh
-process maps it and reads one byte per 4 KiB page (tools/folios.py): its minor faults and time,
+process maps it and reads one byte per 4 KiB page (``python tools/lib/measure.py engine-pass FILE``): its minor faults and time,
 and (root) the folio sizes the warm left, the cause of the difference (docs/folios.md).
 
-Part B (tools/_llama_trial.py): real llama.cpp (llama-cpp-python) on the same file: start-to-first-token after
+Part B (tools/lib/llama_trial.py): real llama.cpp (llama-cpp-python) on the same file: start-to-first-token after
 eviction, plain ``Llama()`` vs ``engine_adapter.llama_cpp.load`` vs ``warmpool.warm`` then
 ``Llama()``; each trial in a fresh process, ``--rounds`` paired rounds in rotating order,
 medians.  llama.cpp maps the model with MAP_POPULATE, so it pays the cold read at load time;
@@ -40,7 +40,6 @@ Prints a table and, last, one JSON line.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import resource
@@ -54,10 +53,9 @@ TOOLS = Path(__file__).resolve().parent
 ROOT = TOOLS.parent
 sys.path[:0] = [str(ROOT), str(TOOLS)]
 
-from warmpool import _platform  # noqa: E402
-from warmpool.example import BENCH, model_nbytes, write_moe_gguf  # noqa: E402
-from _bench_peers import add_wait_after_evict  # noqa: E402
-from _llama_trial import part_b, print_part_b  # noqa: E402
+from lib.llama_trial import part_b, print_part_b  # noqa: E402
+from lib.measure import add_wait_after_evict, engine_pass, evict_file, file_resident, synthetic_model  # noqa: E402
+from warmpool.example import BENCH  # noqa: E402
 
 BENCH_FILENAME = "first-request-qwen3moe-bench-v1.gguf"  # bump when BENCH changes
 
@@ -65,15 +63,7 @@ BENCH_FILENAME = "first-request-qwen3moe-bench-v1.gguf"  # bump when BENCH chang
 # --- model and page cache -----------------------------------------------------------------
 
 def bench_model(cache_dir: str | None) -> Path:
-    base = Path(cache_dir or os.environ.get("WARMPOOL_CACHE") or Path.home() / ".cache" / "warmpool") / "bench"
-    base.mkdir(parents=True, exist_ok=True)
-    path = base / BENCH_FILENAME
-    with open(base / (BENCH_FILENAME + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not path.exists() or path.stat().st_size != model_nbytes(BENCH):
-            print(f"generating {path} ({model_nbytes(BENCH) / 1e9:.2f} GB, once) ...", file=sys.stderr)
-            write_moe_gguf(path, BENCH)
-    return path
+    return synthetic_model(BENCH, BENCH_FILENAME, Path(cache_dir) / "bench" if cache_dir else None)
 
 
 WAIT_AFTER_EVICT_S = 0.0  # --wait-after-evict (see tools/bench_warm.py: free page reporting)
@@ -82,21 +72,12 @@ WAIT_AFTER_EVICT_S = 0.0  # --wait-after-evict (see tools/bench_warm.py: free pa
 def evict(path: Path) -> float:
     """Drop the file's pages, then wait ``--wait-after-evict`` seconds; return the fraction still
     resident (mapped pages stay)."""
-    _platform.evict_file(path)
+    evict_file(path)
     time.sleep(WAIT_AFTER_EVICT_S)
-    left = resident(path)
+    left = file_resident(path)
     if left > 0.02:
         print(f"warning: {left:.1%} of {path.name} still resident after eviction", file=sys.stderr)
     return left
-
-
-def resident(path: Path) -> float:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        vector = _platform.resident_pages(fd, 0, 0)
-    finally:
-        os.close(fd)
-    return vector.count(1) / max(len(vector), 1)
 
 
 # --- Part A: the simulated engine -------------------------------------------------------------
@@ -123,7 +104,7 @@ def _scenario(path: Path, tokens: int, key: str, name: str, *, before_open=None,
               warmup: bool = False, wait: bool = False, steady_runs: int = 2) -> dict:
     """Evict, start the clock, prepare, open a fresh engine (a fresh mapping), run the request."""
     from engine_adapter import start_warmup
-    from engine_sim import MoeEngine
+    from lib.engine_sim import MoeEngine
 
     evict(path)
     waited = [0.0]
@@ -135,7 +116,7 @@ def _scenario(path: Path, tokens: int, key: str, name: str, *, before_open=None,
         if after_open:
             after_open(engine)
         prepared = time.perf_counter()
-        before = None if warmup else resident(path)  # not timed
+        before = None if warmup else file_resident(path)  # not timed
         t1 = time.perf_counter()
 
         def wait_layer(k: int) -> None:
@@ -210,7 +191,7 @@ PREPARATIONS = (("dd", "dd bs=8M", _dd), ("cat", "cat FILE", _cat), ("warmpool",
 def engine_passes(path: Path, rounds: int) -> dict:
     """Per preparation: median engine-pass faults/seconds and folio figures over ``rounds``
     rotated rounds, each from an evicted file."""
-    import folios
+    from tests.helpers import folios
 
     runs: dict[str, list[dict]] = {key: [] for key, _, _ in PREPARATIONS}
     for r in range(rounds):
@@ -220,7 +201,7 @@ def engine_passes(path: Path, rounds: int) -> dict:
             run = dict(load_1m=os.getloadavg()[0], folios=None)
             if folios.available() is None:
                 run["folios"] = folios.summary(folios.histogram(path))
-            run.update(folios.engine_pass(path))
+            run.update(engine_pass(path))
             runs[key].append(run)
     out = {}
     for key, label, _ in PREPARATIONS:
@@ -291,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     print_engine_passes(passes)
     a = part_a(path, args.tokens, args.rounds_a)
     print_part_a(a)
-    b = dict(skipped="--no-llama") if args.no_llama else part_b(path, args.rounds, args.max_tokens, evict, resident)
+    b = dict(skipped="--no-llama") if args.no_llama else part_b(path, args.rounds, args.max_tokens, evict, file_resident)
     print_part_b(b)
     load_after = os.getloadavg()
     after_warmpool, after_cat = (a["scenarios"][k]["x_steady"] for k in ("warmpool", "cat"))

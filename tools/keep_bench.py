@@ -5,14 +5,14 @@ touch`` (a byte of every resident page per ``--touch-refresh`` seconds, paced), 
     python tools/keep_bench.py [--seconds 180] [--every 2] [--configs none,oneshot,keep,keep-touch,keep-lock]
                                [--pressure cgroup|none] [--headroom 512M] [--hog-size 2G] [--hog-rate 128] [--pin]
 
-The engine is tools/engine_sim.py's simulated CPU-MoE engine (plain lazy ``mmap``, no
+The engine is tools/lib/engine_sim.py's simulated CPU-MoE engine (plain lazy ``mmap``, no
 pre-fault) on a private copy of the ~1.76 GB synthetic qwen3moe (``warmpool.example.BENCH``:
 16 layers, top-8 of 64 experts), generated once into ``~/.cache/warmpool/keep-bench`` (other
 tools evict their own copy; this one must not be disturbed mid-run).  Request ``i`` routes with
 seed ``i`` through a skewed router (``--skew``: a few experts are routed often, most rarely, as
 in real MoE models), so each request reaches some experts no earlier request touched.
 
-Eviction is real (tools/mem_pressure.py, ``--pressure cgroup``, the default): the bench moves
+Eviction is real (tools/lib/mem_pressure.py, ``--pressure cgroup``, the default): the bench moves
 itself into a child memory cgroup limited to the model's size plus ``--headroom``, so the warm,
 the keeper, their workers, the engine and a co-tenant all share that limit, and from the end of
 each warm the co-tenant streams through ``--hog-size`` of another file at ``--hog-rate`` MB/s.
@@ -62,29 +62,23 @@ TOOLS = Path(__file__).resolve().parent
 ROOT = TOOLS.parent
 sys.path[:0] = [str(ROOT), str(TOOLS)]
 
-from _bench_peers import add_no_page_reporting, page_reporting_off  # noqa: E402
-from _keep_stats import report, summarize  # noqa: E402
-from _proc_probes import cpu_seconds, read_bytes, rss_anon_tree, sched, steal_ticks, usage  # noqa: E402
-from engine_sim import MoeEngine  # noqa: E402
-from first_request import resident  # noqa: E402
-from mem_pressure import Hog, MemoryCage, make_file  # noqa: E402
+from lib.engine_sim import MoeEngine  # noqa: E402
+from lib.keep_stats import report, summarize  # noqa: E402
+from lib.measure import add_no_page_reporting, file_resident, page_reporting_off, rss_anon_tree, synthetic_model  # noqa: E402
+from lib.mem_pressure import Hog, MemoryCage, make_file  # noqa: E402
+from lib.proc_stats import cpu_seconds, read_bytes, sched, steal_ticks, usage  # noqa: E402
 
 from warmpool import _platform  # noqa: E402
 from warmpool._platform.proc import page_reporting_order  # noqa: E402
-from warmpool.example import BENCH, model_nbytes, write_moe_gguf  # noqa: E402
+from warmpool.example import BENCH, write_moe_gguf  # noqa: E402
 
 CONFIGS = ("none", "oneshot", "keep", "keep-touch", "keep-lock")
 MODEL_NAME = "keep-bench-qwen3moe-v1.gguf"
 
 
 def bench_model(directory: str | None) -> Path:
-    base = Path(directory or Path.home() / ".cache" / "warmpool" / "keep-bench")
-    base.mkdir(parents=True, exist_ok=True)
-    path = base / MODEL_NAME
-    if not path.exists() or path.stat().st_size != model_nbytes(BENCH):
-        print(f"generating {path} ({model_nbytes(BENCH) / 1e9:.2f} GB, once) ...", file=sys.stderr)
-        write_moe_gguf(path, BENCH)
-    return path
+    """The BENCH model in the keep bench's own directory (its co-tenant's file goes beside it)."""
+    return synthetic_model(BENCH, MODEL_NAME, directory or Path.home() / ".cache" / "warmpool" / "keep-bench")
 
 
 class Keeper:
@@ -140,7 +134,7 @@ def _serve(path: Path, seconds: float, every: float, tokens: int, skew: float, k
                 break
             time.sleep(max(due - time.monotonic(), 0))
             if keeper:
-                rss_peak = max(rss_peak, rss_anon_tree(keeper.proc.pid))
+                rss_peak = max(rss_peak, rss_anon_tree(keeper.proc.pid)[0])
             engine.seed = twin.seed = 1000 + i
             kcpu0 = cpu_seconds(keeper.proc.pid) if keeper else 0.0
             u0, (r0, q0), h0, s0, wall0 = usage(), sched(), _limit_hits(), steal_ticks(), time.time()
@@ -166,7 +160,7 @@ def _serve(path: Path, seconds: float, every: float, tokens: int, skew: float, k
                          "minflt": u1.ru_minflt - u0.ru_minflt, "steady_minflt": u2.ru_minflt - u1.ru_minflt,
                          "steal_ticks": s1 - s0, "steady_steal_ticks": s2 - s1,
                          "limit_hits": h1 - h0, "steady_limit_hits": h2 - h1,
-                         "keeper_cpu_s": kcpu, "resident": resident(path)})
+                         "keeper_cpu_s": kcpu, "resident": file_resident(path)})
             i += 1
     return rows, rss_peak
 
@@ -202,7 +196,7 @@ def run_config(name: str, path: Path, seconds: float, every: float, tokens: int,
     if hog_file:
         _platform.evict_file(hog_file)
     load_before = os.getloadavg()[0]
-    cold = resident(path)
+    cold = file_resident(path)
     keeper = None
     prep_start = time.monotonic()
     if name == "oneshot":
@@ -231,12 +225,12 @@ def run_config(name: str, path: Path, seconds: float, every: float, tokens: int,
               "cold_fraction_at_start": round(cold, 4), "prep_s": round(prep, 2)}
     if keeper:
         cpu = cpu_seconds(keeper.proc.pid) - cpu0
-        rss_peak = max(rss_peak, rss_anon_tree(keeper.proc.pid))
+        rss_peak = max(rss_peak, rss_anon_tree(keeper.proc.pid)[0])
         locked = next((e for e in keeper.drain() if e["event"] == "locked"), None)
         result.update(keeper_cpu_share=round(cpu / wall, 5), keeper_cpu_s=round(cpu, 3),
                       keeper_rss_anon_peak_mb=round(rss_peak / 2**20, 1),
                       bytes_locked=locked["bytes_locked"] if locked else None)
-    result["resident_fraction_end"] = round(resident(path), 4)
+    result["resident_fraction_end"] = round(file_resident(path), 4)
     if keeper:
         result["keeper_exit"] = keeper.stop()
         events = keeper.seen

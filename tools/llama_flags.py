@@ -1,11 +1,11 @@
-"""Regenerate warmpool/_llama_flags.py from llama.cpp's common/arg.cpp (one or more copies).
+"""Regenerate warmpool/_engine/llama_flags.py from llama.cpp's common/arg.cpp (one or more copies).
 
 Every option there is a ``common_arg(...)`` whose constructor tells how many values it takes
 (common/arg.h): ``(args, help, handler)`` and ``(args, args_neg, help, handler)`` take none,
 ``(args, value_hint, help, handler)`` one, ``(args, value_hint, value_hint_2, help, handler)``
 two.  warmpool needs that to skip the flags it ignores without mistaking a value for a flag.
 
-    python tools/llama_flags.py path/to/llama.cpp/common/arg.cpp [more arg.cpp ...] > warmpool/_llama_flags.py
+    python tools/llama_flags.py path/to/llama.cpp/common/arg.cpp [more arg.cpp ...] > warmpool/_engine/llama_flags.py
 
 The union over the copies given is written, so flags that newer builds dropped (``--mmap``)
 stay known.

@@ -119,7 +119,8 @@ class HeldMapping(FileWindow):
         ``sendfile`` of the run to /dev/null, which hands each page to a pipe without copying
         it.  The page walk alone does not do it (docs/keep.md).  A page evicted between mincore
         and the read is read back in (one page per race).  ``read_folios=False`` skips the reads
-        (tools/keep_refresh_probe.py measures what they add).  Returns bytes refreshed."""
+        (what they add: docs/probes.md, "What keeps a held selection under LRU pressure").
+        Returns bytes refreshed."""
         runs = [(s * PAGE_SIZE, min(e * PAGE_SIZE, self.length)) for s, e in page_runs(self.resident())]
         done = sum(b - a for a, b in runs if self.populate(a, b - a))
         if read_folios and runs:

@@ -1,5 +1,6 @@
 """What tools/keep_bench.py reads about a process around each request, from /proc: disk bytes
-read, CPU time, RssAnon of a process tree, run and run-queue time of the calling thread, steal time."""
+read, CPU time, run and run-queue time of the calling thread, steal time (a process tree's
+RssAnon is ``measure.rss_anon_tree``)."""
 
 from __future__ import annotations
 
@@ -17,24 +18,6 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_anon_tree(pid: int) -> int:
-    """RssAnon (bytes) of a process and its live children."""
-    import psutil
-
-    total = 0
-    try:
-        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0
-    for p in procs:
-        try:
-            with open(f"/proc/{p.pid}/status") as f:
-                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("RssAnon:"))
-        except (OSError, StopIteration):
-            pass
-    return total
 
 
 def usage() -> resource.struct_rusage:

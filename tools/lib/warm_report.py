@@ -11,10 +11,10 @@ Definitions (README "Performance" repeats them):
 - ``ratio_vs_seq``: median over rounds of (this method's time / the faster of ``cat`` and
   ``dd bs=8M`` in the same round): issue 9's device-speed target.
 - ``engine_faults``/``engine_s``: median minor faults and seconds of a fresh process reading one
-  byte per 4 KiB page of the file right after the method (``tools/folios.py --engine-pass``);
+  byte per 4 KiB page of the file right after the method (``measure.engine_pass``);
   ``faults_vs_dd``: paired median of engine_faults / dd's.
 - ``order0``/``pmd``: median share of the resident pages in order-0 and in PMD-size (order >= 9)
-  folios (root only; ``tools/folios.py``).
+  folios (root only; ``tests/helpers/folios.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import textwrap
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
-from _bench_peers import Method, Sample
+from .peers import Method, Sample
 
 __all__ = ["Row", "chart", "json_record", "markdown_table", "summarize"]
 

@@ -1,6 +1,6 @@
 """Part B of tools/first_request.py: real llama.cpp (llama-cpp-python), one trial per process.
 
-    python tools/_llama_trial.py VARIANT MODEL MAX_TOKENS   # one trial; prints one JSON line
+    python tools/lib/llama_trial.py VARIANT MODEL MAX_TOKENS   # one trial; prints one JSON line
 
 Each trial starts a fresh interpreter, so every variant pays the same imports and loads the
 model into a process of its own: plain ``Llama()``, ``engine_adapter.llama_cpp.load`` (at the
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout
 PROMPT = "Hello"  # short: start-to-first-token is then mostly load, not prompt compute
 # One thread each: with two, a thread descheduled by another job stalls the other at every
 # barrier, and the first token's time then measures the machine's load, not the page cache.

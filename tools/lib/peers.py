@@ -1,4 +1,5 @@
-"""The methods ``bench_warm.py`` compares, how each one is run, and how a run is measured.
+"""The methods ``bench_warm.py`` compares (``ab_checkouts.py`` takes its peers from here too),
+and how one run of a method is measured.
 
 Every method is one child process, timed from spawn to exit: the whole cost a user pays,
 interpreter start-up and imports included (warmpool runs through its real CLI).  Before each
@@ -7,16 +8,16 @@ cold; after it, mincore reports what the method actually left resident (docs/des
 
 The three Python peers live here too, so their exact command can be printed and re-run::
 
-    python tools/_bench_peers.py stride FILE     # numpy, one byte per 4 KiB of the mapping
-    python tools/_bench_peers.py willneed FILE   # one madvise(MADV_WILLNEED) over the whole mapping
-    python tools/_bench_peers.py seed FILE       # first and last byte of each tensor
+    python tools/lib/peers.py stride FILE     # numpy, one byte per 4 KiB of the mapping
+    python tools/lib/peers.py willneed FILE   # one madvise(MADV_WILLNEED) over the whole mapping
+    python tools/lib/peers.py seed FILE       # first and last byte of each tensor
 
-Module level imports only the stdlib: a child pays for numpy or warmpool only if it uses them.
+Module level imports only the stdlib: a child pays for numpy or warmpool only if it uses them
+(``measure`` too is imported where it is used).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import mmap
@@ -25,31 +26,16 @@ import shlex
 import shutil
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-__all__ = [
-    "Method",
-    "Sample",
-    "after_effects",
-    "catalogue",
-    "evict_file",
-    "file_resident",
-    "peak_rss_anon",
-    "run_method",
-    "timed_child",
-    "timed_rounds",
-    "unavailable",
-    "warmpool_argv",
-]
+__all__ = ["Method", "Sample", "after_effects", "catalogue", "run_method", "unavailable"]
 
 HERE = Path(__file__).resolve().parent
 FILE = "{file}"  # placeholder in a method's argv
 SETTLE_S = 1.0  # a hint's reads complete asynchronously: measure residency this long after it
-COLD = 0.001  # after eviction at most this fraction of the file may be resident
 ENGINE_MIN_RESIDENT = 0.99  # the engine pass runs only after methods that left the file this warm
 
 
@@ -71,8 +57,8 @@ class Method(NamedTuple):
         words[0] = os.path.basename(words[0])
         if words[0].startswith("python"):
             words[0] = "python"
-        if len(words) > 1 and words[1] == str(HERE / "_bench_peers.py"):
-            words[1] = "tools/_bench_peers.py"
+        if len(words) > 1 and words[1] == str(HERE / "peers.py"):
+            words[1] = "tools/lib/peers.py"
         return shlex.join(words)
 
 
@@ -86,59 +72,6 @@ class Sample(NamedTuple):
     cold_before: float  # file fraction resident right before the run (should be ~0)
     extra: dict  # warmpool's --json object, fio's bandwidth
     error: str | None = None
-
-
-def add_wait_after_evict(parser) -> None:
-    """``--wait-after-evict SECONDS``, which both benchmarks take: on a VM with free page
-    reporting a cold read that starts seconds after the eviction must have its memory backed
-    by the host again (README, "Device speed depends on when the eviction happened")."""
-    def seconds(text: str) -> float:
-        value = float(text)
-        if value < 0:
-            raise ValueError(text)
-        return value
-    seconds.__name__ = "non-negative number of seconds"  # argparse names the type in its error
-
-    parser.add_argument("--wait-after-evict", type=seconds, default=0.0, metavar="SECONDS",
-                        help="seconds between each eviction and what follows it (default 0)")
-
-
-def add_no_page_reporting(parser) -> None:
-    """The ``--no-page-reporting`` option, for ``page_reporting_off(args.no_page_reporting)``."""
-    parser.add_argument("--no-page-reporting", action="store_true",
-                        help="switch the VM's free page reporting off for the run (root; restored after)")
-
-
-@contextlib.contextmanager
-def page_reporting_off(active: bool = True):
-    """Free page reporting switched off for the block (when ``active``), then restored: order 11
-    is above the buddy allocator's largest block (MAX_PAGE_ORDER 10), so
-    ``page_reporting_process_zone`` finds nothing to report and memory an eviction frees stays
-    backed by the host."""
-    from warmpool._platform.proc import PAGE_REPORTING_ORDER, page_reporting_order
-
-    before, path = page_reporting_order(), Path("/sys", PAGE_REPORTING_ORDER)
-    if not active or before is None:
-        yield
-        return
-    try:
-        path.write_text("11")
-    except OSError as e:
-        raise SystemExit(f"{path}: cannot switch free page reporting off ({e.strerror}; needs root)")
-    try:
-        yield
-    finally:
-        path.write_text(str(before))
-
-
-def warmpool_argv() -> list[str]:
-    """The installed ``warmpool`` entry point next to this interpreter (no pyenv/venv shim in
-    the timing), else the one on PATH, else ``python -m warmpool``."""
-    beside = Path(sys.executable).with_name("warmpool")
-    if beside.exists():
-        return [str(beside)]
-    found = shutil.which("warmpool")
-    return [found] if found else [sys.executable, "-m", "warmpool"]
 
 
 def _fio_engine() -> str:
@@ -158,8 +91,10 @@ _DD4 = ('q=$(( ($(stat -c %s "$1") + 33554431) / 33554432 )); for i in 0 1 2 3; 
 @functools.cache
 def catalogue() -> tuple[Method, ...]:
     """Every method, in the order tables list them."""
+    from .measure import warmpool_argv
+
     wp = [*warmpool_argv(), "warm", FILE, "--no-progress", "--json"]
-    py = [sys.executable, str(HERE / "_bench_peers.py")]
+    py = [sys.executable, str(HERE / "peers.py")]
     engine = _fio_engine() if shutil.which("fio") else "libaio"
     methods = [Method("warmpool", "warmpool", "warmpool", tuple(wp))]
     methods += [Method(s, f"warmpool --strategy {s}", "warmpool" if s != "willneed" else "hint",
@@ -199,38 +134,6 @@ def unavailable(method: Method) -> str | None:
     return None if shutil.which(need) else f"unavailable (install {need})"
 
 
-# -- eviction and residency -------------------------------------------------------------------
-
-
-def file_resident(path: str | os.PathLike[str]) -> float:
-    """Fraction of the whole file in the page cache (mincore; reads nothing)."""
-    from warmpool import _platform
-
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        return _platform.resident_bytes(fd, 0, 0) / size if size else 1.0
-    finally:
-        os.close(fd)
-
-
-def evict_file(path: str | os.PathLike[str]) -> float:
-    """Drop the whole file from the page cache; return the fraction still resident.
-
-    fdatasync first: DONTNEED skips dirty pages (a freshly written model is all dirty).  FUSE
-    may not implement fsync; its pages are clean anyway.
-    """
-    from warmpool import _platform
-
-    for _ in range(10):
-        _platform.evict_file(path)
-        left = file_resident(path)
-        if left <= COLD:
-            break
-        time.sleep(0.2)  # pages under read-in or still mapped by an exiting child
-    return left
-
-
 # -- running one method -----------------------------------------------------------------------
 
 
@@ -249,6 +152,8 @@ def run_method(method: Method, path: str, storage: str, round_no: int,
                wait_s: float = 0.0) -> Sample:
     """Evict, wait ``wait_s``, run the method's command, and measure what it left resident (and,
     with ``engine``, its folio sizes and an engine's first pass after it: ``after_effects``)."""
+    from .measure import evict_file, file_resident
+
     cold = evict_file(path)
     time.sleep(wait_s)
     parse = method.label.startswith("warmpool") or method.key == "fio"
@@ -276,110 +181,20 @@ def run_method(method: Method, path: str, storage: str, round_no: int,
                   resident, cold, extra, error)
 
 
-def timed_child(argv: Sequence[str], env: dict[str, str] | None = None) -> tuple[float, float]:
-    """Run argv to completion (output discarded, failure raised): (wall seconds from spawn to
-    exit, CPU seconds of it and every process it waited for, from ``RUSAGE_CHILDREN``)."""
-    import resource
-
-    before, started = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-    subprocess.run(list(argv), env=env, check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    wall, after = time.perf_counter() - started, resource.getrusage(resource.RUSAGE_CHILDREN)
-    return wall, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
-
-
-def timed_rounds(path: str, ways: dict[str, Sequence[str] | tuple[Sequence[str], dict[str, str] | None]],
-                 rounds: int, wait_s: float = 0.0,
-                 after: Callable[[str, dict], None] | None = None) -> list[dict]:
-    """Paired rounds: each runs every way once (``timed_child``), in an order rotated by one per
-    round so that no way always runs first, each after its own eviction of ``path`` and
-    ``wait_s``.  A way is an argv, or (argv, environment).  One JSON line per run is printed and
-    returned ({"round", "way", "wall_s", "cpu_s"}); ``after(name, run)`` may add to it."""
-    names, runs = list(ways), []
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            evict_file(path)
-            time.sleep(wait_s)
-            way = ways[name]
-            argv, env = way if isinstance(way, tuple) else (way, None)
-            wall, cpu = timed_child(argv, env)
-            run = {"round": r, "way": name, "wall_s": round(wall, 3), "cpu_s": round(cpu, 3)}
-            if after is not None:
-                after(name, run)
-            runs.append(run)
-            print(json.dumps(run), flush=True)
-    return runs
-
-
 def after_effects(path: str, resident: float) -> dict:
     """What the method left for an engine: the folio sizes of the file's cache (root only) and
-    a fresh process's first pass over it (``tools/folios.py``).  Not taken where the method
+    a fresh process's first pass over it (``measure.engine_pass``).  Not taken where the method
     left the file mostly cold: the pass would then measure the storage, not the cache."""
-    import folios
+    from tests.helpers import folios
+
+    from .measure import engine_pass
 
     out: dict = {"folios": None, "engine": None}
     if folios.available() is None:
         out["folios"] = folios.summary(folios.histogram(path))
     if resident >= ENGINE_MIN_RESIDENT:
-        out["engine"] = folios.engine_pass(path)
+        out["engine"] = engine_pass(path)
     return out
-
-
-# -- memory of a warm -------------------------------------------------------------------------
-
-
-def _rss_anon_kb(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"RssAnon:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return 0
-
-
-def _children(pid: int) -> list[int]:
-    """Direct children, from /proc/*/stat (this kernel has no /proc/PID/task/TID/children)."""
-    kids = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                with open(f"/proc/{entry.name}/stat", "rb") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            if int(stat[stat.rindex(b")") + 2:].split()[1]) == pid:
-                kids.append(int(entry.name))
-    return kids
-
-
-def peak_rss_anon(argv: Sequence[str], interval_s: float = 0.01) -> tuple[int, int, float]:
-    """Run argv; sample RssAnon of it plus its children every interval.
-
-    Returns (peak total RssAnon in bytes, most processes seen at once, wall seconds).  Run
-    apart from the timed rounds: scanning /proc costs CPU that would distort the timing.
-    """
-    proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    peak = most = 0
-    started = time.perf_counter()
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak, most
-        while not done.is_set():
-            pids = [proc.pid, *_children(proc.pid)]
-            peak = max(peak, sum(_rss_anon_kb(p) for p in pids))
-            most = max(most, len(pids))
-            done.wait(interval_s)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    proc.wait()
-    seconds = time.perf_counter() - started
-    done.set()
-    sampler.join()
-    return peak * 1024, most, seconds
 
 
 # -- the Python peers (child side) ------------------------------------------------------------

@@ -10,7 +10,7 @@ charged to the cgroup of the process that first reads a page in, so the model's 
 the warm or the keeper, both inside) and the co-tenant's compete for the same limit and the
 kernel's LRU reclaim decides which go (``shrink_folio_list()``; docs/keep.md).
 
-    python tools/mem_pressure.py --hog FILE --rate 128   # the co-tenant alone: read FILE in a loop
+    python tools/lib/mem_pressure.py --hog FILE --rate 128   # the co-tenant alone: read FILE in a loop
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def make_file(path: Path, size: int) -> Path:
 
 
 class Hog:
-    """The co-tenant: ``python tools/mem_pressure.py --hog FILE --rate MB/s`` in a child process."""
+    """The co-tenant: ``python tools/lib/mem_pressure.py --hog FILE --rate MB/s`` in a child process."""
 
     def __init__(self, path: Path, rate_mb_s: float) -> None:
         self.proc = subprocess.Popen([sys.executable, __file__, "--hog", str(path), "--rate", str(rate_mb_s)])
