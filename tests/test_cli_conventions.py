@@ -93,4 +93,4 @@ def test_import_warmpool_loads_its_errors_alone():
             "print(sorted(set(sys.modules) - before))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert eval(proc.stdout) == ["warmpool", "warmpool._errors"], proc.stdout  # noqa: S307 - our own list literal
+    assert eval(proc.stdout) == ["warmpool", "warmpool._errors", "warmpool._version"], proc.stdout  # noqa: S307 - our own list literal

@@ -31,6 +31,7 @@ from ._errors import (
     WarmpoolError,
     WorkerDiedError,
 )
+from ._version import __version__
 
 # The rest is imported on first use (PEP 562): an engine's first ``read_layout`` and every
 # worker process (which imports ``warmpool._pool.worker``, and so this package) would otherwise pay
@@ -124,5 +125,3 @@ __all__ = [
     "resolve_models",
     "warm",
 ]
-
-__version__ = "0.1.0"

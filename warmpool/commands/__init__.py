@@ -71,7 +71,7 @@ def _first_sentence(doc: str) -> str:
 
 
 def _version() -> str:
-    from .. import __version__
+    from .._version import __version__
 
     return __version__
 
