@@ -35,7 +35,7 @@ from ._version import __version__
 
 # The rest is imported on first use (PEP 562): an engine's first ``read_layout`` and every
 # worker process (which imports ``warmpool._pool.worker``, and so this package) would otherwise pay
-# for the CLI, the policy and the warm engine they never use (docs/bench/pool.md).
+# for the CLI, the policy and the warm engine they never use (docs/design.md, "Import cost").
 _LAZY = {
     "main": ".commands",
     "ModelFile": "._gguf.layout", "ModelLayout": "._gguf.layout", "TensorInfo": "._gguf.layout", "read_layout": "._api",

@@ -6,7 +6,7 @@ beyond the stdlib ``logging`` module is imported.  A host that wants the message
 the "warmpool" logger like any other (``logging.basicConfig(level=logging.INFO)``).
 
 The CLI calls :func:`enable_cli_logging`: one stderr handler with a ``warmpool:`` prefix,
-INFO with ``-v``, warnings otherwise (import cost: docs/bench/import.md).
+INFO with ``-v``, warnings otherwise (docs/design.md, "Import cost").
 """
 
 from __future__ import annotations

@@ -74,8 +74,8 @@ def reread(chunks: list[tuple[int, int, int]]) -> None:
     Why: a huge-folio fault reads the whole aligned 2 MiB block, which may reach into the next
     chunk, but ``read_pages`` reads only the pages of its own run; when the next chunk starts,
     those pages are resident and skipped, so no CPU has read them since the disk wrote them, and
-    in a VM the engine's first access pays for that.  Measured, with the variants that did not
-    help: docs/bench/warm_second_read.md."""
+    in a VM the engine's first access pays for that (docs/performance.md, "Folios and the engine's
+    first pass", with the variants that did not help)."""
     for fd, offset, length in chunks:
         try:
             with _platform.FileWindow(fd, offset, length) as window:

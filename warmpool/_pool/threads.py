@@ -9,8 +9,8 @@ Why they outlive a chunk: the worker holds the next chunk before the current one
 coordinator hands out ``_pool.LOOKAHEAD`` chunks per worker), and its blocks queue behind the
 current chunk's, so a thread that finds no block left in one chunk takes one of the next
 instead of waiting for the slowest block, the report and the next chunk's set-up.  Threads
-started and stopped per chunk cost that wait and a thread start at every chunk edge (measured:
-docs/bench/warm_speed_phases.md, "Chunk edges").
+started and stopped per chunk cost that wait and a thread start at every chunk edge
+(docs/performance.md, "Pool size and start-up").
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Importing ``multiprocessing.connection`` (with ``tempfile``, ``random``, ``shutil``,
 ``socket``...) took ~11 ms, about a quarter of a worker's start-up before its first fault, and
 the same again in the coordinator before it could start the first worker
-(docs/bench/warm_speed_phases.md).  Only sending, receiving and waiting are needed, so this
+(docs/performance.md, "Pool size and start-up").  Only sending, receiving and waiting are needed, so this
 module does them with the framing of ``multiprocessing.connection.Connection`` (CPython's
 ``_send_bytes``/``_recv_bytes``, Lib/multiprocessing/connection.py): each message is a pickle
 preceded by its length as a signed 32-bit big-endian integer, or by -1 and a 64-bit length when

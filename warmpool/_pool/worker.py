@@ -376,5 +376,5 @@ def serve(fd: int) -> None:
     # The coordinator waits for this process to end before the warm returns, and nothing is
     # left here that the kernel's exit does not release (the files, the channel and the
     # segment's mapping are closed; stdout is /dev/null): skip the interpreter's teardown, which
-    # every warm waited for (docs/bench/warm_speed_phases.md, "Exit").
+    # every warm waited for (docs/performance.md, "Pool size and start-up").
     os._exit(0)

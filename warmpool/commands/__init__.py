@@ -48,7 +48,7 @@ def _named_command(argv: Sequence[str]) -> str | None:
 def build_parser(only: str | None = None) -> tuple[argparse.ArgumentParser, dict]:
     """The parser; with ``only``, one subcommand's alone: importing every command module (the
     fleet, engine-argument and store modules with them) cost a cold warm ~12 ms before its first
-    worker started (docs/bench/warm_speed_phases.md)."""
+    worker started (docs/performance.md, "Pool size and start-up")."""
     parser = argparse.ArgumentParser(prog="warmpool", description="Warm the page cache with the parts of a GGUF model an engine keeps on the CPU.")
     parser.add_argument("-v", "--verbose", action="store_true", help="more detail, and tracebacks on errors")
     parser.add_argument("--version", action="version", version=f"warmpool {_version()}")
