@@ -502,7 +502,7 @@ def header(model: Path, args, ra: ReadAhead, parent: Path) -> dict:
 
 
 def _bench_lock():
-    """The machine-wide benchmark lock, held until this process exits."""
+    """The machine-wide benchmark lock, an open file: held until it is closed."""
     lock = open(LOCK_FILE, "a")  # noqa: SIM115 - held for the whole run
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -512,13 +512,19 @@ def _bench_lock():
     return lock
 
 
-def run_all(args) -> int:
+def prepare(args) -> tuple[list[Run], Path, Path, ReadAhead]:
+    """Everything that can be wrong with the input or the machine, found before waiting for the
+    lock: the runs, root, the cgroup controller, the model (generated if it is the default one)
+    and its device's read-ahead."""
     runs = parse_runs(args.runs, args.keeper_budget, args.keeper_args, f"{args.oracle_bytes / 2**30:.2f} GiB")
     if os.geteuid() != 0:
         raise BenchError("needs root: it makes memory cgroups, sets read_ahead_kb and mlocks beyond RLIMIT_MEMLOCK")
     parent = own_memory_cgroup()
     model = bench_model(Path(args.model) if args.model else None)
-    ra = ReadAhead(model)
+    return runs, parent, model, ReadAhead(model)
+
+
+def run_all(args, runs: list[Run], parent: Path, model: Path, ra: ReadAhead) -> int:
     setting = header(model, args, ra, parent)
     print(f"model {model} ({setting['model_bytes'] / 1e9:.2f} GB: {setting['n_layers']} layers x {setting['n_experts']} "
           f"experts, top {setting['top_k']}, Zipf({args.zipf:g}), seed {args.seed}); limit {args.limit / 2**30:.2f} GiB; "
@@ -568,16 +574,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, _on_signal)
-    lock = _bench_lock()
     try:
-        return run_all(args)
+        prepared = prepare(args)
+        with _bench_lock():
+            return run_all(args, *prepared)
     except (BenchError, _Stop) as e:
         if args.verbose:
             raise
         print(f"overram_bench: {'stopped by ' if isinstance(e, _Stop) else ''}{e}", file=sys.stderr)
         return 1
-    finally:
-        lock.close()
 
 
 if __name__ == "__main__":
