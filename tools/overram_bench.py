@@ -215,20 +215,41 @@ def read_ahead_file(path: Path) -> Path:
 
 
 class ReadAhead:
-    """The device's read_ahead_kb, changed for a run and always restored (``restore``)."""
+    """The device's read_ahead_kb, changed for a run and always restored (``restore``).
 
-    def __init__(self, path: Path) -> None:
-        self.file = read_ahead_file(path)
+    Before the first change the original value is noted in NOTE_FILE, and the note removed once
+    it is restored: a bench killed with SIGKILL (no handler runs) leaves the note, and the next
+    run, under the bench lock, puts the value back before reading it as the original."""
+
+    NOTE_FILE = Path("/tmp/warmpool-overram-readahead.json")
+
+    def __init__(self, file: Path) -> None:
+        self.file = file
+        self.recovered = self._recover()
         self.original = int(self.file.read_text())
         self.current = self.original
 
+    def _recover(self) -> int | None:
+        try:
+            note = json.loads(self.NOTE_FILE.read_text())
+        except (OSError, ValueError):
+            return None
+        Path(note["file"]).write_text(str(note["original"]))
+        self.NOTE_FILE.unlink()
+        return note["original"]
+
     def set(self, kb: int) -> None:
-        if kb != self.current:
-            try:
-                self.file.write_text(str(kb))
-            except OSError as e:
-                raise BenchError(f"cannot set {self.file} to {kb}: {e.strerror}") from e
-            self.current = kb
+        if kb == self.current:
+            return
+        if kb != self.original and not self.NOTE_FILE.exists():
+            self.NOTE_FILE.write_text(json.dumps({"file": str(self.file), "original": self.original}))
+        try:
+            self.file.write_text(str(kb))
+        except OSError as e:
+            raise BenchError(f"cannot set {self.file} to {kb}: {e.strerror}") from e
+        self.current = kb
+        if kb == self.original:
+            self.NOTE_FILE.unlink(missing_ok=True)
 
     def restore(self) -> None:
         self.set(self.original)
@@ -512,19 +533,22 @@ def _bench_lock():
     return lock
 
 
-def prepare(args) -> tuple[list[Run], Path, Path, ReadAhead]:
+def prepare(args) -> tuple[list[Run], Path, Path, Path]:
     """Everything that can be wrong with the input or the machine, found before waiting for the
     lock: the runs, root, the cgroup controller, the model (generated if it is the default one)
-    and its device's read-ahead."""
+    and its device's read_ahead_kb file."""
     runs = parse_runs(args.runs, args.keeper_budget, args.keeper_args, f"{args.oracle_bytes / 2**30:.2f} GiB")
     if os.geteuid() != 0:
         raise BenchError("needs root: it makes memory cgroups, sets read_ahead_kb and mlocks beyond RLIMIT_MEMLOCK")
     parent = own_memory_cgroup()
     model = bench_model(Path(args.model) if args.model else None)
-    return runs, parent, model, ReadAhead(model)
+    return runs, parent, model, read_ahead_file(model)
 
 
-def run_all(args, runs: list[Run], parent: Path, model: Path, ra: ReadAhead) -> int:
+def run_all(args, runs: list[Run], parent: Path, model: Path, ra_file: Path) -> int:
+    ra = ReadAhead(ra_file)  # under the lock: a killed earlier run's value is put back first
+    if ra.recovered is not None:
+        print(f"note: restored {ra_file} to {ra.recovered} KB, left changed by a killed earlier run", flush=True)
     setting = header(model, args, ra, parent)
     print(f"model {model} ({setting['model_bytes'] / 1e9:.2f} GB: {setting['n_layers']} layers x {setting['n_experts']} "
           f"experts, top {setting['top_k']}, Zipf({args.zipf:g}), seed {args.seed}); limit {args.limit / 2**30:.2f} GiB; "
