@@ -410,8 +410,11 @@ def measure(run: Run, model: Path, args, parent: Path, ra: ReadAhead, workdir: P
             event = holder.wait_for(ready, args.ready_timeout)
             row["holder_ready_s"] = round(time.monotonic() - t0, 1)
             row["holder_ready_event"] = {k: v for k, v in (event or {}).items() if k not in ("time", "layers")}
+            row["holder_events"] = [e.get("event") for e in holder.events]  # what it got through
             if event is None:
-                row["holder_not_ready"] = holder.stderr_tail() or f"exit {holder.proc.poll()}"
+                code = holder.proc.poll()
+                why = f"not ready after {args.ready_timeout:g} s" if code is None else f"exit {code}"
+                row["holder_not_ready"] = "; ".join(filter(None, [why, holder.stderr_tail()]))
         row["resident_at_start"] = round(resident(model), 4)  # as the engine starts
         engine = Child("engine", _engine_argv(model, args), cgroup, workdir / f"{run.key}-engine.log")
         children.append(engine)
