@@ -14,7 +14,7 @@ import pytest
 
 from conftest import lines_until
 from warmpool import _platform
-from warmpool._platform.hold import PAGE_REPORTING_ORDER
+from warmpool._platform.proc import PAGE_REPORTING_ORDER
 from warmpool.commands.keep import _describe
 
 ORDER = Path("/sys", PAGE_REPORTING_ORDER)

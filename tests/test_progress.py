@@ -20,7 +20,7 @@ from warmpool._errors import ProgressError
 from warmpool._progress.segment import ProgressSegment, ProgressView, WorkerCounter
 
 SHM = "/dev/shm"
-REPO = Path(_progress.__file__).resolve().parents[1]
+REPO = Path(_progress.__file__).resolve().parents[2]
 needs_dev_shm = pytest.mark.skipif(not os.path.isdir(SHM), reason="inspects /dev/shm (Linux)")
 
 

@@ -115,7 +115,7 @@ def page_reporting_off(active: bool = True):
     is above the buddy allocator's largest block (MAX_PAGE_ORDER 10), so
     ``page_reporting_process_zone`` finds nothing to report and memory an eviction frees stays
     backed by the host."""
-    from warmpool._platform.hold import PAGE_REPORTING_ORDER, page_reporting_order
+    from warmpool._platform.proc import PAGE_REPORTING_ORDER, page_reporting_order
 
     before, path = page_reporting_order(), Path("/sys", PAGE_REPORTING_ORDER)
     if not active or before is None:

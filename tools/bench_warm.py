@@ -148,7 +148,7 @@ def _disk_of(path: Path) -> str:
 
 
 def machine(model: Path) -> dict:
-    from warmpool._platform.hold import page_reporting_order
+    from warmpool._platform.proc import page_reporting_order
 
     mem_kb = int(_first_line("/proc/meminfo").split()[1])
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()

@@ -70,7 +70,7 @@ from first_request import resident  # noqa: E402
 from mem_pressure import Hog, MemoryCage, make_file  # noqa: E402
 
 from warmpool import _platform  # noqa: E402
-from warmpool._platform.hold import page_reporting_order  # noqa: E402
+from warmpool._platform.proc import page_reporting_order  # noqa: E402
 from warmpool.example import BENCH, model_nbytes, write_moe_gguf  # noqa: E402
 
 CONFIGS = ("none", "oneshot", "keep", "keep-touch", "keep-lock")

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     from mem_pressure import Hog, MemoryCage, make_file
 
     from warmpool import _platform
-    from warmpool._platform.hold import page_reporting_order
+    from warmpool._platform.proc import page_reporting_order
 
     path = str(args.model or bench_model(None))
     if args.helper:

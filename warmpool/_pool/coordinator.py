@@ -130,7 +130,9 @@ def _launch(slot: int, job: tuple, shared_fds: tuple[int, ...] = ()) -> _Worker:
 def _import_path() -> list[str]:
     """Where the worker finds warmpool (an editable install is an import hook that -S skips)
     and numpy (the touch strategy): our package's parent first, then the caller's path."""
-    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    import warmpool
+
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(warmpool.__file__)))
     return [package_parent, *[p for p in sys.path if p and p != package_parent]]
 
 
