@@ -80,10 +80,12 @@ def _keep(args: argparse.Namespace, budget: int | None, fail):
 
         if Keeper is None:
             say("this build has no keeper (warmpool.Keeper): warming once, not keeping" + (", no --listen" if args.listen else ""))
-        result = warm(plan.files[0].path, plan=plan, workers=args.workers, budget=budget, force=args.force)
+        result = warm(plan.files[0].path, plan=plan, workers=args.workers, budget=budget, force=args.force,
+                      beside_engine=True)
         on_event({"event": "warmed", **result._asdict()})
         return None
     keeper = Keeper([plan], interval=args.interval, lock=args.lock, min_resident=args.min_resident,
-                    listen=args.listen, workers=args.workers, budget=budget, force=args.force, on_event=on_event)
+                    listen=args.listen, workers=args.workers, budget=budget, force=args.force, on_event=on_event,
+                    beside_engine=True)  # the engine is loading the model right now (docs/beside-engine.md)
     keeper.start()
     return keeper.stop
