@@ -76,8 +76,8 @@ def watch_engine(fds: Sequence[int], file_bytes: int, should_stop: Callable[[], 
     now = started_at
     # 1. wait for the engine's first reads
     cached = base
-    while cached - base < START_BYTES:
-        if now - started_at >= ENGINE_START_S or should_stop() or cached >= file_bytes:
+    while cached - base < START_BYTES and cached < file_bytes:  # all cached: the engine read it at once
+        if now - started_at >= ENGINE_START_S or should_stop():
             return EngineWatch(False, None, False, now - started_at)
         time.sleep(POLL_S)
         now, cached = time.monotonic(), _cached(fds) or 0
