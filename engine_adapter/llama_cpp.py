@@ -5,11 +5,12 @@
 
 Why the warm starts first: on Linux llama.cpp maps the whole file with MAP_POPULATE
 (docs/design.md, "What llama.cpp keeps on the CPU"), which faults the file in from one
-thread while ``Llama()`` blocks; the workers started a moment earlier read the CPU-resident
-tensors in parallel, in layer order, so the populate sweep finds pages already arriving.  They
-run at idle CPU priority (``start_warmup``'s default): once started, they use only CPU time that
-``Llama()`` leaves.  With ``use_mmap=False`` llama.cpp reads the tensors into its own buffers
-instead, and those reads then hit the page cache.
+thread while ``Llama()`` blocks (with ``use_mmap=False`` it reads the file into its own buffers,
+also in order).  The warm runs beside it (``beside_engine=True``, docs/beside-engine.md): it
+watches the file's page cache grow, starts no worker where the engine reads at device speed
+(workers there only take CPU from it), and where it reads slower (latency-bound storage)
+warms from the far end of the file, at idle CPU priority (``start_warmup``'s default), so the
+workers and the engine's sweep meet once, in the middle.
 
 Which tensors the warm selects, from the keyword arguments ``Llama`` takes:
 
@@ -93,7 +94,10 @@ def load(model_path: str | os.PathLike[str], *, warmup_options: dict | None = No
     accepted = inspect.signature(llama_cpp.Llama.__init__).parameters
     selection = selection_for(llama_kwargs, gpu_offload=bool(llama_cpp.llama_supports_gpu_offload()),
                               accepted=accepted)
-    warmup: Warmup = start_warmup(model_path, **selection, **(warmup_options or {}))
+    # llama.cpp reads the whole file itself while Llama() runs: the warm watches it and steps
+    # aside where it reads at device speed (docs/beside-engine.md).
+    options = {"beside_engine": True, **(warmup_options or {})}
+    warmup: Warmup = start_warmup(model_path, **selection, **options)
     try:
         llm = llama_cpp.Llama(os.fspath(model_path), **llama_kwargs)
     except BaseException:

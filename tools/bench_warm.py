@@ -3,6 +3,7 @@
     python tools/bench_warm.py MODEL_OR_SIZE [--rounds N] [--latency-ms 1,2,5] [--latency-size 512MB]
         [--methods warmpool,vmtouch,...] [--json-out FILE] [--chart FILE] [--quick] [--latency-only]
         [--hot-runs N] [--cache-dir DIR] [--wait-after-evict SECONDS] [--no-page-reporting]
+        [--beside [--beside-model SIZE_OR_FILE] [--beside-engines inprocess,server]]
 
 MODEL_OR_SIZE is a GGUF file, or a size such as ``1.7GB`` (``_units.parse_size``: 1.7e9 bytes;
 ``1.7G`` is 1.7 GiB): a synthetic MoE of about that size
@@ -19,6 +20,13 @@ the same comparison through ``tools/latency_fs.py`` (a FUSE passthrough that sle
 on a smaller synthetic model (``--latency-size``), whose source file is kept cached so only
 the latency shows.  Then: the hot run (``warmpool warm FILE`` when all is resident), Python's
 bare start-up here, and the peak RssAnon of warmpool plus its workers during a default warm.
+
+``--beside`` adds the engine that loads the model itself (``lib/beside.py``): start to first
+token of plain ``Llama()`` against ``engine_adapter.llama_cpp.load``, and of ``python -m
+llama_cpp.server`` (and llama-server where it is on PATH) against the same under ``warmpool run``,
+all with every core, in paired rounds on the local disk (``--beside-model``, default the
+first-request bench model, 1.76 GB) and through each ``--latency-ms`` (on the ``--latency-size``
+model).  Needs llama-cpp-python with its [server] extra.
 
 Needs vmtouch and fio (Debian packages) and, for ``--latency-ms``, fuse3 and mfusepy; whatever
 is missing is reported "unavailable (install X)" and skipped.  Nothing is installed at run time.
@@ -65,6 +73,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="1 round, core methods, 5 ms only, 256MB on FUSE")
     measure.add_wait_after_evict(p)
     measure.add_no_page_reporting(p)
+    p.add_argument("--beside", action="store_true",
+                   help="also time engines that load the model themselves, with and without warmpool beside them")
+    p.add_argument("--beside-model", default=None, help="model for --beside on the local disk (default: the 1.76 GB bench model)")
+    p.add_argument("--beside-engines", default="inprocess,server", help="inprocess (the adapter), server (warmpool run)")
     p.add_argument("--no-engine-pass", action="store_true",
                    help="skip the folio histogram and the engine pass after each method (faster)")
     args = p.parse_args(argv)
@@ -220,6 +232,72 @@ def run_latency(path: Path, latency_ms: float, methods: list[peers.Method], roun
         return f"{storage}: {exc}"
 
 
+# -- beside an engine that loads the model itself -----------------------------------------------------
+
+
+def _beside_model(args: argparse.Namespace) -> Path:
+    if args.beside_model:
+        return resolve_model(args.beside_model, args.cache_dir)
+    from first_request import bench_model
+
+    return bench_model(args.cache_dir and str(Path(args.cache_dir).parent))
+
+
+def run_beside(path: Path, args: argparse.Namespace, evict=None) -> dict:
+    from lib import beside
+
+    return beside.beside(path, args.rounds, evict or measure.evict_file, log, tuple(args.beside_engines.split(",")))
+
+
+def beside_latency(path: Path, latency_ms: float, args: argparse.Namespace) -> dict:
+    from latency_fs import FuseUnavailable, mounted
+
+    try:
+        with mounted(path.parent, latency_ms) as mnt:
+            def evict(p: Path) -> None:
+                measure.evict_file(p)
+                if measure.file_resident(path) < 0.99:
+                    _warm_source(path)  # the backing file must not add disk time
+
+            return run_beside(mnt / path.name, args, evict)
+    except FuseUnavailable as exc:
+        return {"skipped": str(exc)}
+
+
+def _beside_record(result: dict) -> dict:
+    out = {"threads": result.get("threads"), "skipped": result.get("skipped")}
+    for engine, r in result.items():
+        if isinstance(r, dict):
+            out[engine] = {k: r[k] for k in ("rounds", "median_s", "paired_ratio", "x_steady") if k in r}
+        elif isinstance(r, str):
+            out[engine] = r
+    return out
+
+
+def beside_table(beside: dict[str, dict]) -> str:
+    head = "| storage | engine | rounds | alone (median s) | with warmpool (median s) | paired ratio (median; rounds) | first request x steady |"
+    rows = [head, "|" + "---|" * 7]
+    names = {"adapter": "Llama() / engine_adapter.llama_cpp.load", "llama_cpp.server": "llama_cpp.server / warmpool run",
+             "llama-server": "llama-server / warmpool run"}
+    for storage, result in beside.items():
+        if "skipped" in result and result["skipped"]:
+            rows.append(f"| {storage} | skipped: {result['skipped']} | | | | | |")
+            continue
+        for engine, r in result.items():
+            if isinstance(r, str):
+                rows.append(f"| {storage} | {engine}: {r} | | | | | |")
+            if not isinstance(r, dict):
+                continue
+            other = next(k for k in r["median_s"] if k != "plain")
+            ratio = r["paired_ratio"][other]
+            steady = r.get("x_steady", {})
+            steady_s = f"{steady['plain']:.2f} / {steady[other]:.2f}" if steady else "-"
+            rows.append(f"| {storage} | {names.get(engine, engine)} (threads {result['threads']}) | {r['rounds']} | "
+                        f"{r['median_s']['plain']:.2f} | {r['median_s'][other]:.2f} | {ratio['median']:.2f}x; "
+                        f"{', '.join(f'{x:.2f}' for x in ratio['rounds'])} | {steady_s} |")
+    return "\n".join(rows)
+
+
 # -- hot run, start-up, memory ------------------------------------------------------------------------
 
 
@@ -327,10 +405,15 @@ def _run(args: argparse.Namespace, command: str) -> int:
         tables["local disk"] = run_storage(model, "local disk", args.methods, args.rounds)
         extras += [memory_peak(model, "local disk"), hot_run(model, args.hot_runs), python_startup(args.hot_runs)]
     skipped = []
+    beside: dict[str, dict] = {}
+    if args.beside and not args.latency_only:
+        beside["local disk"] = run_beside(_beside_model(args), args)
     if args.latencies:
         small = synthetic_model(args.latency_size, args.cache_dir)
         info.update(latency_model=str(small), latency_model_bytes=small.stat().st_size)
         for ms in args.latencies:
+            if args.beside:
+                beside[f"latency_fs {ms:g} ms"] = beside_latency(small, ms, args)
             result = run_latency(small, ms, args.methods, args.rounds)
             if isinstance(result, str):
                 skipped.append(result)
@@ -345,12 +428,15 @@ def _run(args: argparse.Namespace, command: str) -> int:
     info.update(loadavg_end=[round(x, 2) for x in os.getloadavg()], duration_s=round(time.perf_counter() - started, 1),
                 load_1m_min_median_max={k: [round(min(v), 2), round(statistics.median(v), 2), round(max(v), 2)]
                                         for k, v in LOAD_1M.items() if v})
-    records = [info, *({"record": "method"} | report.json_record(r) for t in tables.values() for r in t), *extras]
+    records = [info, *({"record": "method"} | report.json_record(r) for t in tables.values() for r in t), *extras,
+               *({"record": "beside", "storage": k} | _beside_record(v) for k, v in beside.items())]
     for storage, table in tables.items():
         size = info["model_bytes"] if storage == "local disk" else info["latency_model_bytes"]
         print(f"\n### {storage} ({size / 1e9:.2f} GB, {args.rounds} rounds)\n\n{report.markdown_table(table)}")
     loads = [f"{k}: 1-min load {v[0]}-{v[2]} (median {v[1]})" for k, v in info["load_1m_min_median_max"].items()]
     sizes = {k: info["model_bytes"] if k == "local disk" else info.get("latency_model_bytes") for k in tables}
+    if beside:
+        print("\n" + beside_table(beside))
     print("\n" + "\n".join(acceptance(tables, extras, sizes) + skipped + loads) + "\n")
     lines = [json.dumps(r, ensure_ascii=False) for r in records]
     print("\n".join(lines))

@@ -218,7 +218,7 @@ def warm(path: str | os.PathLike[str], *, workers: int | None = None, strategy: 
          chunk_size: int = DEFAULT_CHUNK_SIZE, budget: int | None = None, force: bool = False,
          env: dict | None = None, memory=None, on_start: Callable[[object], None] | None = None,
          should_stop=None, linger: float = 0.0, plan: Plan | None = None, require_name: bool = False,
-         priority: str = "normal", **selection) -> WarmResult:
+         priority: str = "normal", beside_engine: bool = False, **selection) -> WarmResult:
     """Fault the selected tensors of a GGUF model into the page cache and verify with mincore.
 
     ``selection`` takes llama.cpp's flags (``n_gpu_layers``, ``cpu_moe``, ``n_cpu_moe``,
@@ -229,7 +229,11 @@ def warm(path: str | os.PathLike[str], *, workers: int | None = None, strategy: 
     ``priority``: ``"normal"``, or ``"idle"`` to run the workers at the lowest CPU priority
     (Linux SCHED_IDLE, else nice 19): for a warm beside an engine that is loading the same
     model, so that the workers use only CPU time the engine leaves (docs/design.md, "Worker
-    processes").
+    processes").  ``beside_engine``: an engine is loading this model itself right now (llama.cpp
+    reads the whole file at start-up); the warm first watches it read, steps aside where it reads
+    at device speed and otherwise warms from the far end of its path (``_beside``;
+    docs/beside-engine.md).  The reason then says which, and ``bytes_warmed`` leaves out what the
+    engine read while the warm stood aside.
 
     A file whose residency the kernel hides (``residency_hidden``) is warmed whole and the result
     says so: ``residency_hidden`` True, ``resident_fraction`` and ``bytes_already_resident`` None.
@@ -258,25 +262,51 @@ def warm(path: str | os.PathLike[str], *, workers: int | None = None, strategy: 
                               strategy=strategy, resident_fraction=_fraction(resident, plan, hidden),
                               skipped=decision.action == "skip", files=files.per_file(plan, measured))
         strategy = resolve_strategy(strategy)
+        chosen, baseline = list(decision.chunks), before
+        if beside_engine:
+            watch, chosen, baseline = _beside_engine(plan, files, chosen, before, should_stop)
+            if watch is not None:
+                result["reason"] = reason = f"{reason}; {watch.describe()}"
+                logger.info("%s: %s", plan.files[0].path, watch.describe())
+            if not chosen:  # the engine read everything itself
+                resident = sum(r or 0 for r in baseline)
+                return WarmResult(**result | dict(seconds=time.perf_counter() - started), bytes_warmed=0,
+                                  bytes_left_cold=plan.bytes_planned - resident, strategy=strategy,
+                                  resident_fraction=_fraction(resident, plan, hidden), skipped=False,
+                                  files=files.per_file(plan, baseline))
         from ._pool.lifetime import run_warm
 
-        outcome = run_warm(plan, files.paths, decision.chunks, before, strategy, workers, on_start, should_stop, linger,
+        outcome = run_warm(plan, files.paths, chosen, baseline, strategy, workers, on_start, should_stop, linger,
                            require_name=require_name, priority=priority)
         files.check_unchanged()
         measured = files.resident(plan)
-        chosen = set(decision.chunks)
+        faulted = set(chosen)
         # Hidden files: the warm's own account (every chosen chunk faulted in), not a measurement.
-        after = [r if r is not None else (c.length if i in chosen else 0)
+        after = [r if r is not None else (c.length if i in faulted else 0)
                  for i, (c, r) in enumerate(zip(plan.chunks, measured))]
         per_file = files.per_file(plan, measured)
     resident = sum(after)
     result.update(seconds=time.perf_counter() - started, workers=outcome.workers)
     # What this warm made resident: a worker's own faults plus what readahead from a neighbouring
     # chunk brought in first (the worker then finds those pages resident and skips them).
-    warmed = max(resident - sum(before), 0)
+    warmed = max(resident - sum(baseline), 0)
     return WarmResult(**result, bytes_warmed=warmed, bytes_left_cold=plan.bytes_planned - resident,
                       strategy=strategy, resident_fraction=_fraction(resident, plan, hidden), skipped=False,
                       files=per_file)
+
+
+def _beside_engine(plan: Plan, files: _OpenFiles, chosen: list[int], before: list[int], should_stop):
+    """Watch the engine that loads the model beside this warm (``_beside``): (the watch or None,
+    the chunks to warm, far end first, and the residency they start from)."""
+    from ._beside import watch_engine
+
+    stop = should_stop.is_set if hasattr(should_stop, "is_set") else (should_stop or (lambda: False))
+    watch = None if any(files.hidden) else watch_engine(files.fds, sum(os.fstat(fd).st_size for fd in files.fds), stop)
+    if watch is not None and watch.stepped_aside:
+        now = [r or 0 for r in files.resident(plan, quick=True)]
+        chosen = [i for i in chosen if now[i] < plan.chunks[i].length]
+        before = now
+    return watch, chosen[::-1], before
 
 
 def _fraction(resident: int, plan: Plan, hidden: bool) -> float | None:

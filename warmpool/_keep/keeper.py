@@ -57,7 +57,8 @@ class Keeper:
     a populated mapping and marks its resident pages accessed every ``refresh`` seconds (at
     most ``REFRESH_CPU_SHARE`` of a core; 0: never), ``touch`` also reads one byte of every
     resident page once per ``refresh`` seconds, paced (``_touch_step``), ``none`` only checks
-    and re-warms.  ``on_warm_start(segment)`` is called when a first warm starts its
+    and re-warms.  ``beside_engine``: the first warm runs beside an engine that is loading the
+    model itself (``warm(beside_engine=True)``, as ``warmpool run`` does).  ``on_warm_start(segment)`` is called when a first warm starts its
     workers (a progress bar reads the segment); ``for_pid`` ends the keeper when that process
     does.  Events go to ``on_event`` as dicts with an ``"event"`` key.
     """
@@ -67,7 +68,8 @@ class Keeper:
                  workers: int | None = None, strategy: str = "auto", budget: int | None = None,
                  force: bool = False, on_event: Callable[[dict], None] | None = None,
                  hold: str = "map", refresh: float = 1.0, for_pid: int | None = None,
-                 on_warm_start: Callable[[str], None] | None = None, **selection) -> None:
+                 on_warm_start: Callable[[str], None] | None = None, beside_engine: bool = False,
+                 **selection) -> None:
         from .._api import plan_model
 
         if interval <= 0:
@@ -91,6 +93,7 @@ class Keeper:
         self._touch_at, self._touch_last, self._touch_cpu, self._touch_cost = (0, 0), None, 0.0, 0.0
         self.workers, self.strategy, self.budget, self.force = workers, strategy, budget, force
         self.for_pid, self.on_warm_start, self._on_event = for_pid, on_warm_start, on_event
+        self.beside_engine = beside_engine  # the first warm runs beside an engine loading the model
         self.models: list[KeptModel] = []
         for source in models:
             plan = source if isinstance(source, Plan) else plan_model(source, **selection)
@@ -173,6 +176,11 @@ class Keeper:
                 pass
 
     def _run(self) -> None:
+        if self.beside_engine:
+            # Beside an engine this thread's work (the hold's populate and page reads right after
+            # the engine's load, the checks, the refresh) must not take the engine's CPU; the
+            # workers it starts inherit the policy.  docs/beside-engine.md.
+            _platform.lower_priority()
         try:
             for model in self.models:
                 if self._stop.is_set():
@@ -283,7 +291,8 @@ class Keeper:
         model.release()
         model.note_identity()
         model.set(state="warming")
-        result = self._warm(model, model.plan, self.on_warm_start if not model.warmed else None)
+        result = self._warm(model, model.plan, self.on_warm_start if not model.warmed else None,
+                            beside_engine=self.beside_engine and not model.warmed)
         model.hold(mapped=self.hold != "none" or self.lock)
         model.warmed = True
         model.measure()
@@ -294,11 +303,11 @@ class Keeper:
         if self.lock:
             self._emit("locked", **model.lock())
 
-    def _warm(self, model: KeptModel, plan: Plan, on_start=None):
+    def _warm(self, model: KeptModel, plan: Plan, on_start=None, beside_engine: bool = False):
         from .._api import warm
 
         return warm(model.path, plan=plan, workers=self.workers, strategy=self.strategy, budget=self.budget,
-                    force=self.force, on_start=on_start, should_stop=self._stop)
+                    force=self.force, on_start=on_start, should_stop=self._stop, beside_engine=beside_engine)
 
     def _check(self, model: KeptModel) -> None:
         if model.changed():

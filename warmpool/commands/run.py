@@ -78,12 +78,14 @@ def _keep(args: argparse.Namespace, budget: int | None, fail, log):
     if command is not None and not command.reads_page_cache:
         from .._api import warm
 
-        result = warm(plan.files[0].path, plan=plan, workers=args.workers, budget=budget, force=args.force)
+        result = warm(plan.files[0].path, plan=plan, workers=args.workers, budget=budget, force=args.force,
+                      beside_engine=True)
         on_event({"event": "warmed", **result._asdict()})
         return None
     from .._keep.keeper import Keeper
 
     keeper = Keeper([plan], interval=args.interval, lock=args.lock, min_resident=args.min_resident,
-                    listen=args.listen, workers=args.workers, budget=budget, force=args.force, on_event=on_event)
+                    listen=args.listen, workers=args.workers, budget=budget, force=args.force, on_event=on_event,
+                    beside_engine=True)  # the engine is loading the model right now (docs/beside-engine.md)
     keeper.start()
     return keeper.stop

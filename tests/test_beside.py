@@ -1,0 +1,126 @@
+"""A warm beside an engine that loads the model itself (``warm(beside_engine=True)``).
+
+The "engine" is a real process reading the evicted file with ``pread``, at full speed or paced;
+the warm watches the page cache grow (cachestat) and must step aside from the fast reader, and
+warm from the far end beside the slow one or none.  Real page cache, real workers, mincore.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+import warmpool
+from conftest import evict_file, warm_watched
+from warmpool import _beside, _platform
+
+pytestmark = [pytest.mark.pagecache, pytest.mark.xdist_group("pagecache"),
+              pytest.mark.skipif(not _platform.supports_cachestat(), reason="no cachestat(2): nothing to watch")]
+
+# Reads FILE in 1 MiB preads, sleeping PAUSE seconds after each (0: as fast as the disk goes).
+READER = """
+import os, sys, time
+fd, pause = os.open(sys.argv[1], os.O_RDONLY), float(sys.argv[2])
+size, at = os.fstat(fd).st_size, 0
+print("ready", flush=True)
+sys.stdin.readline()
+while at < size:
+    at += len(os.pread(fd, 1 << 20, at))
+    time.sleep(pause)
+"""
+
+
+class Engine:
+    """A reader process, started before the warm and told to go as the warm starts."""
+
+    def __init__(self, path, pause: float) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", READER, str(path), str(pause)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout.readline().strip() == "ready"
+
+    def go(self) -> None:
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+CHUNK = 4 * 1024 * 1024  # ~10 chunks of the ~40 MB model: an order to see
+
+
+def _done_sampler(samples: list[frozenset[int]]):
+    def sample(view) -> None:
+        samples.append(frozenset(i for i, s in enumerate(view.chunk_states()) if s == "done"))
+    return sample
+
+
+def _far_end_first(samples: list[frozenset[int]], n: int) -> bool:
+    """With one worker, chunks turn done in the order handed out: from the far end, the done set
+    is always a suffix of the plan; and some sample saw it part-way (else the check proves nothing)."""
+    suffixes = all(d == frozenset(range(n - len(d), n)) for d in samples)
+    return suffixes and any(0 < len(d) < n for d in samples)
+
+
+def test_steps_aside_from_an_engine_reading_at_device_speed(pagecache_model, monkeypatch):
+    # Paced at ~100 MB/s so that the ~40 MB file lasts longer than the warm's header walk and
+    # plan; "device speed" is then anything above 30 MB/s.
+    monkeypatch.setattr(_beside, "DEVICE_RATE", 30e6)
+    evict_file(pagecache_model)
+    engine = Engine(pagecache_model, 0.01)
+    try:
+        engine.go()
+        result = warmpool.warm(pagecache_model, beside_engine=True)
+        engine.proc.wait(30)
+    finally:
+        engine.close()
+    assert "stepped aside" in result.reason, result.reason
+    assert result.workers == 0  # no worker competed with the engine
+    assert result.resident_fraction == 1.0  # the engine read it all, and the verdict says so
+    assert result.bytes_warmed == 0  # what the engine read is not the warm's
+
+
+def test_warms_from_the_far_end_when_no_engine_reads(pagecache_model, monkeypatch):
+    monkeypatch.setattr(_beside, "ENGINE_START_S", 0.2)
+    evict_file(pagecache_model)
+    seen: list[frozenset[int]] = []
+    started = time.monotonic()
+    result = warm_watched(pagecache_model, _done_sampler(seen), beside_engine=True, workers=1, chunk_size=CHUNK)
+    assert time.monotonic() - started >= 0.2  # it watched first
+    assert "not seen reading" in result.reason and "far end" in result.reason, result.reason
+    assert result.workers >= 1 and result.resident_fraction == 1.0
+    n = len(warmpool.plan_model(pagecache_model, chunk_size=CHUNK).chunks)
+    assert n >= 4 and _far_end_first(seen, n), (n, sorted(set(map(len, seen))))
+
+
+def test_warms_from_the_far_end_beside_a_slow_engine(pagecache_model, monkeypatch):
+    # A reader paced at ~50 MB/s: under DEVICE_RATE, so the workers help, from the other end.
+    monkeypatch.setattr(_beside, "DEVICE_RATE", 150e6)
+    evict_file(pagecache_model)
+    engine = Engine(pagecache_model, 0.02)
+    seen: list[frozenset[int]] = []
+    try:
+        engine.go()
+        result = warm_watched(pagecache_model, _done_sampler(seen), beside_engine=True, workers=1, chunk_size=CHUNK)
+        engine_done = engine.proc.poll() is not None
+    finally:
+        engine.close()
+    assert "MB/s; warmed from the far end" in result.reason, result.reason
+    assert result.workers >= 1 and result.resident_fraction == 1.0
+    assert not engine_done  # the warm finished the file before the slow engine reached its end
+    n = len(warmpool.plan_model(pagecache_model, chunk_size=CHUNK).chunks)
+    # Chunks the engine already read are found resident (done at once): still from the far end.
+    assert _far_end_first(seen, n), (n, sorted(set(map(len, seen))))
+
+
+def test_without_beside_engine_nothing_is_watched(pagecache_model):
+    evict_file(pagecache_model)
+    seen: list[frozenset[int]] = []
+    result = warm_watched(pagecache_model, _done_sampler(seen), workers=1, chunk_size=CHUNK)
+    assert "beside the engine" not in result.reason
+    n = len(warmpool.plan_model(pagecache_model, chunk_size=CHUNK).chunks)
+    assert all(d == frozenset(range(len(d))) for d in seen) and any(0 < len(d) < n for d in seen)  # plan order
