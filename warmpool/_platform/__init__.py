@@ -34,6 +34,7 @@ __all__ = [
     "FileWindow",
     "HeldMapping",
     "PAGE_SIZE",
+    "ReadAhead",
     "advise_random",
     "cached_bytes",
     "cgroup_memory",
@@ -51,6 +52,7 @@ __all__ = [
     "pid_alive",
     "platform_notes",
     "prefetch",
+    "read_ahead",
     "read_byte",
     "read_range",
     "readahead_size",
@@ -58,6 +60,7 @@ __all__ = [
     "resident_bytes",
     "resident_pages",
     "supports_cachestat",
+    "set_read_ahead_kb",
     "supports_populate",
 ]
 
@@ -82,6 +85,7 @@ from warmpool._platform.libc import page_runs  # noqa: E402 - a mincore vector's
 
 # A keeper's calls: held mappings (POSIX), and what /proc and /sys tell where they exist.
 from warmpool._platform.mapping import HeldMapping  # noqa: E402
+from warmpool._platform.blockdev import ReadAhead, read_ahead, set_read_ahead_kb  # noqa: E402
 from warmpool._platform.proc import (  # noqa: E402
     CgroupMemory,
     cgroup_memory,
