@@ -36,6 +36,7 @@ __all__ = [
     "PAGE_SIZE",
     "ReadAhead",
     "advise_random",
+    "cache_counts",
     "cached_bytes",
     "cgroup_memory",
     "evict",
@@ -67,6 +68,7 @@ __all__ = [
 PAGE_SIZE: int = _backend.PAGE_SIZE
 FileWindow = _backend.FileWindow
 advise_random = _backend.advise_random
+cache_counts = _backend.cache_counts
 cached_bytes = _backend.cached_bytes
 evict = _backend.evict
 huge_folio_size = _backend.huge_folio_size
