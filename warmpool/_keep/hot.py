@@ -94,10 +94,14 @@ class HotExperts:
         left = room - self.dense_bytes - sum(self._bytes[k] for k in held)
         drop = self.over(-left, held) if left < 0 else []
         kept = held_set - set(drop)
-        average = max(sum(self._bytes.values()) // max(len(self._bytes), 1), 1)
-        n = max((room - self.dense_bytes) // average, 0)
-        top = set(self.ranker.stable_top(n, kept))
         ranking = self.ranker.ranking()
+        n, fits = 0, room - self.dense_bytes
+        for key in ranking:  # how many of the hottest fit: the size of the top to keep
+            fits -= self._bytes[key]
+            if fits < 0:
+                break
+            n += 1
+        top = set(self.ranker.stable_top(n, kept))
         wanted = [k for k in ranking if k in top and k not in kept]
         leaving = [k for k in reversed(ranking) if k in kept and k not in top]
         limit = max(CHURN_MIN, int(len(held) * CHURN))
@@ -125,9 +129,11 @@ class HotExperts:
             freed += self._bytes[key]
         return drop
 
-    def hit_estimate(self, held: list[Key]) -> float | None:
-        """The held experts' share of the ranker's scores: what share of expert reads would find
-        their expert held if the scores are read frequencies.  None before anything is learned."""
+    def held_score_share(self, held: list[Key]) -> float | None:
+        """The held experts' share of the ranker's summed scores: an estimate of the share of
+        expert reads that find their expert held, as good as the scores are a measure of use
+        (they are residency averages, not read counts, and a held expert's score stands as it
+        was when it was taken in).  None before anything is learned."""
         scores = self.ranker.scores()
         total = sum(scores.values())
         if not total:

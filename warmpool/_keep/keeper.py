@@ -136,9 +136,10 @@ class Keeper:
         if self._thread is not None:
             return self
         if self.profile_path is not None and os.path.exists(self.profile_path):
-            from .._experts.profile import read_profile
+            from .._experts.profile import check_profile, read_profile
 
             self._profile = read_profile(self.profile_path)  # a bad file is the caller's error, now
+            check_profile(self._profile, self.models[0].plan.layout, self.profile_path)
         if self.readahead is not None:
             self._set_readahead()
         if self._listen is not None:
@@ -360,7 +361,17 @@ class Keeper:
             return
         from .hot import HotExperts
 
-        hot = HotExperts.of(model.plan, self._profile if model is self.models[0] else None)
+        profile = self._profile if model is self.models[0] else None
+        hot = HotExperts.of(model.plan, profile)
+        if hot is not None and profile is None:
+            # What is resident now was read recently (an engine already running): a first
+            # ranking better than layer order, for the price of one pass.
+            fds = [os.open(f.path, os.O_RDONLY) for f in model.plan.files]
+            try:
+                hot.ranker.sample(fds)
+            finally:
+                for fd in fds:
+                    os.close(fd)
         model.set_budget(share, hot)
         fields = dict(model=model.name, bytes_selected=model.plan.bytes_planned, bytes_kept=model.kept.bytes_planned,
                       reason=why)
@@ -400,7 +411,7 @@ class Keeper:
         if hot_models and now >= self._next_sample:
             started = time.thread_time()
             for model in hot_models:
-                self._guard(model, lambda m=model: m.hot.ranker.sample(m.fds))
+                self._guard(model, lambda m=model: m.hot.ranker.sample(m.fds, held=m.experts))
             self._sample_cost = time.thread_time() - started
             self._next_sample = now + max(SAMPLE_PERIOD, self._sample_cost / SAMPLE_CPU_SHARE)
         if now >= self._next_room:
@@ -449,7 +460,7 @@ class Keeper:
             share = model.plan.bytes_planned
         current = model.kept.bytes_planned
         # Grow into the room only with margin to spare; shrinking is _shrink_to_room's job.
-        limit = share - ROOM_SLACK if share >= current + 2 * ROOM_SLACK else current
+        limit = share - ROOM_SLACK if share >= current + 2 * ROOM_SLACK else max(share, current)
         add, drop = model.hot.rerank(max(limit, model.hot.dense_bytes), model.experts)
         if add:
             chunks = tuple(c for k in add for c in model.hot.chunks(k))
@@ -459,7 +470,7 @@ class Keeper:
             self._emit("reranked", model=model.name, experts_added=len(add), experts_dropped=len(drop),
                        experts_held=len(model.experts), bytes_kept=model.kept.bytes_planned,
                        bytes_locked=model.bytes_locked)
-        model.set(hit_estimate=model.hot.hit_estimate(model.experts))
+        model.set(held_score_share=model.hot.held_score_share(model.experts))
 
     def _write_profile(self) -> None:
         if self.profile_path is None:
@@ -467,10 +478,10 @@ class Keeper:
         model = next((m for m in self.models if m.hot is not None), None)
         if model is None:
             return
-        from .._experts.profile import write_profile
+        from .._experts.profile import model_identity, write_profile
 
         try:
-            write_profile(self.profile_path, model.hot.ranker.to_profile())
+            write_profile(self.profile_path, model.hot.ranker.to_profile(model_identity(model.plan.layout)))
         except (WarmpoolError, OSError) as e:
             self._emit("error", model=model.name, message=f"--profile {self.profile_path}: {e}")
 

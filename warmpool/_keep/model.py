@@ -50,7 +50,7 @@ class KeptModel:
         self.experts: list[tuple[int, int]] = []  # held experts, in the order their chunks follow the dense ones
         self.chunk_maps: list[tuple[_platform.HeldMapping, int] | None] = []  # per kept chunk: its mapping, offset
         self.expert_maps: dict[tuple[int, int], list[_platform.HeldMapping]] = {}
-        self.hit_estimate: float | None = None
+        self.held_score_share: float | None = None
         self._locked: dict[int, int] = {}  # id of a held mapping -> bytes locked in it
 
     @property
@@ -70,7 +70,7 @@ class KeptModel:
                     "residency_hidden": self.hidden, "state": self.state,
                     "experts_held": len(self.experts) if self.hot else None,
                     "experts_total": self.hot.total if self.hot else None,
-                    "expert_hit_estimate": self.hit_estimate}
+                    "expert_held_score_share": self.held_score_share}
 
     def set(self, **fields) -> None:
         with self.guard:
