@@ -52,7 +52,8 @@ SAMPLE_PERIOD = 1.0
 SAMPLE_CPU_SHARE = 0.02
 ROOM_PERIOD = 1.0  # seconds between looks at the room (a memory.stat read, ~0.1 ms)
 # A shrink waits for the room to fall this far below what is held, and a re-rank grows into the
-# room only this far below it: no flapping on the engine's page cache coming and going.
+# room only this far below it: no flapping on the engine's memory coming and going.  At most a
+# quarter of the headroom, so that a small cgroup still shrinks before it is full.
 ROOM_SLACK = 64 << 20
 PROFILE_PERIOD = 60.0  # seconds between writes of --profile
 
@@ -129,6 +130,7 @@ class Keeper:
         self._next_sample = self._next_room = 0.0
         self._next_profile = time.monotonic() + PROFILE_PERIOD
         self._sample_cost = 0.0
+        self._slack = ROOM_SLACK
 
     # -- public --------------------------------------------------------------------------
 
@@ -340,6 +342,7 @@ class Keeper:
         """Bytes all kept models may hold now (the budget, and the room; None: no limit), why."""
         ours = sum(m.bytes_locked for m in self.models)
         free = room(ours, self.headroom)
+        self._slack = min(ROOM_SLACK, (free.headroom or ROOM_SLACK * 4) // 4)
         limits = [(b, w) for b, w in ((self.budget, f"--budget {format_bytes(self.budget or 0)}"),
                                       (free.bytes, f"memory: {free.why}")) if b is not None]
         return min(limits) if limits else (None, "")
@@ -428,7 +431,7 @@ class Keeper:
         if total is None:
             return
         held = sum(m.kept.bytes_planned for m in self.models if m.held)
-        if held <= total + ROOM_SLACK:
+        if held <= total + self._slack:
             return
         excess = held - total
         for model in reversed(self.models):
@@ -460,7 +463,7 @@ class Keeper:
             share = model.plan.bytes_planned
         current = model.kept.bytes_planned
         # Grow into the room only with margin to spare; shrinking is _shrink_to_room's job.
-        limit = share - ROOM_SLACK if share >= current + 2 * ROOM_SLACK else max(share, current)
+        limit = share - self._slack if share >= current + 2 * self._slack else max(share, current)
         add, drop = model.hot.rerank(max(limit, model.hot.dense_bytes), model.experts)
         if add:
             chunks = tuple(c for k in add for c in model.hot.chunks(k))

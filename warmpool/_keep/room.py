@@ -48,7 +48,9 @@ def room(ours_locked: int, headroom: int | None = None) -> Room:
         others = max(total - available - ours_locked, 0)
         limits.append((total - spare - others, f"RAM {format_bytes(total)}, {format_bytes(others)} not reclaimable"))
     if cgroup is not None and cgroup.limit is not None:
-        others = max(cgroup.anon + cgroup.unevictable - ours_locked, 0)
+        # Ours are taken off the unevictable pages only: the kernel moves pages to that list
+        # lazily (per-CPU batches), so right after an mlock it can count fewer than we locked.
+        others = cgroup.anon + max(cgroup.unevictable - ours_locked, 0)
         limits.append((cgroup.limit - spare - others,
                        f"{cgroup.limit_file} {format_bytes(cgroup.limit)}, {format_bytes(others)} of it anonymous "
                        "or unevictable"))
