@@ -1,0 +1,1 @@
+"""Test and benchmark helpers shared by tests/ and tools/ (importable as tests.helpers)."""
