@@ -503,7 +503,10 @@ class Keeper:
                 self._restore_readahead()
                 raise WarmpoolError(f"--readahead: cannot write {found.path}: {e} (needs root and a writable /sys)") from None
             self._restore.append((found.path, found.kb))
-            self._emit("readahead_set", device=found.device, path=found.path, read_ahead_kb=kb, previous_kb=found.kb)
+            # The kernel copies it into a file at open(): an engine running already (--for-pid)
+            # keeps the old value for the model it has open.
+            self._emit("readahead_set", device=found.device, path=found.path, read_ahead_kb=kb, previous_kb=found.kb,
+                       applies_to="files opened from now on")
 
     def _restore_readahead(self) -> None:
         """Put back every read_ahead_kb this keeper changed; safe to call twice."""

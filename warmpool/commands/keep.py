@@ -179,7 +179,8 @@ def _describe(event: dict) -> str:
             line += f"; fix: {event['fix']}"
         return line
     if kind == "readahead_set":
-        return f"keep: read_ahead_kb of {event['device']} set to {event['read_ahead_kb']} (was {event['previous_kb']}) for the run"
+        return (f"keep: read_ahead_kb of {event['device']} set to {event['read_ahead_kb']} (was {event['previous_kb']}) "
+                f"for the run; it applies to {event['applies_to']}: start the engine after this line")
     if kind == "readahead_restored":
         return f"keep: {event['path']} put back to {event['read_ahead_kb']}"
     if kind == "shrunk":
