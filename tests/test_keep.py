@@ -103,19 +103,24 @@ def test_replaced_and_deleted_model_file(private_model, tmp_path):
     assert not [e for e in events if e["event"] == "error"]
 
 
-def test_budget_backs_off_and_is_not_ready(private_model):
-    """A budget smaller than the selection: warm what fits, report, back off, /ready false."""
+def test_budget_holds_what_fits_and_is_not_ready(private_model):
+    """A budget smaller than the selection: hold the part that fits (the dense tensors and the
+    first experts), say so, keep that part resident, /ready false (the selection is not)."""
     evict_file(private_model)
     events, on_event = _events()
-    with Keeper([private_model], interval=INTERVAL, hold="none", budget=8 << 20, on_event=on_event,
+    budget = 8 << 20
+    with Keeper([private_model], interval=INTERVAL, hold="none", budget=budget, on_event=on_event,
                 min_resident=0.99) as keeper:
         assert keeper.wait_warm(30)
         time.sleep(3 * INTERVAL)
         row = keeper.status()[0]
         assert not keeper.ready()
+        assert row["bytes_kept"] <= budget < row["bytes_selected"]
+        assert row["bytes_resident"] >= row["bytes_kept"] * 0.9  # less: the VM's background reclaim
         assert row["resident_fraction"] is not None and row["resident_fraction"] < 0.5
-    backoffs = [e for e in events if e["event"] == "backoff"]
-    assert backoffs and "exceeds the --budget" in backoffs[0]["reason"], events
+        assert row["experts_total"] and 0 < row["experts_held"] < row["experts_total"]
+    partial = [e for e in events if e["event"] == "partial"]
+    assert partial and partial[0]["bytes_kept"] == row["bytes_kept"] and "--budget" in partial[0]["reason"], events
 
 
 def test_engine_adapter_keeps_what_it_warmed(private_model):

@@ -17,7 +17,7 @@ from ._gguf.layout import ModelFile, ModelLayout, TensorInfo
 from ._select import Selection
 from ._platform import PAGE_SIZE  # the platform layer's, the one page size
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "PAGE_SIZE", "Chunk", "Plan", "contiguous_runs", "layer_key", "make_plan"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "PAGE_SIZE", "Chunk", "Plan", "contiguous_runs", "layer_key", "make_plan", "plan_tensors"]
 
 # 16 MiB: two 8 MiB readahead windows per chunk, and a per-chunk overhead (IPC, mmap, mincore)
 # small against the chunk's I/O; still enough chunks per model to balance the workers and to
@@ -122,9 +122,15 @@ def contiguous_runs(chunks) -> dict[int, list[tuple[int, int]]]:
 
 def make_plan(layout: ModelLayout, selection: Selection = Selection(), chunk_size: int = DEFAULT_CHUNK_SIZE) -> Plan:
     """Select the tensors an engine keeps on the CPU and plan their warm."""
-    chunk_size = max(PAGE_SIZE, chunk_size - chunk_size % PAGE_SIZE)
     on_cpu = selection.cpu_filter(layout.n_layers)
-    selected = [t for t in layout.tensors if on_cpu(t.name, t.layer)]
+    return plan_tensors(layout, selection, [t for t in layout.tensors if on_cpu(t.name, t.layer)], chunk_size)
+
+
+def plan_tensors(layout: ModelLayout, selection: Selection, selected, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Plan:
+    """Plan the warm of these tensors (``make_plan`` after its selection; a keeper that holds
+    part of a selection plans that part with it)."""
+    chunk_size = max(PAGE_SIZE, chunk_size - chunk_size % PAGE_SIZE)
+    selected = list(selected)
     chunks: list[Chunk] = []
     for file, ranges in _page_ranges(selected, layout.files, layout.n_layers).items():
         for pieces in _extents(ranges):

@@ -40,7 +40,12 @@ class _Collector:
         gauges = {name: GaugeMetricFamily(f"warmpool_{name}", help_, labels=["model"]) for name, help_ in (
             ("selected_bytes", "Bytes of the selection (page-rounded)"),
             ("resident_bytes", "Bytes of the selection resident at the last check (absent where hidden)"),
-            ("locked_bytes", "Bytes of the selection mlocked by the keeper"))}
+            ("locked_bytes", "Bytes of the selection mlocked by the keeper"),
+            ("kept_bytes", "Bytes the keeper holds: the selection, or the part that fits the budget and memory"),
+            ("experts_held", "Experts held (absent where the whole selection fits or the model has none)"),
+            ("experts", "Experts in the selection (absent as experts_held)"),
+            ("expert_held_score_share", "The held experts' share of the ranking's summed scores: an estimate of "
+             "the share of expert reads that find their expert held (absent until something is learned)"))}
         counters = {name: CounterMetricFamily(f"warmpool_{name}", help_, labels=["model"]) for name, help_ in (
             ("rewarmed_bytes", "Bytes read back in after the kernel evicted them"),
             ("rewarms", "Re-warms of evicted chunks"))}
@@ -50,6 +55,11 @@ class _Collector:
             if row["bytes_resident"] is not None:
                 gauges["resident_bytes"].add_metric(labels, row["bytes_resident"])
             gauges["locked_bytes"].add_metric(labels, row["bytes_locked"])
+            gauges["kept_bytes"].add_metric(labels, row["bytes_kept"])
+            for name, key in (("experts_held", "experts_held"), ("experts", "experts_total"),
+                              ("expert_held_score_share", "expert_held_score_share")):
+                if row[key] is not None:
+                    gauges[name].add_metric(labels, row[key])
             counters["rewarmed_bytes"].add_metric(labels, row["bytes_rewarmed_total"])
             counters["rewarms"].add_metric(labels, row["rewarms_total"])
         yield from gauges.values()

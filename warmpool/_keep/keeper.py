@@ -9,6 +9,11 @@ it in plan order.  Every ``interval`` it asks the kernel per chunk what is still
 lands on the inactive list and is reclaimed first), and re-maps them.  It backs off instead of
 fighting the kernel when memory is really short (PSI) or the budget says no.  A model file
 replaced or deleted while kept is reported and re-planned from the new file.
+
+Where the selection does not fit the budget or the room the memory cgroup and RAM leave
+(``room``), it holds the dense tensors and the hottest experts (``hot``), samples which
+experts the engine reads, re-ranks at every check, shrinks when the room does, and can set the
+model's device read-ahead for the run (``readahead``), putting it back on every way out.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from .. import _platform
 from .._errors import CancelledError, FileChangedError, WarmpoolError
 from .model import KeptModel, identity
 from .._plan import Plan
+from .._units import format_bytes
+from .room import room
 
 __all__ = ["HOLD_MODES", "Keeper", "PSI_BACKOFF", "reporting_note"]
 
@@ -39,6 +46,16 @@ _POLL = 0.1  # how often the thread looks at the stop flag and --for-pid while i
 # keeps a CPU from the engine for long: whole passes at once were most of the slow requests
 # left with the touch (docs/keep.md, "Reads of idle pages under pressure").
 TOUCH_TICK = 0.02
+# Expert residency samples (``Ranker.sample``) at most this often, and spaced out so that they
+# cost at most SAMPLE_CPU_SHARE of a core.
+SAMPLE_PERIOD = 1.0
+SAMPLE_CPU_SHARE = 0.02
+ROOM_PERIOD = 1.0  # seconds between looks at the room (a memory.stat read, ~0.1 ms)
+# A shrink waits for the room to fall this far below what is held, and a re-rank grows into the
+# room only this far below it: no flapping on the engine's memory coming and going.  At most a
+# quarter of the headroom, so that a small cgroup still shrinks before it is full.
+ROOM_SLACK = 64 << 20
+PROFILE_PERIOD = 60.0  # seconds between writes of --profile
 
 
 def reporting_note(order: int) -> str:
@@ -69,7 +86,8 @@ class Keeper:
                  force: bool = False, on_event: Callable[[dict], None] | None = None,
                  hold: str = "map", refresh: float = 1.0, for_pid: int | None = None,
                  on_warm_start: Callable[[str], None] | None = None, beside_engine: bool = False,
-                 **selection) -> None:
+                 headroom: int | None = None, profile: str | os.PathLike | None = None,
+                 readahead: int | None = None, **selection) -> None:
         from .._api import plan_model
 
         if interval <= 0:
@@ -106,12 +124,29 @@ class Keeper:
         self._thread: threading.Thread | None = None
         self.check_observers: list[Callable[[float], None]] = []
         self.exit_reason: str | None = None
+        if readahead is not None and readahead < 0:
+            raise WarmpoolError(f"readahead must be 0 or more bytes, got {readahead}")
+        self.headroom, self.readahead = headroom, readahead
+        self.profile_path = os.fspath(profile) if profile is not None else None
+        self._profile = None  # the profile read at start, seeding the first model's ranking
+        self._restore: list[tuple[str, int]] = []  # (read_ahead_kb file, old value) to put back
+        self._next_sample = self._next_room = 0.0
+        self._next_profile = time.monotonic() + PROFILE_PERIOD
+        self._sample_cost = 0.0
+        self._slack = ROOM_SLACK
 
     # -- public --------------------------------------------------------------------------
 
     def start(self) -> Keeper:
         if self._thread is not None:
             return self
+        if self.profile_path is not None and os.path.exists(self.profile_path):
+            from .._experts.profile import check_profile, read_profile
+
+            self._profile = read_profile(self.profile_path)  # a bad file is the caller's error, now
+            check_profile(self._profile, self.models[0].plan.layout, self.profile_path)
+        if self.readahead is not None:
+            self._set_readahead()
         if self._listen is not None:
             from .http import serve
 
@@ -143,7 +178,8 @@ class Keeper:
         return self._server.server_address[:2] if self._server is not None else None
 
     def stop(self, timeout: float = 3.0) -> None:
-        """Stop checking, cancel a running warm, release locks and mappings, close the port."""
+        """Stop checking, cancel a running warm, release locks and mappings, close the port, write
+        the profile, put the read-ahead back."""
         self._stop.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
@@ -154,6 +190,7 @@ class Keeper:
             server.server_close()
         if thread is None or not thread.is_alive():
             self._release_all()  # the thread did it already; this covers a keeper never started
+        self._restore_readahead()
         if not self._finished.is_set():
             self._finished.set()
             self._warm_done.set()
@@ -197,7 +234,9 @@ class Keeper:
                         self._guard(model, lambda m=model: self._check(m))
         finally:
             self._warm_done.set()
+            self._write_profile()
             self._release_all()
+            self._restore_readahead()
             if self.exit_reason is not None:  # ended on its own (--for-pid): say so once
                 self._finished.set()
                 self._emit("stopped", reason=self.exit_reason)
@@ -212,6 +251,8 @@ class Keeper:
             now = time.monotonic()
             if self.refresh and now >= self._next_refresh and self._warm_done.is_set() and not self._stop.is_set():
                 self._refresh_all(now)
+            if self._warm_done.is_set() and not self._stop.is_set():
+                self._experts_step(now)
             touching = self.hold == "touch" and self._warm_done.is_set()
             if touching and not self._stop.is_set():
                 self._touch_step(time.monotonic())
@@ -291,7 +332,8 @@ class Keeper:
         model.release()
         model.note_identity()
         model.set(state="warming")
-        result = self._warm(model, model.plan, self.on_warm_start if not model.warmed else None,
+        self._fit(model)
+        result = self._warm(model, model.kept, self.on_warm_start if not model.warmed else None,
                             beside_engine=self.beside_engine and not model.warmed)
         model.hold(mapped=self.hold != "none" or self.lock)
         model.warmed = True
@@ -302,6 +344,188 @@ class Keeper:
                    reason=result.reason, resident_fraction=model.row()["resident_fraction"])
         if self.lock:
             self._emit("locked", **model.lock())
+
+    # -- when the selection does not fit ----------------------------------------------------
+
+    def _room(self) -> tuple[int | None, str]:
+        """Bytes all kept models may hold now (the budget, and the room; None: no limit), why."""
+        ours = sum(m.bytes_locked for m in self.models)
+        free = room(ours, self.headroom)
+        self._slack = min(ROOM_SLACK, (free.headroom or ROOM_SLACK * 4) // 4)
+        limits = [(b, w) for b, w in ((self.budget, f"--budget {format_bytes(self.budget or 0)}"),
+                                      (free.bytes, f"memory: {free.why}")) if b is not None]
+        return min(limits) if limits else (None, "")
+
+    def _share(self, model: KeptModel, total: int | None) -> int | None:
+        """``model``'s part of ``total``: what the models before it leave (plan order of -m)."""
+        if total is None:
+            return None
+        before = sum(m.kept.bytes_planned for m in self.models[:self.models.index(model)])
+        return max(total - before, 0)
+
+    def _fit(self, model: KeptModel) -> None:
+        """Choose what to hold before the first warm: everything where it fits, else the dense
+        part and the hottest experts (a profile's ranking, or layer order until learned)."""
+        total, why = self._room()
+        share = self._share(model, total)
+        if share is None or model.plan.bytes_planned <= share:
+            model.set_budget(None, None)
+            return
+        from .hot import HotExperts
+
+        profile = self._profile if model is self.models[0] else None
+        hot = HotExperts.of(model.plan, profile)
+        if hot is not None and profile is None:
+            # What is resident now was read recently (an engine already running): a first
+            # ranking better than layer order, for the price of one pass.
+            fds = [os.open(f.path, os.O_RDONLY) for f in model.plan.files]
+            try:
+                hot.ranker.sample(fds)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+        model.set_budget(share, hot)
+        fields = dict(model=model.name, bytes_selected=model.plan.bytes_planned, bytes_kept=model.kept.bytes_planned,
+                      reason=why)
+        if hot is not None:
+            fields.update(experts_held=len(model.experts), experts_total=hot.total,
+                          bytes_dense=hot.dense_bytes, profile=self._profile is not None and model is self.models[0])
+        self._emit("partial", **fields)
+        note = self._readahead_note(model)
+        if note is not None:
+            self._emit("readahead", model=model.name, **note)
+
+    def _readahead_note(self, model: KeptModel) -> dict | None:
+        """Which device's read-ahead multiplies what an engine reads per miss, by how much (an
+        estimate), and the fix."""
+        try:
+            device = os.stat(model.path).st_dev
+        except OSError:
+            return None
+        found = _platform.read_ahead(device)
+        if found is None:
+            return None
+        hot = model.hot
+        # One miss faults one page of one expert range; mmap read-around reads read_ahead_kb
+        # around it (do_sync_mmap_readahead), of which the range itself is at most its size.
+        piece = max(c.length for c in hot.chunks(next(iter(hot.slices)))) if hot is not None and hot.total else None
+        window = max(found.kb * 1024, _platform.PAGE_SIZE)
+        factor = window / min(piece, window) if piece else None
+        return dict(device=found.device, path=found.path, read_ahead_kb=found.kb, expert_range_bytes=piece,
+                    read_multiplier_estimate=None if factor is None else round(factor, 1),
+                    set_by_keeper=self.readahead is not None,
+                    fix=f"echo 128 > {found.path}  (or: warmpool keep --readahead 128K; applies to files "
+                        "opened afterwards: start the engine after it)")
+
+    def _experts_step(self, now: float) -> None:
+        """Between checks: sample expert residency (paced), watch the room, write the profile."""
+        hot_models = [m for m in self.models if m.hot is not None and m.held and m.state in ("kept", "backoff")]
+        if hot_models and now >= self._next_sample:
+            started = time.thread_time()
+            for model in hot_models:
+                self._guard(model, lambda m=model: m.hot.ranker.sample(m.fds, held=m.experts))
+            self._sample_cost = time.thread_time() - started
+            self._next_sample = now + max(SAMPLE_PERIOD, self._sample_cost / SAMPLE_CPU_SHARE)
+        if now >= self._next_room:
+            self._next_room = now + ROOM_PERIOD
+            self._shrink_to_room()
+        if now >= self._next_profile:
+            self._next_profile = now + PROFILE_PERIOD
+            self._write_profile()
+
+    def _shrink_to_room(self) -> None:
+        """Let the coldest held experts go (then unlock the rest) when what is held no longer
+        fits the room: the engine's anonymous memory grew, or someone locked memory."""
+        total, why = self._room()
+        if total is None:
+            return
+        held = sum(m.kept.bytes_planned for m in self.models if m.held)
+        if held <= total + self._slack:
+            return
+        excess = held - total
+        for model in reversed(self.models):
+            if excess <= 0:
+                break
+            if not model.held:
+                continue
+            before, locked = model.kept.bytes_planned, model.bytes_locked
+            if model.hot is not None and model.experts:
+                drop = model.hot.over(excess, model.experts)
+                model.swap([], drop, self.lock)
+                excess -= before - model.kept.bytes_planned
+                dropped = len(drop)
+            else:
+                dropped = 0
+            if excess > 0 and model.bytes_locked:
+                model.unlock()  # still over: pages stay held, but reclaim may take them
+                excess -= locked
+            self._emit("shrunk", model=model.name, reason=why, bytes_kept_before=before,
+                       bytes_kept=model.kept.bytes_planned, bytes_locked_before=locked, bytes_locked=model.bytes_locked,
+                       experts_dropped=dropped, experts_held=len(model.experts) if model.hot else None)
+
+    def _rerank(self, model: KeptModel) -> None:
+        """Follow the ranking within the room: swap a bounded number of experts (``hot.rerank``),
+        warming the new ones through the pool before mapping them."""
+        total, _ = self._room()
+        share = self._share(model, total)
+        if share is None:
+            share = model.plan.bytes_planned
+        current = model.kept.bytes_planned
+        # Grow into the room only with margin to spare; shrinking is _shrink_to_room's job.
+        limit = share - self._slack if share >= current + 2 * self._slack else max(share, current)
+        add, drop = model.hot.rerank(max(limit, model.hot.dense_bytes), model.experts)
+        if add:
+            chunks = tuple(c for k in add for c in model.hot.chunks(k))
+            self._warm(model, model.plan._replace(chunks=chunks))
+        if add or drop:
+            model.swap(add, drop, self.lock)
+            self._emit("reranked", model=model.name, experts_added=len(add), experts_dropped=len(drop),
+                       experts_held=len(model.experts), bytes_kept=model.kept.bytes_planned,
+                       bytes_locked=model.bytes_locked)
+        model.set(held_score_share=model.hot.held_score_share(model.experts))
+
+    def _write_profile(self) -> None:
+        if self.profile_path is None:
+            return
+        model = next((m for m in self.models if m.hot is not None), None)
+        if model is None:
+            return
+        from .._experts.profile import model_identity, write_profile
+
+        try:
+            write_profile(self.profile_path, model.hot.ranker.to_profile(model_identity(model.plan.layout)))
+        except (WarmpoolError, OSError) as e:
+            self._emit("error", model=model.name, message=f"--profile {self.profile_path}: {e}")
+
+    def _set_readahead(self) -> None:
+        """Set read_ahead_kb of every kept model's block device for the run (root only)."""
+        kb = max(self.readahead // 1024, 0)
+        for model in self.models:
+            found = _platform.read_ahead(os.stat(model.path).st_dev)
+            if found is None:
+                raise WarmpoolError(f"--readahead: {model.path} is on no block device with a read-ahead setting")
+            if any(path == found.path for path, _ in self._restore):
+                continue
+            try:
+                _platform.set_read_ahead_kb(found.path, kb)
+            except WarmpoolError as e:
+                self._restore_readahead()
+                raise WarmpoolError(f"--readahead: cannot write {found.path}: {e} (needs root and a writable /sys)") from None
+            self._restore.append((found.path, found.kb))
+            # The kernel copies it into a file at open(): an engine running already (--for-pid)
+            # keeps the old value for the model it has open.
+            self._emit("readahead_set", device=found.device, path=found.path, read_ahead_kb=kb, previous_kb=found.kb,
+                       applies_to="files opened from now on")
+
+    def _restore_readahead(self) -> None:
+        """Put back every read_ahead_kb this keeper changed; safe to call twice."""
+        while self._restore:
+            path, kb = self._restore.pop()
+            try:
+                _platform.set_read_ahead_kb(path, kb)
+                self._emit("readahead_restored", path=path, read_ahead_kb=kb)
+            except WarmpoolError as e:
+                self._emit("error", message=f"could not restore {path} to {kb}: {e}")
 
     def _warm(self, model: KeptModel, plan: Plan, on_start=None, beside_engine: bool = False):
         from .._api import warm
@@ -319,6 +543,9 @@ class Keeper:
             observe(seconds)
         if model.hidden:
             return  # nothing to compare against: unknown is not cold
+        if model.hot is not None:
+            self._rerank(model)
+            model.measure()
         evicted = model.cold_chunks()
         if not evicted:
             model.undone = model.backoff_steps = 0
@@ -334,7 +561,7 @@ class Keeper:
         model.backoff_until = time.monotonic() + model.backoff_steps * self.interval
         model.set(state="backoff")
         self._emit("backoff", model=model.name, reason=why, seconds=round(model.backoff_steps * self.interval, 3),
-                   bytes_cold=sum(model.plan.chunks[i].length - model.chunk_resident[i] for i in evicted))
+                   bytes_cold=sum(model.kept.chunks[i].length - model.chunk_resident[i] for i in evicted))
 
     def _backoff_reason(self, model: KeptModel, evicted: list[int]) -> str | None:
         pressure = _platform.memory_pressure()
@@ -347,7 +574,7 @@ class Keeper:
         return None
 
     def _rewarm(self, model: KeptModel, evicted: list[int]) -> None:
-        sub = model.plan._replace(chunks=tuple(model.plan.chunks[i] for i in evicted))
+        sub = model.plan._replace(chunks=tuple(model.kept.chunks[i] for i in evicted))
         result = self._warm(model, sub)
         model.remap(evicted)
         model.measure()

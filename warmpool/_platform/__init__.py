@@ -34,7 +34,9 @@ __all__ = [
     "FileWindow",
     "HeldMapping",
     "PAGE_SIZE",
+    "ReadAhead",
     "advise_random",
+    "cache_counts",
     "cached_bytes",
     "cgroup_memory",
     "evict",
@@ -51,6 +53,7 @@ __all__ = [
     "pid_alive",
     "platform_notes",
     "prefetch",
+    "read_ahead",
     "read_byte",
     "read_range",
     "readahead_size",
@@ -58,12 +61,14 @@ __all__ = [
     "resident_bytes",
     "resident_pages",
     "supports_cachestat",
+    "set_read_ahead_kb",
     "supports_populate",
 ]
 
 PAGE_SIZE: int = _backend.PAGE_SIZE
 FileWindow = _backend.FileWindow
 advise_random = _backend.advise_random
+cache_counts = _backend.cache_counts
 cached_bytes = _backend.cached_bytes
 evict = _backend.evict
 huge_folio_size = _backend.huge_folio_size
@@ -82,6 +87,7 @@ from warmpool._platform.libc import page_runs  # noqa: E402 - a mincore vector's
 
 # A keeper's calls: held mappings (POSIX), and what /proc and /sys tell where they exist.
 from warmpool._platform.mapping import HeldMapping  # noqa: E402
+from warmpool._platform.blockdev import ReadAhead, read_ahead, set_read_ahead_kb  # noqa: E402
 from warmpool._platform.proc import (  # noqa: E402
     CgroupMemory,
     cgroup_memory,

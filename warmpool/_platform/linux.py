@@ -32,6 +32,7 @@ __all__ = [
     "FileWindow",
     "PAGE_SIZE",
     "advise_random",
+    "cache_counts",
     "cached_bytes",
     "evict",
     "huge_folio_size",
@@ -198,6 +199,28 @@ def cached_bytes(fd: int, offset: int, length: int) -> int | None:
         return 0
     pages = _cached_pages(fd, start, stop - start)
     return None if pages is None else min(pages * PAGE_SIZE, limit)
+
+
+def cache_counts(fd: int, ranges) -> list[tuple[int, int, int]] | None:
+    """Per ``(offset, length)`` range of one open file, cachestat(2)'s ``(nr_cache, nr_evicted,
+    nr_recently_evicted)`` in pages: resident now, evicted (a shadow entry remains), and evicted
+    recently enough that reading it again counts as a refault of the working set
+    (mm/workingset.c).  One syscall per range, no mapping: the cost of a residency sample over
+    thousands of expert slices (docs/experts.md).  None where cachestat cannot be asked."""
+    if not supports_cachestat():
+        return None
+    stats, byte_range = _Cachestat(), _CachestatRange()
+    ref_stats, ref_range = ctypes.byref(stats), ctypes.byref(byte_range)
+    counts = []
+    for offset, length in ranges:
+        byte_range.off, byte_range.len = offset, length
+        if _syscall(_SYS_CACHESTAT, fd, ref_range, ref_stats, 0) != 0:
+            err = ctypes.get_errno()
+            if err in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS):
+                return None
+            raise _posix._failure("cachestat", err)
+        counts.append((stats.nr_cache, stats.nr_evicted, stats.nr_recently_evicted))
+    return counts
 
 
 # -- residency the kernel hides -------------------------------------------------------

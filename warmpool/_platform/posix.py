@@ -39,7 +39,7 @@ from warmpool._platform.window import FILE_CHANGED as _FILE_CHANGED
 from warmpool._platform.window import FileWindow
 
 __all__ = [
-    "DEFAULT_READAHEAD", "FileWindow", "PAGE_SIZE", "advise_random", "cached_bytes", "evict",
+    "DEFAULT_READAHEAD", "FileWindow", "PAGE_SIZE", "advise_random", "cache_counts", "cached_bytes", "evict",
     "huge_folio_size", "lower_priority", "platform_notes", "prefetch", "read_byte", "read_range", "readahead_size",
     "residency_hidden", "resident_bytes", "resident_pages", "supports_cachestat", "supports_populate",
 ]
@@ -110,6 +110,11 @@ def advise_random(fd: int) -> None:
 
 def cached_bytes(fd: int, offset: int, length: int) -> int | None:
     """cachestat(2) is Linux-only: always None here."""
+    return None
+
+
+def cache_counts(fd: int, ranges) -> list[tuple[int, int, int]] | None:
+    """cachestat(2) is Linux-only: always None here (use resident_pages)."""
     return None
 
 

@@ -22,6 +22,10 @@ class CgroupMemory(NamedTuple):
     usage: int  # bytes charged now, page cache included
     inactive_file: int  # of those, inactive file pages (the kernel reclaims them first)
     limit_file: str  # v2 memory.max or v1 memory.limit_in_bytes: which one, for messages
+    # Of the usage, what reclaim cannot take without swap: anonymous memory (v2 ``anon``, v1
+    # ``total_rss``) and unevictable pages, mlocked ones included (``unevictable``).
+    anon: int = 0
+    unevictable: int = 0
 
 
 def memlock_limit() -> int | None:
@@ -179,14 +183,19 @@ def _cgroup_files() -> tuple[str, str] | None:
     return None
 
 
-def _inactive_file(cgroup_dir: str) -> int:
-    """The cgroup's inactive file pages (memory.stat: v2 ``inactive_file``, v1 ``total_inactive_file``)."""
+def _memory_stat(cgroup_dir: str) -> tuple[int, int, int]:
+    """The cgroup's (inactive file, anon, unevictable) bytes from memory.stat: v1's
+    hierarchical ``total_*`` lines where they exist, else v2's (already hierarchical)."""
     try:
         with open(f"{cgroup_dir}/memory.stat") as f:
             stat = dict(line.split() for line in f if line.count(" ") == 1)
     except OSError:
-        return 0
-    return int(stat.get("total_inactive_file", stat.get("inactive_file", 0)))
+        return 0, 0, 0
+
+    def get(v1: str, v2: str) -> int:
+        return int(stat.get(f"total_{v1}", stat.get(v2, 0)))
+
+    return get("inactive_file", "inactive_file"), get("rss", "anon"), get("unevictable", "unevictable")
 
 
 def cgroup_memory() -> CgroupMemory | None:
@@ -195,5 +204,6 @@ def cgroup_memory() -> CgroupMemory | None:
     if files is None:
         return None
     limit = _read_int(files[0])
+    inactive_file, anon, unevictable = _memory_stat(os.path.dirname(files[1]))
     return CgroupMemory(limit if limit is not None and limit < UNLIMITED else None, _read_int(files[1]) or 0,
-                        _inactive_file(os.path.dirname(files[1])), files[0])
+                        inactive_file, files[0], anon, unevictable)

@@ -11,7 +11,7 @@ import threading
 
 from .._errors import WarmpoolError
 from .._keep.keeper import HOLD_MODES, reporting_note
-from .._units import format_bytes
+from .._units import format_bytes, parse_size
 from ._logs import add_log_format
 from ._common import (
     EXIT_OK,
@@ -47,6 +47,9 @@ class Command:
         parser.add_argument("--no-progress", action="store_true", help="no progress bar for the first warm")
         parser.add_argument("--json", action="store_true", help="print one JSON event per line on stdout (the log then goes to stderr)")
         add_log_format(parser)
+        parser.add_argument("--headroom", type=_size, metavar="SIZE", help="memory left free for the engine under the memory cgroup's limit and RAM (default: the larger of 512M and 10%% of the limit); what is held shrinks to stay under it")
+        parser.add_argument("--profile", metavar="FILE", help="expert ranking to start from (if the file exists), written every minute and at exit (docs/profile.md)")
+        parser.add_argument("--readahead", type=_size, metavar="SIZE", help="set the model's block device read_ahead_kb to SIZE for the run and put the old value back at exit (root; e.g. 128K when the model does not fit: each miss then reads 128 KiB, not 8 MiB)")
 
     def run(self, args: argparse.Namespace) -> int:
         from .. import _platform
@@ -92,7 +95,8 @@ class Command:
         keeper = Keeper(plans, interval=args.interval, lock=args.lock, min_resident=args.min_resident,
                         listen=args.listen, workers=args.workers, strategy=args.strategy,
                         budget=resolve_budget(args.budget), force=args.force, on_event=on_event,
-                        hold=args.hold, refresh=args.refresh, for_pid=args.for_pid, on_warm_start=on_warm_start if tty else None)
+                        hold=args.hold, refresh=args.refresh, for_pid=args.for_pid, on_warm_start=on_warm_start if tty else None,
+                        headroom=args.headroom, profile=args.profile, readahead=args.readahead)
         stop = threading.Event()
         previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
@@ -106,6 +110,13 @@ class Command:
             for s, handler in previous.items():
                 signal.signal(s, handler)
         return EXIT_OK
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _models(args: argparse.Namespace) -> list[str]:
@@ -155,5 +166,36 @@ def _describe(event: dict) -> str:
         what = "deleted" if event.get("deleted") else "re-planned from the new file" if event.get("replanned") else "replaced"
         return f"keep: {model}: model file {what}"
     if kind == "error":
-        return f"keep: {model}: {event['message']}"
+        return f"keep: {model}: {event['message']}" if model else f"keep: {event['message']}"
+    if kind == "partial":
+        line = (f"keep: {model}: the selection ({format_bytes(event['bytes_selected'])}) does not fit ({event['reason']}): "
+                f"holding {format_bytes(event['bytes_kept'])}")
+        if event.get("experts_total"):
+            source = "the profile's ranking" if event.get("profile") else "layer order until the engine's reads are learned"
+            line += (f": the dense tensors ({format_bytes(event['bytes_dense'])}) and {event['experts_held']} of "
+                     f"{event['experts_total']} experts, hottest first ({source})")
+        else:
+            line += " in plan order"
+        return line
+    if kind == "readahead":
+        factor = event.get("read_multiplier_estimate")
+        line = f"keep: {model}: misses read {event['read_ahead_kb']} KiB around each fault (read_ahead_kb of {event['device']})"
+        if factor:
+            line += (f", an expert range is {format_bytes(event['expert_range_bytes'])}: about {factor:g}x the bytes "
+                     "a miss needs (an estimate)")
+        if not event.get("set_by_keeper") and event["read_ahead_kb"] > 128:
+            line += f"; fix: {event['fix']}"
+        return line
+    if kind == "readahead_set":
+        return (f"keep: read_ahead_kb of {event['device']} set to {event['read_ahead_kb']} (was {event['previous_kb']}) "
+                f"for the run; it applies to {event['applies_to']}: start the engine after this line")
+    if kind == "readahead_restored":
+        return f"keep: {event['path']} put back to {event['read_ahead_kb']}"
+    if kind == "shrunk":
+        return (f"keep: {model}: memory is short ({event['reason']}): holding {format_bytes(event['bytes_kept'])} "
+                f"(was {format_bytes(event['bytes_kept_before'])}), locked {format_bytes(event['bytes_locked'])} "
+                f"(was {format_bytes(event['bytes_locked_before'])}), {event['experts_dropped']} coldest experts let go")
+    if kind == "reranked":
+        return (f"keep: {model}: re-ranked: {event['experts_added']} experts in, {event['experts_dropped']} out; "
+                f"{event['experts_held']} held")
     return f"keep: stopped ({event.get('reason', '')})"
