@@ -26,6 +26,9 @@ from warmpool import _platform
 pytestmark = pytest.mark.pagecache
 
 LOCK = "/tmp/warmpool-bench.lock"
+# One worker runs them all: under a parent that holds the lock (a benchmark-locked run) they
+# would otherwise change the same device setting at once.
+pytestmark = pytest.mark.xdist_group("readahead")
 
 
 def _ancestors() -> set[int]:

@@ -56,9 +56,6 @@ class Command:
         from .._keep.keeper import Keeper
         from . import _logs
 
-        # The log is keep's output on stdout, unless --json gives stdout to the event stream.
-        log = _logs.start("keep", args.log_format, sys.stderr if args.json else sys.stdout, prefix="",
-                          verbose=getattr(args, "verbose", False))
         if args.workers is not None and args.workers < 1:
             raise WarmpoolError(f"--workers must be at least 1, got {args.workers}")
         if args.for_pid is not None and not _platform.pid_alive(args.for_pid):
@@ -66,6 +63,11 @@ class Command:
         if not 0 <= args.min_resident <= 1:
             raise WarmpoolError(f"--min-resident must be in [0, 1], got {args.min_resident}")
         models = [] if args.engine else _models(args)
+        if args.readahead is not None:
+            _check_readahead(models or [plan_from(args).files[0].path])
+        # The log is keep's output on stdout, unless --json gives stdout to the event stream.
+        log = _logs.start("keep", args.log_format, sys.stderr if args.json else sys.stdout, prefix="",
+                          verbose=getattr(args, "verbose", False))
         bars: list[Bar] = []
         tty = not (args.no_progress or args.json) and sys.stderr.isatty()
 
@@ -117,6 +119,16 @@ def _size(text: str) -> int:
         return parse_size(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _check_readahead(paths: list[str]) -> None:
+    """--readahead needs to write the device's sysfs file: say so before anything starts."""
+    from .. import _platform
+
+    for path in paths:
+        found = _platform.read_ahead(os.stat(path).st_dev)
+        if found is not None and not os.access(found.path, os.W_OK):
+            raise WarmpoolError(f"--readahead: cannot write {found.path} (needs root and a writable /sys)")
 
 
 def _models(args: argparse.Namespace) -> list[str]:
