@@ -28,6 +28,7 @@ PUBLIC = [
     "ModelNotFoundError",
     "Plan",
     "PlatformError",
+    "ProfileError",
     "ProgressError",
     "ProgressView",
     "Residency",
