@@ -25,7 +25,7 @@ pytestmark = pytest.mark.pagecache
 K = 2  # experts the router picks per layer and token
 SEED = 7
 CGROUP_LIMIT = 12 << 20  # a third of the experts' 33 MB: the page cache must choose
-RUN_SECONDS = 6.0
+RUN_SECONDS = 8.0
 
 # The engine stand-in: joins the cgroup, then per token and layer reads one byte per page of
 # the K experts its router picks.  FADV_RANDOM turns read-ahead off, so a read brings in the
@@ -106,7 +106,7 @@ def test_learned_top_quarter_matches_the_router(ranking_model, small_cgroup, tmp
                                     weights=(weights / weights.sum()).tolist(), perms=perms, ranges=ranges,
                                     seconds=RUN_SECONDS)))
     evict_file(ranking_model)
-    ranker = Ranker(slices, half_life=64)
+    ranker = Ranker(slices, half_life=256)
     fd = os.open(ranking_model, os.O_RDONLY)
     engine = subprocess.Popen([sys.executable, "-c", ENGINE, str(spec)], stdout=subprocess.PIPE, text=True)
     try:
