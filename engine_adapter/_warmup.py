@@ -26,7 +26,15 @@ import weakref
 from typing import NamedTuple
 
 import warmpool
-from warmpool import CancelledError, ProfileError, ProgressError, ProgressView, WarmError, WarmpoolError, WarmResult
+from warmpool import (
+    CancelledError,
+    ProfileError,
+    ProgressError,
+    ProgressView,
+    WarmError,
+    WarmpoolError,
+    WarmResult,
+)
 
 logger = logging.getLogger("engine_adapter")
 

@@ -9,14 +9,19 @@ import os
 import random
 
 import pytest
+from conftest import evict_file
 
 import warmpool
-from conftest import evict_file
-from warmpool import ProfileError, main, read_layout
-from warmpool._experts.profile import Profile, check_profile, model_identity, read_profile, write_profile
+from warmpool import ProfileError, _platform, main, read_layout
+from warmpool._experts.profile import (
+    Profile,
+    check_profile,
+    model_identity,
+    read_profile,
+    write_profile,
+)
 from warmpool._experts.slices import expert_slices
 from warmpool._plan import PAGE_SIZE, contiguous_runs
-from warmpool import _platform
 
 
 def a_profile(model, seed: int = 0) -> Profile:
@@ -61,7 +66,7 @@ def test_bad_profiles_are_one_line_errors(tiny_model, tmp_path, capsys, text, wh
     with pytest.raises(ProfileError, match=why):
         read_profile(path)
     assert main(["warm", str(tiny_model), "--profile", str(path), "--no-progress"]) == 1
-    out, err = capsys.readouterr()
+    err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(path) in err and why.split()[0] in err and "Traceback" not in err
 
 

@@ -13,8 +13,8 @@ import sys
 import time
 
 import pytest
-
 from conftest import evict_file, shared_file
+
 from warmpool import read_layout
 from warmpool._experts.ranking import Ranker
 from warmpool._experts.slices import expert_slices

@@ -20,10 +20,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from warmpool import _platform  # noqa: E402
-from warmpool._experts.ranking import Ranker  # noqa: E402
-from warmpool._experts.slices import expert_slices  # noqa: E402
-from warmpool._gguf.layout import read_layout  # noqa: E402
+from warmpool import _platform
+from warmpool._experts.ranking import Ranker
+from warmpool._experts.slices import expert_slices
+from warmpool._gguf.layout import read_layout
 
 
 def main() -> None:

@@ -11,8 +11,9 @@ key ``n_layers``, last.
 
 from __future__ import annotations
 
-import mmap
 import heapq
+from itertools import pairwise
+import mmap
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -145,7 +146,7 @@ def _owners(covered: list[tuple[int, int]], pieces: list[tuple[int, int, int]]) 
     k, segments = 0, []
     runs = iter(covered)
     run = next(runs, None)
-    for lo, hi in zip(cuts, cuts[1:]):
+    for lo, hi in pairwise(cuts):
         while run is not None and run[1] <= lo:
             run = next(runs, None)
         while k < len(starts) and starts[k][0] <= lo:
