@@ -18,6 +18,7 @@ mid-warm at shutdown, before its ``finally`` could unlink).
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import threading
 import time
@@ -25,7 +26,17 @@ import weakref
 from typing import NamedTuple
 
 import warmpool
-from warmpool import CancelledError, ProgressError, ProgressView, WarmError, WarmpoolError, WarmResult
+from warmpool import (
+    CancelledError,
+    ProfileError,
+    ProgressError,
+    ProgressView,
+    WarmError,
+    WarmpoolError,
+    WarmResult,
+)
+
+logger = logging.getLogger("engine_adapter")
 
 __all__ = ["Warmup", "WarmupProgress", "start_warmup"]
 
@@ -59,12 +70,15 @@ class Warmup:
     """
 
     def __init__(self, model: str | os.PathLike[str], selection: dict, workers: int | None, strategy: str,
-                 raise_errors: bool, warm_kwargs: dict, priority: str = "idle") -> None:
+                 raise_errors: bool, warm_kwargs: dict, priority: str = "idle",
+                 profile: str | os.PathLike[str] | None = None) -> None:
         self.model = os.fspath(model)
         self.shm_name: str | None = None
         self.result: WarmResult | None = None
         self.error: WarmpoolError | None = None
         self.n_layers: int | None = None  # block count, once the layout is read
+        self.profile = os.fspath(profile) if profile is not None else None
+        self.profile_error: ProfileError | None = None  # why the profile was ignored, if it was
         self._selection, self._workers, self._strategy = selection, workers, strategy
         self._priority = priority
         self._raise_errors, self._warm_kwargs = raise_errors, warm_kwargs
@@ -87,7 +101,7 @@ class Warmup:
             if self._stop.is_set():  # cancelled before the thread got going
                 raise CancelledError("warm cancelled before it started", self.model)
             chunk_size = self._warm_kwargs.get("chunk_size", warmpool.DEFAULT_CHUNK_SIZE)
-            plan = warmpool.plan_model(self.model, chunk_size=chunk_size, **self._selection)
+            plan = self._plan(chunk_size)
             self.n_layers = plan.n_layers
             self.result = warmpool.warm(self.model, plan=plan, workers=self._workers, strategy=self._strategy,
                                         priority=self._priority, on_start=self._on_start, should_stop=self._stop,
@@ -101,6 +115,17 @@ class Warmup:
             self._finished.set()
             self._started.set()
             _live.discard(self)
+
+    def _plan(self, chunk_size: int):
+        if self.profile is not None:
+            try:
+                return warmpool.plan_model(self.model, chunk_size=chunk_size, profile=self.profile, **self._selection)
+            except ProfileError as e:
+                # A stale or foreign profile only costs the order: warm in layer order rather
+                # than fail beside an engine that is starting.
+                self.profile_error = e
+                logger.warning("ignoring the expert profile, warming in layer order: %s", e)
+        return warmpool.plan_model(self.model, chunk_size=chunk_size, **self._selection)
 
     def _on_start(self, name: str) -> None:
         # Attach before warm() can unlink: the mapping outlives the name, so progress() and
@@ -215,7 +240,7 @@ class Warmup:
 def start_warmup(model: str | os.PathLike[str], *, workers: int | None = None, strategy: str = "auto",
                  n_gpu_layers: int | None = None, cpu_moe: bool = False, n_cpu_moe: int = 0,
                  overrides: tuple[tuple[str, str], ...] = (), raise_errors: bool = False, priority: str = "idle",
-                 **warm_kwargs) -> Warmup:
+                 profile: str | os.PathLike[str] | None = None, **warm_kwargs) -> Warmup:
     """Start warming what llama.cpp with these flags keeps on the CPU; return at once.
 
     ``priority`` defaults to ``"idle"``: the warm runs beside an engine that is loading, and
@@ -226,9 +251,15 @@ def start_warmup(model: str | os.PathLike[str], *, workers: int | None = None, s
     a thread start (well under a millisecond).  ``warm_kwargs`` go to :func:`warmpool.warm`
     (``chunk_size``, ``budget``, ``force``, ``env``, ``memory``, ``linger``);
     ``WARMPOOL_PREFAULT`` is honoured (0 skips, 1 forces).
+
+    ``profile``: an expert profile (docs/profile.md; ``warmpool keep --profile`` writes one):
+    the tensors that are not experts are warmed first, then the experts hottest first.  A
+    profile that cannot be used (unreadable, another version, another model) is ignored with
+    a warning (logger ``engine_adapter``; ``Warmup.profile_error`` says why): the warm runs in
+    layer order instead of failing beside the engine.
     """
     selection = dict(n_gpu_layers=n_gpu_layers, cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe, overrides=tuple(overrides))
-    return Warmup(model, selection, workers, strategy, raise_errors, warm_kwargs, priority)._start()
+    return Warmup(model, selection, workers, strategy, raise_errors, warm_kwargs, priority, profile)._start()
 
 
 @atexit.register

@@ -29,6 +29,7 @@ PUBLIC = [
     "ModelNotFoundError",
     "Plan",
     "PlatformError",
+    "ProfileError",
     "ProgressError",
     "ProgressView",
     "Residency",

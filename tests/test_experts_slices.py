@@ -4,6 +4,7 @@ same file (the stacked tensor's data, indexed by expert), and ``plan --experts``
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 
 import pytest
 
@@ -34,7 +35,7 @@ def test_slices_are_gguf_pys_experts(tiny_model):
     assert checked == 3 * len(slices)
     # Slices of one tensor tile it exactly: no gaps, no overlap.
     gate = sorted(r for s in slices if s.layer == 0 for r in s.ranges[:1])
-    assert all(a[2] == b[1] for a, b in zip(gate, gate[1:]))
+    assert all(a[2] == b[1] for a, b in pairwise(gate))
 
 
 def test_selection_limits_the_slices(tiny_model):

@@ -118,10 +118,18 @@ def read_layout(model: str | os.PathLike[str]) -> ModelLayout:
 
 def plan_model(path: str | os.PathLike[str], *, n_gpu_layers: int | None = None, cpu_moe: bool = False,
                n_cpu_moe: int = 0, overrides: tuple[tuple[str, str], ...] = (),
-               chunk_size: int = DEFAULT_CHUNK_SIZE) -> Plan:
-    """Read the layout and plan the warm of what llama.cpp with these flags keeps on the CPU."""
+               chunk_size: int = DEFAULT_CHUNK_SIZE, profile: str | os.PathLike[str] | None = None) -> Plan:
+    """Read the layout and plan the warm of what llama.cpp with these flags keeps on the CPU.
+
+    ``profile``: an expert profile (docs/profile.md); the plan then warms the tensors that are
+    not experts first, then the experts hottest first (ProfileError if the file cannot be used)."""
     selection = Selection(n_gpu_layers, cpu_moe, n_cpu_moe, tuple(overrides)).validate()
-    return make_plan(read_layout(path), selection, chunk_size)
+    plan = make_plan(read_layout(path), selection, chunk_size)
+    if profile is not None:
+        from ._experts.order import order_by_profile
+
+        plan = order_by_profile(plan, profile)
+    return plan
 
 
 def _stat_identity(st: os.stat_result) -> tuple[int, int, int, int]:
@@ -222,7 +230,8 @@ def warm(path: str | os.PathLike[str], *, workers: int | None = None, strategy: 
     """Fault the selected tensors of a GGUF model into the page cache and verify with mincore.
 
     ``selection`` takes llama.cpp's flags (``n_gpu_layers``, ``cpu_moe``, ``n_cpu_moe``,
-    ``overrides``).  ``on_start(segment)`` is called with the progress segment once workers are
+    ``overrides``) and ``profile`` (an expert profile: the hottest experts are warmed first, see
+    ``plan_model``).  ``on_start(segment)`` is called with the progress segment once workers are
     about to start; ``should_stop`` (a callable or threading.Event) cancels.  ``require_name``:
     the segment must have a /dev/shm name (a reader in another process will look for it);
     otherwise an unnamed one serves when /dev/shm is full, read-only or missing.

@@ -32,6 +32,7 @@ __all__ = [
     "LayoutError",
     "ModelNotFoundError",
     "PlatformError",
+    "ProfileError",
     "ProgressError",
     "SelectionError",
     "UsageError",
@@ -66,6 +67,10 @@ class SelectionError(WarmpoolError):
 
 class PlatformError(WarmpoolError):
     """An OS call failed in a way that is neither the file's fault nor the caller's."""
+
+
+class ProfileError(WarmpoolError):
+    """An expert profile is unreadable, of another format or major version, or of another model."""
 
 
 class ProgressError(WarmpoolError):

@@ -11,13 +11,17 @@ key ``n_layers``, last.
 
 from __future__ import annotations
 
+import heapq
+from collections.abc import Sequence
+from itertools import pairwise
 from typing import NamedTuple
 
 from ._gguf.layout import ModelFile, ModelLayout, TensorInfo
 from ._select import Selection
 from ._platform import PAGE_SIZE  # the platform layer's, the one page size
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "PAGE_SIZE", "Chunk", "Plan", "contiguous_runs", "layer_key", "make_plan", "plan_tensors"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "PAGE_SIZE", "Chunk", "Plan", "contiguous_runs", "layer_key", "make_plan", "plan_tensors",
+           "prioritize"]
 
 # 16 MiB: two 8 MiB readahead windows per chunk, and a per-chunk overhead (IPC, mmap, mincore)
 # small against the chunk's I/O; still enough chunks per model to balance the workers and to
@@ -137,3 +141,72 @@ def plan_tensors(layout: ModelLayout, selection: Selection, selected, chunk_size
             chunks += _split(file, pieces, chunk_size)
     chunks.sort(key=lambda c: (c.layer_lo, c.file, c.offset))
     return Plan(layout, selection, tuple(selected), tuple(chunks), chunk_size)
+
+
+def _owners(covered: list[tuple[int, int]], pieces: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """Cut the covered runs of one file into (start, end, owner) segments: owner is the lowest
+    group index among the pieces (start, end, group) over it, or -1 where no piece lies."""
+    cuts = sorted({p for a, b in covered for p in (a, b)} | {p for a, b, _ in pieces for p in (a, b)})
+    starts = sorted(pieces)
+    heap: list[tuple[int, int]] = []  # (group, end) of the pieces open at the sweep point
+    k, segments = 0, []
+    runs = iter(covered)
+    run = next(runs, None)
+    for lo, hi in pairwise(cuts):
+        while run is not None and run[1] <= lo:
+            run = next(runs, None)
+        while k < len(starts) and starts[k][0] <= lo:
+            heapq.heappush(heap, (starts[k][2], starts[k][1]))
+            k += 1
+        while heap and heap[0][1] <= lo:  # the best open piece ended: drop it (lazily)
+            heapq.heappop(heap)
+        if run is None or not run[0] <= lo < run[1]:
+            continue  # not planned (another tensor's pages, or past the selection)
+        owner = heap[0][0] if heap else -1
+        if segments and segments[-1][1] == lo and segments[-1][2] == owner:
+            segments[-1] = (segments[-1][0], hi, owner)
+        else:
+            segments.append((lo, hi, owner))
+    return segments
+
+
+def prioritize(plan: Plan, groups: Sequence[Sequence[tuple[int, int, int]]]) -> Plan:
+    """The same pages in another order: the pages outside every group first (in plan order),
+    then each group's pages in the order given.  A group is (file, start, end) byte ranges,
+    taken as whole pages; a page two groups share goes with the earlier one.  Chunks stay page
+    aligned, at most ``chunk_size``, cut evenly within each run (the ordering step behind
+    ``warm --profile``: the hottest experts right after the dense tensors)."""
+    tensor_pages = _page_ranges(list(plan.selected), plan.files, plan.n_layers)
+    covered = contiguous_runs(plan.chunks)
+    pieces: dict[int, list[tuple[int, int, int]]] = {}
+    for g, ranges in enumerate(groups):
+        for file, start, end in ranges:
+            lo = start - start % PAGE_SIZE
+            hi = min(-(-end // PAGE_SIZE) * PAGE_SIZE, plan.files[file].size)
+            if hi > lo:
+                pieces.setdefault(file, []).append((lo, hi, g))
+    rest: list[Chunk] = []
+    ranked: list[tuple[int, int, int, Chunk]] = []  # (group, file, offset, chunk)
+    for file, runs in covered.items():
+        for lo, hi, owner in _owners(runs, pieces.get(file, [])):
+            # The tensors' own page ranges, clipped to the segment, carry its layer keys.
+            keyed = sorted((max(a, lo), min(b, hi), key) for a, b, key in tensor_pages[file] if a < hi and b > lo)
+            for c in _split(file, keyed, plan.chunk_size):
+                if owner < 0:
+                    rest.append(c)
+                else:
+                    ranked.append((owner, file, c.offset, c))
+    rest.sort(key=lambda c: (c.layer_lo, c.file, c.offset))
+    ranked.sort(key=lambda r: r[:3])
+    # Neighbours in the new order that are neighbours in the file too (an expert's slice in one
+    # tensor split in pieces, or two experts ranked one after the other) become one chunk while
+    # it fits: fewer, larger chunks cost less per byte to hand out.
+    merged: list[Chunk] = []
+    for _, _, _, c in ranked:
+        last = merged[-1] if merged else None
+        if last and last.file == c.file and last.offset + last.length == c.offset and last.length + c.length <= plan.chunk_size:
+            merged[-1] = last._replace(length=last.length + c.length, layer_lo=min(last.layer_lo, c.layer_lo),
+                                       layer_hi=max(last.layer_hi, c.layer_hi))
+        else:
+            merged.append(c)
+    return plan._replace(chunks=tuple(rest) + tuple(merged))

@@ -14,7 +14,7 @@ import os
 import tempfile
 from typing import NamedTuple
 
-from .._errors import WarmpoolError
+from .._errors import ProfileError
 from .._gguf.layout import ModelLayout
 from .slices import n_experts
 
@@ -23,10 +23,6 @@ __all__ = ["FORMAT", "VERSION", "ModelIdentity", "Profile", "ProfileError", "che
 
 FORMAT = "warmpool-expert-profile"
 VERSION = "1.0"
-
-
-class ProfileError(WarmpoolError):
-    """A profile file is unreadable, of another format or major version, or of another model."""
 
 
 class ModelIdentity(NamedTuple):

@@ -48,7 +48,7 @@ class Ranker:
     round-robin order (bounds one pass's cost; the default samples all of them).
     """
 
-    def __init__(self, slices: Iterable[ExpertSlice], *, half_life: float = 32.0, max_slices: int | None = None,
+    def __init__(self, slices: Iterable[ExpertSlice], *, half_life: float = 128.0, max_slices: int | None = None,
                  page_size: int = _platform.PAGE_SIZE) -> None:
         self.slices: tuple[ExpertSlice, ...] = tuple(slices)
         self.keys: tuple[Key, ...] = tuple((s.layer, s.expert) for s in self.slices)

@@ -17,11 +17,16 @@ class Command:
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         add_model_argument(parser)
         parser.add_argument("--json", action="store_true", help="print one JSON object")
+        parser.add_argument("--profile", metavar="FILE", help="order the chunks as warm --profile FILE does (hottest experts first)")
         parser.add_argument("--experts", action="store_true",
                             help="each (layer, expert)'s byte ranges in the stacked expert tensors (with --json: all of them)")
 
     def run(self, args: argparse.Namespace) -> int:
         plan = plan_from(args)
+        if args.profile:
+            from .._experts.order import order_by_profile
+
+            plan = order_by_profile(plan, args.profile)
         summary = plan_summary(plan, selection_text(args, plan.selection))
         if args.experts:
             return _experts(plan, summary, args.json)

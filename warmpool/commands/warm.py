@@ -36,6 +36,8 @@ class Command:
         add_warm_arguments(parser)
         parser.add_argument("--priority", choices=PRIORITIES, default="normal",
                             help="the workers' CPU priority (idle: only CPU time nothing else wants; default normal)")
+        parser.add_argument("--profile", metavar="FILE",
+                            help="an expert profile (keep --profile writes one): warm the hottest experts first, after the other tensors")
         parser.add_argument("--no-progress", action="store_true", help="no progress bar")
         parser.add_argument("--json", action="store_true", help="print one JSON object")
         parser.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
@@ -54,6 +56,10 @@ class Command:
         enable_cli_logging(getattr(args, "verbose", False))
         budget = resolve_budget(args.budget) if args.budget else None
         plan = plan_from(args)
+        if args.profile:  # a profile that cannot be used is an error: nothing has been warmed yet
+            from .._experts.order import order_by_profile
+
+            plan = order_by_profile(plan, args.profile)
         if args.example:
             _show_cold_start(plan)
         bar = Bar(not (args.no_progress or args.json or args.quiet or args.report_segment) and sys.stderr.isatty())
@@ -119,6 +125,7 @@ def _detach(args: argparse.Namespace) -> int:
     argv += ["--workers", str(args.workers)] if args.workers else []
     argv += ["--budget", args.budget] if args.budget else []
     argv += ["--force"] if args.force else []
+    argv += ["--profile", os.path.abspath(args.profile)] if args.profile else []
     cmd = [sys.executable, "-m", "warmpool", *argv, "--no-progress", "--quiet", "--report-segment", "--linger", "10"]
     child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                              start_new_session=True, text=True)
