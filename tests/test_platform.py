@@ -294,12 +294,12 @@ FACADE_ONLY = {"evict_file", "evict_ranges", "page_runs"}  # composed in the fac
 
 
 def test_facade_exports_the_same_names_as_each_backend() -> None:
-    from warmpool._platform import mapping, proc  # the keeper's calls: one module each under both backends
+    from warmpool._platform import blockdev, mapping, proc  # the keeper's calls: one module each under both backends
 
     assert _platform.__all__ == sorted(_platform.__all__)
     for backend in (_platform._backend, _platform_posix):
         assert backend.__all__ == sorted(backend.__all__)
-        assert set(_platform.__all__) - FACADE_ONLY - set(mapping.__all__) - set(proc.__all__) <= set(backend.__all__)
+        assert set(_platform.__all__) - FACADE_ONLY - set(mapping.__all__) - set(proc.__all__) - set(blockdev.__all__) <= set(backend.__all__)
 
 
 def test_import_is_stdlib_only() -> None:

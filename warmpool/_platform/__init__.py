@@ -60,8 +60,8 @@ __all__ = [
     "residency_hidden",
     "resident_bytes",
     "resident_pages",
-    "supports_cachestat",
     "set_read_ahead_kb",
+    "supports_cachestat",
     "supports_populate",
 ]
 
