@@ -116,12 +116,12 @@ def model_flags(args: argparse.Namespace) -> None:
     args.model_flag = args.hf_repo = args.hf_file = None
 
 
-def say(line: str) -> None:
+def say(line: str, *, error: bool = False) -> None:
     """A note for the user: on stderr, or in the running service's log (``--log-format``)."""
     from . import _logs
 
     if _logs.current is not None:
-        _logs.current.note(line)
+        _logs.current.note(line, error=error)
     else:
         print(f"warmpool: {line}", file=sys.stderr)
 

@@ -44,12 +44,13 @@ class Command:
         if not (args.model or args.example or parse_engine(args.engine).model):
             raise UsageError("no model in the engine command line (-m, -hf, LLAMA_ARG_MODEL, --model) and none given")
         budget = resolve_budget(args.budget) if args.budget else None
-        log = _logs.start("run", args.log_format, verbose=getattr(args, "verbose", False))  # stderr: stdout is the engine's
 
         def start(fail):
+            # In warmpool's thread, once the engine is started: its start never waits on our imports.
+            log = _logs.start("run", args.log_format, verbose=getattr(args, "verbose", False))  # stderr: stdout is the engine's
             return _keep(args, budget, fail, log)
 
-        return run_engine(args.engine, start, lambda line: log.note(line, error=True))
+        return run_engine(args.engine, start, lambda line: say(line, error=True))
 
 
 def _keep(args: argparse.Namespace, budget: int | None, fail, log):
