@@ -59,7 +59,8 @@ ROOT = TOOLS.parent
 sys.path[:0] = [str(ROOT), str(TOOLS)]
 
 import numpy as np
-from _proc_probes import cpu_seconds, read_bytes, rss_anon_tree
+from lib.measure import rss_anon_tree
+from lib.proc_stats import cpu_seconds, read_bytes
 
 from warmpool import read_layout, residency
 from warmpool._units import parse_size
@@ -377,7 +378,7 @@ def _watch_engine(engine: Child, holder: Child | None, warmup: float) -> dict:
     rss_peak, at_window = 0, None
     while engine.proc.poll() is None:
         if holder and holder.proc.poll() is None:
-            rss_peak = max(rss_peak, rss_anon_tree(holder.proc.pid))
+            rss_peak = max(rss_peak, rss_anon_tree(holder.proc.pid)[0])
             if at_window is None and time.monotonic() - start >= warmup:
                 at_window = (time.monotonic(), cpu_seconds(holder.proc.pid), read_bytes(holder.proc.pid))
         time.sleep(1)
