@@ -17,6 +17,7 @@ import os
 from typing import NamedTuple
 
 from warmpool._errors import PlatformError
+from warmpool._platform.proc import read_int
 
 __all__ = ["ReadAhead", "read_ahead", "set_read_ahead_kb"]
 
@@ -38,11 +39,10 @@ def read_ahead(st_dev: int, sys_dev_block: str = _SYS_DEV_BLOCK) -> ReadAhead | 
         return None
     for _ in range(3):  # the device itself, its disk; never further than the bus
         path = os.path.join(here, "queue", "read_ahead_kb")
-        try:
-            with open(path) as f:
-                return ReadAhead(os.path.basename(here), path, int(f.read()))
-        except (OSError, ValueError):
-            here = os.path.dirname(here)
+        kb = read_int(path)
+        if kb is not None:
+            return ReadAhead(os.path.basename(here), path, kb)
+        here = os.path.dirname(here)
     return None
 
 

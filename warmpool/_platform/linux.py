@@ -16,6 +16,7 @@ import os
 import threading
 
 from warmpool._platform import posix as _posix
+from warmpool._platform.proc import read_int
 from warmpool._platform.posix import (
     DEFAULT_READAHEAD,
     PAGE_SIZE,
@@ -74,14 +75,6 @@ _syscall = _posix._bind("syscall", ctypes.c_long, ctypes.c_long, ctypes.c_int,
 _readahead_by_device: dict[int, int] = {}
 
 
-def _read_kb(path: str) -> int | None:
-    try:
-        with open(path, "rb") as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return None
-
-
 def _sysfs_readahead(device: int) -> int:
     node = f"{os.major(device)}:{os.minor(device)}"
     # bdi first: it also exists for FUSE/NFS (0:N) which have no block queue; then
@@ -89,7 +82,7 @@ def _sysfs_readahead(device: int) -> int:
     for path in (f"/sys/class/bdi/{node}/read_ahead_kb",
                  f"/sys/dev/block/{node}/queue/read_ahead_kb",
                  f"/sys/dev/block/{node}/../queue/read_ahead_kb"):
-        kb = _read_kb(path)
+        kb = read_int(path)
         if kb is not None:
             return max(_posix._round_down(kb * 1024), PAGE_SIZE)
     return DEFAULT_READAHEAD
@@ -131,7 +124,7 @@ def huge_folio_size() -> int | None:
     caches at once (``do_sync_mmap_readahead``, mm/filemap.c).  Read once from sysfs."""
     global _huge_folio_size
     if _huge_folio_size is False:
-        size = _read_kb("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size")  # bytes, despite the helper's name
+        size = read_int("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size")  # in bytes
         _huge_folio_size = size if size and size % PAGE_SIZE == 0 else None
     return _huge_folio_size
 

@@ -12,7 +12,7 @@ import resource
 from typing import NamedTuple
 
 __all__ = ["CgroupMemory", "PAGE_REPORTING_ORDER", "cgroup_memory", "free_page_reporting", "locked_bytes",
-           "memlock_limit", "memory_pressure", "page_reporting_order", "physical_memory", "pid_alive"]
+           "memlock_limit", "memory_pressure", "page_reporting_order", "physical_memory", "pid_alive", "read_int"]
 
 CGROUP = "/sys/fs/cgroup"
 
@@ -113,11 +113,7 @@ def page_reporting_order(sysfs: str = "/sys") -> int | None:
     """The running value of mm/page_reporting.c's ``page_reporting_order`` parameter; None where
     the kernel has no page reporting.  Whether anything is reported also takes a reporting
     device: ``free_page_reporting``."""
-    try:
-        with open(f"{sysfs}/{PAGE_REPORTING_ORDER}") as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return None
+    return read_int(f"{sysfs}/{PAGE_REPORTING_ORDER}")
 
 
 def free_page_reporting(sysfs: str = "/sys", buddyinfo: str = "/proc/buddyinfo") -> int | None:
@@ -154,13 +150,14 @@ def free_page_reporting(sysfs: str = "/sys", buddyinfo: str = "/proc/buddyinfo")
     return None
 
 
-def _read_int(path: str) -> int | None:
+def read_int(path: str) -> int | None:
+    """The integer a small /proc or /sys file holds; None where it is missing, unreadable or not
+    a number (cgroup v2 writes "max").  Every such read of the platform layer goes through here."""
     try:
         with open(path) as f:
-            text = f.read().strip()
-    except OSError:
+            return int(f.read().strip())
+    except (OSError, ValueError):
         return None
-    return int(text) if text.isdigit() else None
 
 
 UNLIMITED = 1 << 60  # cgroup v1 writes "no limit" as a page-rounded LONG_MAX
@@ -203,7 +200,7 @@ def cgroup_memory() -> CgroupMemory | None:
     files = _cgroup_files()
     if files is None:
         return None
-    limit = _read_int(files[0])
+    limit = read_int(files[0])
     inactive_file, anon, unevictable = _memory_stat(os.path.dirname(files[1]))
-    return CgroupMemory(limit if limit is not None and limit < UNLIMITED else None, _read_int(files[1]) or 0,
+    return CgroupMemory(limit if limit is not None and limit < UNLIMITED else None, read_int(files[1]) or 0,
                         inactive_file, files[0], anon, unevictable)
