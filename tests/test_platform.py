@@ -290,7 +290,7 @@ def test_posix_fallback_reports_what_it_lacks(cold: ColdFile) -> None:
         assert posix.resident_bytes(cold.fd, 0, 0) == MiB
 
 
-FACADE_ONLY = {"evict_file", "evict_ranges", "page_runs"}  # composed in the facade, or pure (page_runs)
+FACADE_ONLY = {"evict_file", "evict_ranges", "open_model", "page_runs"}  # composed in the facade, or pure (page_runs)
 
 
 def test_facade_exports_the_same_names_as_each_backend() -> None:

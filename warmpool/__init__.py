@@ -32,7 +32,7 @@ from ._errors import (
     WarmpoolError,
     WorkerDiedError,
 )
-from ._version import __version__
+from ._version import __version__ as __version__  # re-exported: warmpool.__version__
 
 # The rest is imported on first use (PEP 562): an engine's first ``read_layout`` and every
 # worker process (which imports ``warmpool._pool.worker``, and so this package) would otherwise pay

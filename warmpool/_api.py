@@ -153,10 +153,10 @@ class _OpenFiles:
         self.fds: list[int] = []
         try:
             for path in self.paths:
-                self.fds.append(os.open(path, os.O_RDONLY))
-        except OSError as e:
+                self.fds.append(_platform.open_model(path, FileChangedError))
+        except FileChangedError:
             self.close()
-            raise FileChangedError(f"cannot open: {e.strerror}", path) from None
+            raise
         self.identity = [_stat_identity(os.fstat(fd)) for fd in self.fds]
         # Asked before any residency vector is trusted: mincore lies about these files.
         self.hidden = [_platform.residency_hidden(fd) for fd in self.fds]
@@ -326,10 +326,7 @@ def residency_hidden(path: str | os.PathLike[str]) -> bool:
     """Whether the kernel hides this file's page-cache residency from this process (Linux >= 5.2:
     not the owner and not writable; docs/design.md).  Such a file is warmed whole and its
     residency reported as None."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as e:
-        raise FileChangedError(f"cannot open: {e.strerror}", os.fspath(path)) from None
+    fd = _platform.open_model(path, FileChangedError)
     try:
         return _platform.residency_hidden(fd)
     finally:

@@ -378,7 +378,7 @@ class Keeper:
         if hot is not None and profile is None:
             # What is resident now was read recently (an engine already running): a first
             # ranking better than layer order, for the price of one pass.
-            fds = [os.open(f.path, os.O_RDONLY) for f in model.plan.files]
+            fds = [_platform.open_model(f.path, FileChangedError) for f in model.plan.files]
             try:
                 hot.ranker.sample(fds)
             finally:

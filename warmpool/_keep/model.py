@@ -17,6 +17,7 @@ import os
 import threading
 
 from .. import _platform
+from .._errors import FileChangedError
 from .._plan import Chunk, Plan, contiguous_runs, make_plan
 from .hot import HotExperts
 from .._api import file_identity as identity
@@ -119,7 +120,7 @@ class KeptModel:
         chunks), fault it into the mapping (minor faults: the warm just read it) and read one
         byte of each page once: on a VM the first CPU read of a page the disk just filled costs
         the engine several times its steady request (docs/keep.md); paid here, once, instead."""
-        self.fds = [os.open(f.path, os.O_RDONLY) for f in self.plan.files]
+        self.fds = [_platform.open_model(f.path, FileChangedError) for f in self.plan.files]
         if not mapped:
             return
         dense = self.kept.chunks[:self.n_dense]

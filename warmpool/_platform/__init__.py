@@ -22,7 +22,7 @@ import errno
 import os
 import sys
 
-from warmpool._errors import PlatformError
+from warmpool._errors import PlatformError, WarmpoolError
 
 if sys.platform.startswith("linux"):
     from warmpool._platform import linux as _backend
@@ -48,6 +48,7 @@ __all__ = [
     "lower_priority",
     "memlock_limit",
     "memory_pressure",
+    "open_model",
     "page_runs",
     "physical_memory",
     "pid_alive",
@@ -123,12 +124,18 @@ def evict_ranges(fd: int, ranges=((0, 0),)) -> None:
         evict(fd, offset, length)
 
 
+def open_model(path, error: type[WarmpoolError] = PlatformError, doing: str = "cannot open") -> int:
+    """Open a model file read-only (never for writing: the model stays untouched); an OSError
+    becomes ``error("<doing>: <strerror>", path)``, one line naming the file."""
+    try:
+        return os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise error(f"{doing}: {exc.strerror}", os.fspath(path)) from None
+
+
 def evict_file(path) -> None:
     """Drop a whole file's pages from the page cache (``evict_ranges`` on it)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as exc:
-        raise PlatformError(f"cannot open: {exc.strerror}", path) from None
+    fd = open_model(path)
     try:
         evict_ranges(fd)
     except PlatformError as exc:

@@ -245,13 +245,7 @@ def _fault(window: _platform.FileWindow, rel: int, n: int, strategy: str, fd: in
 
 
 def _open_files(paths: Sequence[str]) -> list[int]:
-    fds = []
-    for path in paths:
-        try:
-            fds.append(os.open(path, os.O_RDONLY))  # never for writing: the model stays untouched
-        except OSError as e:
-            raise FileChangedError(f"cannot reopen for warming: {e.strerror}", path) from None
-    return fds
+    return [_platform.open_model(path, FileChangedError, "cannot reopen for warming") for path in paths]
 
 
 def worker_main(paths: Sequence[str], chunks: Sequence[tuple[int, int, int]], shm_name: str,
