@@ -245,7 +245,7 @@ def start_warmup(model: str | os.PathLike[str], *, workers: int | None = None, s
 
     ``priority`` defaults to ``"idle"``: the warm runs beside an engine that is loading, and
     its workers then take only CPU time the engine leaves (``warmpool.warm``; figures:
-    docs/bench/first_request_speed.txt).  ``"normal"`` competes with the engine as an equal.
+    docs/performance.md, "The engine's first request").  ``"normal"`` competes with the engine as an equal.
 
     The layout walk, the plan and the policy run in the background thread, so this costs
     a thread start (well under a millisecond).  ``warm_kwargs`` go to :func:`warmpool.warm`

@@ -170,7 +170,7 @@ class _OpenFiles:
         """Resident bytes of each chunk (page granular); None in a file whose residency is hidden.
 
         ``quick`` uses cachestat where the kernel has it: one syscall per chunk and no mapping,
-        orders of magnitude cheaper than mincore (docs/bench/platform.md), which is what keeps a
+        orders of magnitude cheaper than mincore (docs/design.md, "Residency: mincore and cachestat"), which is what keeps a
         warm of an already-resident model fast.  It also counts pages whose read is still in
         flight, so the verdict after a warm uses mincore, which counts only pages that have arrived.
         """

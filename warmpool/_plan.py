@@ -25,7 +25,7 @@ __all__ = ["DEFAULT_CHUNK_SIZE", "PAGE_SIZE", "Chunk", "Plan", "contiguous_runs"
 
 # 16 MiB: two 8 MiB readahead windows per chunk, and a per-chunk overhead (IPC, mmap, mincore)
 # small against the chunk's I/O; still enough chunks per model to balance the workers and to
-# mark a large MoE layer ready in several steps (figures: docs/bench/pool.md).
+# mark a large MoE layer ready in several steps (docs/performance.md, "Pool size and start-up").
 DEFAULT_CHUNK_SIZE = 16 * 1024 * 1024
 
 

@@ -2,7 +2,7 @@
 per-device readahead size from sysfs.
 
 What each call relies on is in docs/design.md ("Residency", "Readahead and hints"), with
-figures in docs/bench/platform.md; each feature is probed once, so older kernels fall back
+its figures; each feature is probed once, so older kernels fall back
 instead of failing.
 """
 
@@ -107,7 +107,7 @@ def prefetch(fd: int, offset: int, length: int) -> None:
 
     Mostly asynchronous: the pages enter the cache locked and are read behind the
     caller's back, but a call blocks once the device queue is full
-    (docs/bench/platform.md).  Prefetch a chunk or two ahead, then
+    (docs/design.md, "Readahead and hints").  Prefetch a chunk or two ahead, then
     ``FileWindow.populate`` waits for what is still in flight.
     """
     _posix._stepped_willneed(fd, offset, length, readahead_size(fd))
@@ -178,7 +178,7 @@ def _cachestat(fd: int, offset: int, length: int) -> _Cachestat | None:
 
 def cached_bytes(fd: int, offset: int, length: int) -> int | None:
     """Bytes of the page-rounded range in the page cache by cachestat(2): no mapping, orders of
-    magnitude cheaper than mincore (docs/bench/platform.md).  None where cachestat is
+    magnitude cheaper than mincore (docs/design.md, "Residency: mincore and cachestat").  None where cachestat is
     unavailable (Linux < 6.5, other architecture, seccomp, EPERM on this file).
 
     It counts pages whose read is still in flight (it does not check uptodate, which
@@ -315,7 +315,7 @@ class FileWindow(_posix.FileWindow):
         the calling thread releases the GIL meanwhile, and a page past EOF ends the call with
         EFAULT instead of SIGBUS.  The iovecs are built by slice assignment: one ctypes
         structure per page cost ~1 µs a page, most of what this call used to cost
-        (docs/bench/warm_speed_phases.md)."""
+        (docs/performance.md, "Pool size and start-up")."""
         sink = _sink_fd() if _pwritev is not None else None
         if sink is None:
             return super().read_pages(rel, n)

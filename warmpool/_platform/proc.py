@@ -58,7 +58,7 @@ def physical_memory() -> tuple[int, int] | None:
     """(MemTotal, MemAvailable) in bytes from /proc/meminfo; None where either is missing (not
     Linux, or a kernel before 3.14).  What psutil.virtual_memory() reports as total and
     available on Linux, without importing psutil (~10 ms before a cold warm's first worker;
-    docs/bench/warm_speed_phases.md)."""
+    docs/performance.md, "Pool size and start-up")."""
     found = _proc_kb("/proc/meminfo", "MemTotal", "MemAvailable")
     if len(found) < 2:
         return None
