@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from .. import _platform
 from .._errors import CancelledError, FileChangedError, WarmpoolError
 from .model import KeptModel, identity
+from .readahead import DeviceReadAhead, readahead_note
 from .._plan import Plan
 from .._units import format_bytes
 from .room import room
@@ -129,7 +130,7 @@ class Keeper:
         self.headroom, self.readahead = headroom, readahead
         self.profile_path = os.fspath(profile) if profile is not None else None
         self._profile = None  # the profile read at start, seeding the first model's ranking
-        self._restore: list[tuple[str, int]] = []  # (read_ahead_kb file, old value) to put back
+        self._readahead = DeviceReadAhead(self._emit)  # what --readahead changed, to put back
         self._next_sample = self._next_room = 0.0
         self._next_profile = time.monotonic() + PROFILE_PERIOD
         self._sample_cost = 0.0
@@ -146,7 +147,7 @@ class Keeper:
             self._profile = read_profile(self.profile_path)  # a bad file is the caller's error, now
             check_profile(self._profile, self.models[0].plan.layout, self.profile_path)
         if self.readahead is not None:
-            self._set_readahead()
+            self._readahead.set([m.path for m in self.models], self.readahead)
         if self._listen is not None:
             from .http import serve
 
@@ -190,7 +191,7 @@ class Keeper:
             server.server_close()
         if thread is None or not thread.is_alive():
             self._release_all()  # the thread did it already; this covers a keeper never started
-        self._restore_readahead()
+        self._readahead.restore()
         if not self._finished.is_set():
             self._finished.set()
             self._warm_done.set()
@@ -236,7 +237,7 @@ class Keeper:
             self._warm_done.set()
             self._write_profile()
             self._release_all()
-            self._restore_readahead()
+            self._readahead.restore()
             if self.exit_reason is not None:  # ended on its own (--for-pid): say so once
                 self._finished.set()
                 self._emit("stopped", reason=self.exit_reason)
@@ -391,31 +392,9 @@ class Keeper:
             fields.update(experts_held=len(model.experts), experts_total=hot.total,
                           bytes_dense=hot.dense_bytes, profile=self._profile is not None and model is self.models[0])
         self._emit("partial", **fields)
-        note = self._readahead_note(model)
+        note = readahead_note(model, set_by_keeper=self.readahead is not None)
         if note is not None:
             self._emit("readahead", model=model.name, **note)
-
-    def _readahead_note(self, model: KeptModel) -> dict | None:
-        """Which device's read-ahead multiplies what an engine reads per miss, by how much (an
-        estimate), and the fix."""
-        try:
-            device = os.stat(model.path).st_dev
-        except OSError:
-            return None
-        found = _platform.read_ahead(device)
-        if found is None:
-            return None
-        hot = model.hot
-        # One miss faults one page of one expert range; mmap read-around reads read_ahead_kb
-        # around it (do_sync_mmap_readahead), of which the range itself is at most its size.
-        piece = max(c.length for c in hot.chunks(next(iter(hot.slices)))) if hot is not None and hot.total else None
-        window = max(found.kb * 1024, _platform.PAGE_SIZE)
-        factor = window / min(piece, window) if piece else None
-        return dict(device=found.device, path=found.path, read_ahead_kb=found.kb, expert_range_bytes=piece,
-                    read_multiplier_estimate=None if factor is None else round(factor, 1),
-                    set_by_keeper=self.readahead is not None,
-                    fix=f"echo 128 > {found.path}  (or: warmpool keep --readahead 128K; applies to files "
-                        "opened afterwards: start the engine after it)")
 
     def _experts_step(self, now: float) -> None:
         """Between checks: sample expert residency (paced), watch the room, write the profile."""
@@ -496,36 +475,6 @@ class Keeper:
             write_profile(self.profile_path, model.hot.ranker.to_profile(model_identity(model.plan.layout)))
         except (WarmpoolError, OSError) as e:
             self._emit("error", model=model.name, message=f"--profile {self.profile_path}: {e}")
-
-    def _set_readahead(self) -> None:
-        """Set read_ahead_kb of every kept model's block device for the run (root only)."""
-        kb = max(self.readahead // 1024, 0)
-        for model in self.models:
-            found = _platform.read_ahead(os.stat(model.path).st_dev)
-            if found is None:
-                raise WarmpoolError(f"--readahead: {model.path} is on no block device with a read-ahead setting")
-            if any(path == found.path for path, _ in self._restore):
-                continue
-            try:
-                _platform.set_read_ahead_kb(found.path, kb)
-            except WarmpoolError as e:
-                self._restore_readahead()
-                raise WarmpoolError(f"--readahead: cannot write {found.path}: {e} (needs root and a writable /sys)") from None
-            self._restore.append((found.path, found.kb))
-            # The kernel copies it into a file at open(): an engine running already (--for-pid)
-            # keeps the old value for the model it has open.
-            self._emit("readahead_set", device=found.device, path=found.path, read_ahead_kb=kb, previous_kb=found.kb,
-                       applies_to="files opened from now on")
-
-    def _restore_readahead(self) -> None:
-        """Put back every read_ahead_kb this keeper changed; safe to call twice."""
-        while self._restore:
-            path, kb = self._restore.pop()
-            try:
-                _platform.set_read_ahead_kb(path, kb)
-                self._emit("readahead_restored", path=path, read_ahead_kb=kb)
-            except WarmpoolError as e:
-                self._emit("error", message=f"could not restore {path} to {kb}: {e}")
 
     def _warm(self, model: KeptModel, plan: Plan, on_start=None, beside_engine: bool = False):
         from .._api import warm
