@@ -15,9 +15,9 @@ import threading
 import time
 
 import pytest
+from conftest import evict_file, resident_fraction
 
 import warmpool
-from conftest import evict_file, resident_fraction
 from engine_adapter import Warmup, WarmupProgress, start_warmup
 
 pytestmark = pytest.mark.pagecache

@@ -12,9 +12,9 @@ import sys
 import time
 
 import pytest
+from conftest import evict_file, warm_watched
 
 import warmpool
-from conftest import evict_file, warm_watched
 from warmpool import _beside, _platform
 
 pytestmark = [pytest.mark.pagecache, pytest.mark.xdist_group("pagecache"),

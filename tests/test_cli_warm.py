@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import evict_file
+
 from warmpool import main
 
 pytestmark = [pytest.mark.pagecache, pytest.mark.xdist_group("pagecache")]

@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import resident_fraction
 
 import warmpool
-from conftest import resident_fraction
 from warmpool import _platform
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,8 +14,14 @@ import pytest
 
 from warmpool import example as _example
 from warmpool._errors import WarmpoolError
-from warmpool.example import TINY, _writer, example_model, model_nbytes, shape_for_size, write_moe_gguf
-
+from warmpool.example import (
+    TINY,
+    _writer,
+    example_model,
+    model_nbytes,
+    shape_for_size,
+    write_moe_gguf,
+)
 
 LAYER_TENSORS = (
     ("attn_norm", "F32"),

@@ -25,11 +25,11 @@ from pathlib import Path
 import psutil
 import pytest
 import ray
+from conftest import evict_file, pinned, resident_fraction
 from ray._private import ray_constants
 from ray.cluster_utils import Cluster
 
 import warmpool
-from conftest import evict_file, pinned, resident_fraction
 from tests.helpers.stores import make_ollama
 from warmpool import _platform, fleet
 

@@ -12,13 +12,12 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import evict_file
 
 import warmpool
-from conftest import evict_file
 from tests.helpers import folios
 from warmpool import _platform
 from warmpool._pool.worker import FAULT_READAHEAD_MIN, Guards
-
 
 HUGE = 2 << 20
 

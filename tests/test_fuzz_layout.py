@@ -13,7 +13,6 @@ from hypothesis import HealthCheck, Phase, given, settings
 
 from tests.helpers import fuzz as fuzz_layout
 
-
 # Explicit, not left to the profile: the issue asks for >= 2000 examples in CI.
 FUZZ_EXAMPLES = 2000 if os.environ.get("CI") else 300
 

@@ -16,9 +16,9 @@ import subprocess
 import sys
 
 import pytest
+from conftest import evict_file
 
 import warmpool
-from conftest import evict_file
 
 pytestmark = pytest.mark.pagecache
 

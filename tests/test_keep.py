@@ -10,8 +10,8 @@ import os
 import time
 
 import pytest
-
 from conftest import evict_file, page_out, resident_fraction
+
 from warmpool import Keeper, evict, plan_model
 from warmpool.example import TINY, write_moe_gguf
 

@@ -20,8 +20,8 @@ import urllib.error
 import urllib.request
 
 import pytest
-
 from conftest import evict_file, lines_until
+
 from warmpool import _platform, evict
 
 pytestmark = pytest.mark.pagecache

@@ -19,8 +19,8 @@ import sys
 import tempfile
 
 import pytest
-
 from test_keep_cli import KeepProcess
+
 from warmpool import _platform
 
 pytestmark = pytest.mark.pagecache

@@ -9,9 +9,9 @@ import os
 import re
 
 import pytest
+from conftest import MiB, evict_file, page_out, resident_fraction, write_random
 
 import warmpool
-from conftest import MiB, evict_file, page_out, resident_fraction, write_random
 from tests.helpers import folios
 from warmpool import _platform
 

@@ -14,9 +14,9 @@ import sys
 import time
 
 import pytest
-
 from conftest import evict_file
 from test_keep_cli import KeepProcess
+
 from warmpool import _platform
 from warmpool._platform.proc import _cgroup_files
 

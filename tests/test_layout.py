@@ -14,15 +14,12 @@ from pathlib import Path
 
 import gguf
 import pytest
-
-from warmpool import ModelFile, TensorInfo, read_layout
-from warmpool.example import TEST, TINY
-from warmpool._platform import PAGE_SIZE, resident_pages
-
 from conftest import evict_file
+
 from tests.helpers.gguf_files import write_small_gguf
-
-
+from warmpool import ModelFile, TensorInfo, read_layout
+from warmpool._platform import PAGE_SIZE, resident_pages
+from warmpool.example import TEST, TINY
 
 Row = tuple[str, int, int, int, tuple[int, ...]]  # name, absolute offset, bytes, ggml type, shape
 

@@ -19,10 +19,15 @@ from typing import Any, NamedTuple
 
 import pytest
 
-from tests.helpers.gguf_files import Span, find_span, map_fields, patch_field, write_small_gguf, write_with_strings
+from tests.helpers.gguf_files import (
+    Span,
+    find_span,
+    map_fields,
+    patch_field,
+    write_small_gguf,
+    write_with_strings,
+)
 from warmpool import LayoutError, main, read_layout
-
-
 
 ALIGNMENT = 64  # the base file carries general.alignment, so its value can be broken too
 HUGE = 2**60

@@ -11,11 +11,11 @@ import time
 
 import psutil
 import pytest
+from conftest import evict_file, resident_fraction
 
 import warmpool
-from warmpool import ProgressView
-from conftest import evict_file, resident_fraction
 from engine_adapter.llama_cpp import load, selection_for
+from warmpool import ProgressView
 
 NO_OVERRIDE_PARAMETER = {"n_gpu_layers", "n_ctx"}  # llama-cpp-python 0.3.36's Llama takes no overrides
 

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import lines_until
+
 from warmpool import _platform
 from warmpool._platform.proc import PAGE_REPORTING_ORDER
 from warmpool.commands.keep import _describe

@@ -13,7 +13,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from warmpool import Chunk, ModelFile, ModelLayout, Plan, Selection, TensorInfo, make_plan, read_layout
+from warmpool import (
+    Chunk,
+    ModelFile,
+    ModelLayout,
+    Plan,
+    Selection,
+    TensorInfo,
+    make_plan,
+    read_layout,
+)
 from warmpool._plan import PAGE_SIZE
 
 P = PAGE_SIZE

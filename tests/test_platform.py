@@ -24,10 +24,9 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-
 from conftest import SIZE, ColdFile, MiB, open_cold, pinned
+
 from warmpool import _platform
-from warmpool._platform import posix as _platform_posix
 from warmpool._errors import FileChangedError, PlatformError
 from warmpool._platform import (
     PAGE_SIZE,
@@ -42,6 +41,7 @@ from warmpool._platform import (
     supports_cachestat,
     supports_populate,
 )
+from warmpool._platform import posix as _platform_posix
 
 ROOT = Path(__file__).parents[1]
 
@@ -294,7 +294,11 @@ FACADE_ONLY = {"evict_file", "evict_ranges", "open_model", "page_runs"}  # compo
 
 
 def test_facade_exports_the_same_names_as_each_backend() -> None:
-    from warmpool._platform import blockdev, mapping, proc  # the keeper's calls: one module each under both backends
+    from warmpool._platform import (  # the keeper's calls: one module each under both backends
+        blockdev,
+        mapping,
+        proc,
+    )
 
     assert _platform.__all__ == sorted(_platform.__all__)
     for backend in (_platform._backend, _platform_posix):

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from conftest import evict_file
 
 import warmpool
-from conftest import evict_file
 from warmpool._policy import MemoryFigures, decide
 
 GiB = 2**30

@@ -8,7 +8,14 @@ from conftest import evict_file
 
 import warmpool
 from warmpool._pool import coordinator as _pool
-from warmpool._pool.coordinator import AUTO_GAIN, AUTO_MIN_REST_S, AUTO_START, AUTO_START_IDLE, AUTO_WINDOW_S, _Growth
+from warmpool._pool.coordinator import (
+    AUTO_GAIN,
+    AUTO_MIN_REST_S,
+    AUTO_START,
+    AUTO_START_IDLE,
+    AUTO_WINDOW_S,
+    _Growth,
+)
 
 MB = 10**6
 

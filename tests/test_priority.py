@@ -18,9 +18,9 @@ import time
 
 import psutil
 import pytest
+from conftest import evict_file, resident_fraction
 
 import warmpool
-from conftest import evict_file, resident_fraction
 from engine_adapter import start_warmup
 
 pytestmark = pytest.mark.pagecache

@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from warmpool._progress import segment as _progress
 from warmpool._errors import ProgressError
+from warmpool._progress import segment as _progress
 from warmpool._progress.segment import ProgressSegment, ProgressView, WorkerCounter
 
 SHM = "/dev/shm"

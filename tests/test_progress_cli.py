@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import evict_file, resident_fraction
 
 import warmpool
-from conftest import evict_file, resident_fraction
 from engine_adapter import start_warmup
 
 pytestmark = pytest.mark.pagecache

@@ -16,14 +16,20 @@ from pathlib import Path
 
 import pytest
 from test_progress import (  # noqa: F401 - segment and shm_file are fixtures
-    CHUNKS, REPO, SHM, TOTAL, needs_dev_shm, python_env, segment, shm_file,
+    CHUNKS,
+    REPO,
+    SHM,
+    TOTAL,
+    needs_dev_shm,
+    python_env,
+    segment,
+    shm_file,
 )
 
+from warmpool._errors import CancelledError, ProgressError, WorkerDiedError
 from warmpool._progress import segment as _progress
 from warmpool._progress import shm as _shm
-from warmpool._errors import CancelledError, ProgressError, WorkerDiedError
 from warmpool._progress.segment import ProgressSegment, ProgressView, WorkerCounter
-
 
 # --- lifecycle ----------------------------------------------------------------------
 

@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 
 import pytest
-
 from conftest import SIZE, ColdFile, MiB, bytes_read_by, outside, wait_until_resident
+
 from warmpool._platform import (
     PAGE_SIZE,
     FileWindow,

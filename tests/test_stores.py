@@ -15,8 +15,13 @@ from pathlib import Path
 import pytest
 
 import warmpool
-from warmpool import AmbiguousModelError, ModelNotFoundError, resolve_model, resolve_models
 from tests.helpers.stores import link, make_hub, make_ollama
+from warmpool import (
+    AmbiguousModelError,
+    ModelNotFoundError,
+    resolve_model,
+    resolve_models,
+)
 from warmpool._stores import ollama as _store_ollama
 
 STORE_VARS = ("OLLAMA_MODELS", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME", "LLAMA_CACHE")

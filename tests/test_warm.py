@@ -11,12 +11,11 @@ import threading
 import time
 
 import pytest
+from conftest import MADV_PAGEOUT, evict_file, warm_watched
 
 import warmpool
-from conftest import MADV_PAGEOUT, evict_file, warm_watched
-from warmpool import _platform
+from warmpool import ProgressView, _platform
 from warmpool._plan import contiguous_runs
-from warmpool import ProgressView
 from warmpool._pool.worker import FAULT_READAHEAD_MIN
 
 pytestmark = [pytest.mark.pagecache, pytest.mark.xdist_group("pagecache")]

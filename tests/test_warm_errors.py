@@ -10,9 +10,9 @@ import sys
 
 import psutil
 import pytest
+from conftest import evict_file
 
 import warmpool
-from conftest import evict_file
 from warmpool import WarmError, WorkerDiedError
 from warmpool._pool import coordinator as _pool
 from warmpool._progress.segment import ProgressSegment

@@ -16,8 +16,8 @@ import time
 
 import psutil
 import pytest
-
 from conftest import evict_file
+
 from warmpool import ProgressView
 
 pytestmark = pytest.mark.pagecache

@@ -13,8 +13,8 @@ from conftest import evict_file, warm_watched
 import warmpool
 from warmpool._errors import FileChangedError
 from warmpool._pool.coordinator import LOOKAHEAD
-from warmpool._pool.worker import _Reports
 from warmpool._pool.threads import FaultThreads
+from warmpool._pool.worker import _Reports
 
 
 def _pool(n: int, slow: dict[int, threading.Event] | None = None, fail: set[int] = frozenset()):

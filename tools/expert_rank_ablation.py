@@ -7,18 +7,26 @@ of the residency average alone and of the refaults alone.  Needs root (a child m
 
     python tools/expert_rank_ablation.py MODEL SECONDS     (MODEL: write_moe_gguf(path, TEST, seed=2))
 """
-import sys, os
+import os
+import sys
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import json, time, subprocess
+import json
+import subprocess
+import time
+
+import numpy as np
 import test_experts_ranking as T
+from conftest import evict_file
+
 from warmpool import read_layout
 from warmpool._experts.ranking import Ranker
 from warmpool._experts.slices import expert_slices
-import numpy as np
-from conftest import evict_file
+
 model = sys.argv[1]
 from warmpool._platform.proc import _cgroup_files
+
 files = _cgroup_files(); child = os.path.join(os.path.dirname(files[0]), f"abl-{os.getpid()}"); os.mkdir(child)
 try:
     open(os.path.join(child, os.path.basename(files[0])), "w").write(str(T.CGROUP_LIMIT))

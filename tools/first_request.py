@@ -54,7 +54,14 @@ ROOT = TOOLS.parent
 sys.path[:0] = [str(ROOT), str(TOOLS)]
 
 from lib.llama_trial import part_b, print_part_b  # noqa: E402
-from lib.measure import add_wait_after_evict, engine_pass, evict_file, file_resident, synthetic_model  # noqa: E402
+from lib.measure import (  # noqa: E402
+    add_wait_after_evict,
+    engine_pass,
+    evict_file,
+    file_resident,
+    synthetic_model,
+)
+
 from warmpool.example import BENCH  # noqa: E402
 
 BENCH_FILENAME = "first-request-qwen3moe-bench-v1.gguf"  # bump when BENCH changes
@@ -103,8 +110,9 @@ _CAT_BUFFER = bytearray(8 << 20)
 def _scenario(path: Path, tokens: int, key: str, name: str, *, before_open=None, after_open=None,
               warmup: bool = False, wait: bool = False, steady_runs: int = 2) -> dict:
     """Evict, start the clock, prepare, open a fresh engine (a fresh mapping), run the request."""
-    from engine_adapter import start_warmup
     from lib.engine_sim import MoeEngine
+
+    from engine_adapter import start_warmup
 
     evict(path)
     waited = [0.0]

@@ -23,7 +23,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: warmpool and tests.helpers
 
-from tests.helpers.fuzz import FuzzFailure, apply_mutations, fuzz_cases, parse_outcome, rewrite, write_seeds  # noqa: E402
+from tests.helpers.fuzz import (  # noqa: E402
+    FuzzFailure,
+    apply_mutations,
+    fuzz_cases,
+    parse_outcome,
+    rewrite,
+    write_seeds,
+)
 
 
 def _run(examples: int, limit_s: float, directory: Path) -> tuple[collections.Counter, list[str]]:

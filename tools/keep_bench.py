@@ -64,7 +64,13 @@ sys.path[:0] = [str(ROOT), str(TOOLS)]
 
 from lib.engine_sim import MoeEngine  # noqa: E402
 from lib.keep_stats import report, summarize  # noqa: E402
-from lib.measure import add_no_page_reporting, file_resident, page_reporting_off, rss_anon_tree, synthetic_model  # noqa: E402
+from lib.measure import (  # noqa: E402
+    add_no_page_reporting,
+    file_resident,
+    page_reporting_off,
+    rss_anon_tree,
+    synthetic_model,
+)
 from lib.mem_pressure import Hog, MemoryCage, make_file  # noqa: E402
 from lib.proc_stats import cpu_seconds, read_bytes, sched, steal_ticks, usage  # noqa: E402
 

@@ -20,9 +20,9 @@ from ._gguf import layout as _layout
 from ._gguf.layout import ModelLayout
 from ._log import logger
 from ._plan import DEFAULT_CHUNK_SIZE, Plan, contiguous_runs, layer_key, make_plan
+from ._pool.strategy import check_priority, check_strategy
 from ._select import Selection
 from ._units import format_bytes
-from ._pool.strategy import check_priority, check_strategy
 
 __all__ = ["FileResidency", "LayerResidency", "Residency", "WarmResult", "evict", "model_file", "plan_model",
            "read_layout", "residency", "residency_hidden", "resolve_strategy", "warm"]

@@ -17,8 +17,8 @@ from itertools import pairwise
 from typing import NamedTuple
 
 from ._gguf.layout import ModelFile, ModelLayout, TensorInfo
-from ._select import Selection
 from ._platform import PAGE_SIZE  # the platform layer's, the one page size
+from ._select import Selection
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "PAGE_SIZE", "Chunk", "Plan", "contiguous_runs", "layer_key", "make_plan", "plan_tensors",
            "prioritize"]

@@ -25,10 +25,10 @@ from collections.abc import Callable, Sequence
 
 from .. import _platform
 from .._errors import CancelledError, FileChangedError, WarmpoolError
-from .model import KeptModel, identity
-from .readahead import DeviceReadAhead, readahead_note
 from .._plan import Plan
 from .._units import format_bytes
+from .model import KeptModel, identity
+from .readahead import DeviceReadAhead, readahead_note
 from .room import room
 
 __all__ = ["HOLD_MODES", "Keeper", "PSI_BACKOFF", "reporting_note"]

@@ -17,11 +17,11 @@ import os
 import threading
 
 from .. import _platform
+from .._api import file_identity as identity
+from .._api import residency_hidden
 from .._errors import FileChangedError
 from .._plan import Chunk, Plan, contiguous_runs, make_plan
 from .hot import HotExperts
-from .._api import file_identity as identity
-from .._api import residency_hidden
 
 __all__ = ["MEMLOCK_FIX", "KeptModel", "identity"]
 

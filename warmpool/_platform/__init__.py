@@ -84,11 +84,11 @@ resident_pages = _backend.resident_pages
 residency_hidden = _backend.residency_hidden
 supports_cachestat = _backend.supports_cachestat
 supports_populate = _backend.supports_populate
+from warmpool._platform.blockdev import ReadAhead, read_ahead, set_read_ahead_kb  # noqa: E402
 from warmpool._platform.libc import page_runs  # noqa: E402 - a mincore vector's runs, for every caller
 
 # A keeper's calls: held mappings (POSIX), and what /proc and /sys tell where they exist.
 from warmpool._platform.mapping import HeldMapping  # noqa: E402
-from warmpool._platform.blockdev import ReadAhead, read_ahead, set_read_ahead_kb  # noqa: E402
 from warmpool._platform.proc import (  # noqa: E402
     CgroupMemory,
     cgroup_memory,
@@ -99,7 +99,6 @@ from warmpool._platform.proc import (  # noqa: E402
     physical_memory,
     pid_alive,
 )
-
 
 # fdatasync errors that mean "this file system cannot write back", not "write-back failed".
 # A file system without an fsync operation (squashfs, erofs, iso9660: vfs_fsync_range answers

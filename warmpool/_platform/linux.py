@@ -16,7 +16,6 @@ import os
 import threading
 
 from warmpool._platform import posix as _posix
-from warmpool._platform.proc import read_int
 from warmpool._platform.posix import (
     DEFAULT_READAHEAD,
     PAGE_SIZE,
@@ -27,6 +26,7 @@ from warmpool._platform.posix import (
     resident_bytes,
     resident_pages,
 )
+from warmpool._platform.proc import read_int
 
 __all__ = [
     "DEFAULT_READAHEAD",

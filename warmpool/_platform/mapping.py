@@ -13,8 +13,8 @@ import errno
 import mmap
 import os
 
-from warmpool._platform import posix as _posix
 from warmpool._errors import PlatformError
+from warmpool._platform import posix as _posix
 from warmpool._platform.libc import page_runs
 from warmpool._platform.window import FileWindow
 

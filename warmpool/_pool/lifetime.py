@@ -11,8 +11,8 @@ import time
 from collections.abc import Callable, Sequence
 
 from .._plan import Plan
-from .coordinator import AUTO_MAX, PoolResult, run_pool
 from .._progress.segment import ProgressSegment
+from .coordinator import AUTO_MAX, PoolResult, run_pool
 
 __all__ = ["run_warm"]
 

@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 from warmpool._errors import CancelledError, ProgressError
 from warmpool._platform import pid_alive
-from warmpool._progress.shm import create_object, is_unnamed, map_object, os_error, posix_name, unlink_object
+from warmpool._progress.shm import (
+    create_object,
+    is_unnamed,
+    map_object,
+    os_error,
+    posix_name,
+    unlink_object,
+)
 
 if TYPE_CHECKING:  # any object with these fields will do
     from warmpool._plan import Chunk

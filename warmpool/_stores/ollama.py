@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+
 from .files import ResolvedModel
 
 __all__ = ["find", "list_models", "models_dirs", "parse_name"]

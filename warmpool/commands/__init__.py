@@ -18,7 +18,14 @@ import traceback
 from collections.abc import Sequence
 
 from .._errors import WarmpoolError
-from ._common import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, UsageError, model_flags
+from ._common import (
+    EXIT_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    EXIT_USAGE,
+    UsageError,
+    model_flags,
+)
 
 __all__ = ["build_parser", "main"]
 

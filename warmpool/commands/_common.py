@@ -10,8 +10,8 @@ import threading
 from .._errors import UsageError, WarmpoolError
 from .._gguf.layout import read_layout
 from .._plan import DEFAULT_CHUNK_SIZE, Plan, make_plan
-from .._select import CATEGORIES, Selection, category, moe_overrides, parse_overrides
 from .._pool.strategy import STRATEGIES
+from .._select import CATEGORIES, Selection, category, moe_overrides, parse_overrides
 from .._units import parse_size
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_READY, EXIT_INTERRUPTED = 0, 1, 2, 3, 130

@@ -12,17 +12,17 @@ import threading
 from .._errors import WarmpoolError
 from .._keep.keeper import HOLD_MODES, reporting_note
 from .._units import format_bytes, parse_size
-from ._logs import add_log_format
 from ._common import (
     EXIT_OK,
     Bar,
     add_model_argument,
     add_warm_arguments,
-    resolve_ref,
     plan_from,
     resolve_budget,
+    resolve_ref,
     selection_from,
 )
+from ._logs import add_log_format
 
 
 class Command:

@@ -45,8 +45,8 @@ class Command:
 
 def _row(model) -> dict:
     """One model's row: None (null) for whatever could not be observed."""
-    from .._errors import WarmpoolError
     from .._api import residency
+    from .._errors import WarmpoolError
 
     row = {"store": model.store, "name": model.name, "paths": list(model.paths), "size": None,
            "resident_fraction": None, "residency_hidden": False}

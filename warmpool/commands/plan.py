@@ -6,7 +6,13 @@ import argparse
 import json
 
 from .._units import format_bytes
-from ._common import EXIT_OK, add_model_argument, plan_from, plan_summary, selection_text
+from ._common import (
+    EXIT_OK,
+    add_model_argument,
+    plan_from,
+    plan_summary,
+    selection_text,
+)
 
 
 class Command:

@@ -46,8 +46,8 @@ class Command:
         parser.add_argument("--report-segment", action="store_true", help=argparse.SUPPRESS)
 
     def run(self, args: argparse.Namespace) -> int:
-        from .._log import enable_cli_logging
         from .._api import warm
+        from .._log import enable_cli_logging
 
         if args.workers is not None and args.workers < 1:
             raise WarmpoolError(f"--workers must be at least 1, got {args.workers}")

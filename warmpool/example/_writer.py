@@ -21,7 +21,17 @@ from pathlib import Path
 from warmpool._errors import PlatformError, WarmpoolError
 from warmpool._gguf.ggml import GGML_TYPES
 
-from ._model import _ARCH, _F16, _Q8_0, TEST, MoeShape, _check_shape, _metadata, _Tensor, _tensors
+from ._model import (
+    _ARCH,
+    _F16,
+    _Q8_0,
+    TEST,
+    MoeShape,
+    _check_shape,
+    _metadata,
+    _Tensor,
+    _tensors,
+)
 
 __all__ = ["write_moe_gguf"]
 
