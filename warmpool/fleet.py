@@ -177,9 +177,7 @@ def _check_reachable(address: str) -> None:
     import socket
 
     try:
-        from ray._private.services import (
-            canonicalize_bootstrap_address_or_die as resolve,
-        )
+        from ray._private.services import canonicalize_bootstrap_address_or_die as resolve
 
         target = address.removeprefix("ray://") if address.startswith("ray://") else resolve(address)
         host, _, port = target.rpartition(":")
