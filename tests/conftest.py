@@ -258,3 +258,31 @@ def outside(fd: int, start: int, end: int, size: int) -> int:
     """Resident bytes of the file outside [start, end)."""
     before = _platform.resident_bytes(fd, 0, start) if start else 0  # length 0 would mean "to EOF"
     return before + _platform.resident_bytes(fd, end, size - end)
+
+
+@contextmanager
+def child_cgroup(limit: int, name: str) -> Iterator[str]:
+    """A child of this process's memory cgroup (v1 ``memory.limit_in_bytes`` or v2 ``memory.max``)
+    limited to ``limit`` bytes; yields its directory (a process joins by writing its pid to
+    ``cgroup.procs``) and removes it afterwards.  Skips, saying why, where none can be made."""
+    from warmpool._platform.proc import _cgroup_files
+
+    files = _cgroup_files()
+    if files is None or not files[0].endswith(("limit_in_bytes", "memory.max")):
+        pytest.skip("no memory cgroup here")
+    child = os.path.join(os.path.dirname(files[0]), f"warmpool-{name}-{os.getpid()}")
+    try:
+        os.mkdir(child)
+    except OSError as e:
+        pytest.skip(f"cannot make a child memory cgroup under {os.path.dirname(files[0])}: {e}")
+    try:
+        with open(os.path.join(child, os.path.basename(files[0])), "w") as f:
+            f.write(str(limit))
+        yield child
+    finally:
+        for _ in range(50):  # its pages are uncharged, and its processes gone, a moment after they exit
+            try:
+                os.rmdir(child)
+                break
+            except OSError:
+                time.sleep(0.1)

@@ -13,7 +13,7 @@ import sys
 import time
 
 import pytest
-from conftest import evict_file, shared_file
+from conftest import child_cgroup, evict_file, shared_file
 
 from warmpool import read_layout
 from warmpool._experts.ranking import Ranker
@@ -66,29 +66,9 @@ def ranking_model(shared_dir):
 
 @pytest.fixture
 def small_cgroup():
-    """A child of this process's v1 (or v2) memory cgroup with a small limit; its procs file."""
-    from warmpool._platform.proc import _cgroup_files
-
-    files = _cgroup_files()
-    if files is None:
-        pytest.skip("no memory cgroup here")
-    parent = os.path.dirname(files[0])
-    child = os.path.join(parent, f"warmpool-ranking-{os.getpid()}")
-    try:
-        os.mkdir(child)
-    except OSError as e:
-        pytest.skip(f"cannot make a child memory cgroup under {parent}: {e}")
-    try:
-        with open(os.path.join(child, os.path.basename(files[0])), "w") as f:
-            f.write(str(CGROUP_LIMIT))
+    """A child memory cgroup with a small limit; its procs file."""
+    with child_cgroup(CGROUP_LIMIT, "ranking") as child:
         yield os.path.join(child, "cgroup.procs")
-    finally:
-        for _ in range(50):  # the child's pages are uncharged once it is gone
-            try:
-                os.rmdir(child)
-                break
-            except OSError:
-                time.sleep(0.1)
 
 
 def overlap(ranking, truth) -> float:

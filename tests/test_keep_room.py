@@ -11,14 +11,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import pytest
-from conftest import evict_file
+from conftest import child_cgroup, evict_file
 from test_keep_cli import KeepProcess
 
 from warmpool import _platform
-from warmpool._platform.proc import _cgroup_files
 
 pytestmark = pytest.mark.pagecache
 
@@ -29,25 +27,8 @@ HOG = 16 * MiB  # what a second process in the cgroup then takes: the keeper mus
 
 @pytest.fixture
 def cgroup():
-    files = _cgroup_files()
-    if files is None or not files[0].endswith(("limit_in_bytes", "memory.max")):
-        pytest.skip("no memory cgroup here")
-    child = os.path.join(os.path.dirname(files[0]), f"warmpool-room-{os.getpid()}")
-    try:
-        os.mkdir(child)
-    except OSError as e:
-        pytest.skip(f"cannot make a child memory cgroup here: {e}")
-    try:
-        with open(os.path.join(child, os.path.basename(files[0])), "w") as f:
-            f.write(str(LIMIT))
+    with child_cgroup(LIMIT, "room") as child:
         yield child
-    finally:
-        for _ in range(50):  # its processes are gone a moment after they exit
-            try:
-                os.rmdir(child)
-                break
-            except OSError:
-                time.sleep(0.1)
 
 
 def _oom_kills(child: str) -> int | None:

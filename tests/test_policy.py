@@ -111,21 +111,12 @@ def test_page_cache_filling_a_cgroup_still_counts_as_available(tmp_path):
     import subprocess
     import sys
 
-    from warmpool import _platform
-    from warmpool._platform.proc import _cgroup_files
+    from conftest import child_cgroup
 
-    files = _cgroup_files()
-    if files is None or not files[0].endswith("limit_in_bytes") and not files[0].endswith("memory.max"):
-        pytest.skip("no memory cgroup here")
-    child = os.path.join(os.path.dirname(files[0]), f"warmpool-test-{os.getpid()}")
-    try:
-        os.mkdir(child)
-    except OSError as e:
-        pytest.skip(f"cannot make a child memory cgroup here: {e}")
+    from warmpool import _platform
+
     limit = 192 << 20
-    try:
-        with open(os.path.join(child, os.path.basename(files[0])), "w") as f:
-            f.write(str(limit))
+    with child_cgroup(limit, "policy") as child:
         data = tmp_path / "cache.bin"
         data.write_bytes(os.urandom(1 << 20) * 300)  # 300 MiB: more than the limit
         _platform.evict_file(data)
@@ -134,8 +125,6 @@ def test_page_cache_filling_a_cgroup_still_counts_as_available(tmp_path):
                   "from warmpool._policy import memory_figures\nprint(memory_figures().available)")
         out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
         available = int(out.stdout)
-    finally:
-        os.rmdir(child)
     assert available > limit // 4, f"{available} bytes available in a {limit}-byte cgroup full of page cache"
 
 
