@@ -41,9 +41,7 @@ class Command:
             print(json.dumps(summary))
             return EXIT_OK
         files = summary["files"]
-        print(f"model      {files[0]['path']}" + (f" (+{len(files) - 1} shards)" if len(files) > 1 else ""))
-        print(f"           {plan.layout.architecture or '?'}, {plan.n_layers} layers, {format_bytes(summary['tensor_bytes_total'])} of tensors")
-        print(f"selection  {summary['selection']}")
+        _head(plan, summary, f"{format_bytes(summary['tensor_bytes_total'])} of tensors")
         print(f"\n{'category':<18} {'tensors':>15} {'tensor bytes selected / total':>30}")
         for name, row in summary["categories"].items():
             if row["tensors_total"]:
@@ -55,6 +53,13 @@ class Command:
         return EXIT_OK
 
 
+
+def _head(plan, summary: dict, size: str) -> None:
+    """The model, its shape and the selection: the first three lines of either table."""
+    files = summary["files"]
+    print(f"model      {files[0]['path']}" + (f" (+{len(files) - 1} shards)" if len(files) > 1 else ""))
+    print(f"           {plan.layout.architecture or '?'}, {plan.n_layers} layers, {size}")
+    print(f"selection  {summary['selection']}")
 
 
 def _experts(plan, summary: dict, as_json: bool) -> int:
@@ -73,10 +78,7 @@ def _experts(plan, summary: dict, as_json: bool) -> int:
                                      "ranges": [list(r) for r in s.ranges]} for s in slices]
         print(json.dumps(summary))
         return EXIT_OK
-    files = summary["files"]
-    print(f"model      {files[0]['path']}" + (f" (+{len(files) - 1} shards)" if len(files) > 1 else ""))
-    print(f"           {plan.layout.architecture or '?'}, {plan.n_layers} layers, {n} experts per layer")
-    print(f"selection  {summary['selection']}")
+    _head(plan, summary, f"{n} experts per layer")
     if not slices:
         print("\nno expert tensor is on the CPU with this selection")
         return EXIT_OK
