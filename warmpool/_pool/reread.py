@@ -1,6 +1,6 @@
 """What a worker does once every chunk of the warm is done (``_ChunkWarmer.finish``): clear
-the readahead marks its huge-folio faults left (``Marks``), then read one byte of each page of
-the chunks it warmed once more (``reread``)."""
+the readahead marks its huge-folio faults left (``Marks``), then read one byte of each page it
+found resident in the chunks it warmed (``reread``)."""
 
 from __future__ import annotations
 
@@ -68,8 +68,10 @@ class Marks:
 
 
 def reread(chunks: list[tuple[int, int, int]]) -> None:
-    """Read one byte of each page of the (fd, offset, length) chunks once more, through a
+    """Read one byte of each page of the (fd, offset, length) ranges once more, through a
     fresh mapping under MADV_RANDOM (a fault there reads no page around it: nothing outside).
+    The worker passes the pages each chunk found resident when it started: its own pass read
+    every other page right after faulting it.
 
     Why: a huge-folio fault reads the whole aligned 2 MiB block, which may reach into the next
     chunk, but ``read_pages`` reads only the pages of its own run; when the next chunk starts,

@@ -6,8 +6,8 @@ its own slot of the shared-memory segment every ``STEP`` bytes, and unmaps the c
 no mapping or buffer outlives a chunk except the one pread buffer it reuses.  In the default
 huge-folio path its fault threads (``threads``) fault the chunk's blocks, while this
 thread already sets up the next chunk the coordinator handed out (``coordinator.LOOKAHEAD``).  Once
-every chunk of the warm is done, it reads each page of the chunks it warmed once more
-(``reread``).
+every chunk of the warm is done, it reads once more the pages it found resident in the chunks
+it warmed (``reread``).
 
 Kept to the standard library plus ``_platform``/``warmpool._progress`` so that a worker forked from the
 forkserver costs a few MB of private memory (numpy is imported only by the ``touch`` strategy).
@@ -121,7 +121,7 @@ class _ChunkWarmer:
         self.threads: FaultThreads | None = None
         self.marks = Marks(paths, self.huge) if self.huge else None
         self.hidden: set[int] = set()  # files whose mincore vector is made up: trust none of it
-        self.warmed: list[tuple[int, int, int]] = []  # (fd, offset, length): chunks ``finish`` reads again
+        self.warmed: list[tuple[int, int, int]] = []  # (fd, offset, length): what ``finish`` reads again
 
     def warm(self, fd: int, file: int, offset: int, length: int,
              on_done: Callable[[BaseException | None], None]) -> None:
@@ -134,7 +134,11 @@ class _ChunkWarmer:
             runs = [(s * self.page, min(e * self.page, length)) for s, e in _platform.page_runs(vector, 0)]
             self._add(length - sum(end - start for start, end in runs))
             if runs and self.strategy in ("populate", "touch"):
-                self.warmed.append((fd, offset, length))
+                # Every page of ``runs`` is read by this worker's own pass right after its fault;
+                # the pages found resident here are the ones no CPU of this warm may have read
+                # (see ``reread``), so only they are read again at the end.
+                self.warmed += [(fd, offset + s * self.page, min(e * self.page, length) - s * self.page)
+                                for s, e in _platform.page_runs(vector, 1)]
                 if self._warm_huge(fd, window, file, runs, on_done):
                     window = None  # the fault threads close it once its blocks are done
                     return
