@@ -27,7 +27,7 @@ that rate, and undoes the last doubling when it did not pay
 (the extra workers stop after their chunk): on a local disk one reader already saturates the
 device and the pool stays small; on latency-bound storage (network block devices, NFS, FUSE)
 throughput keeps rising with concurrency and the pool grows (docs/design.md; figures:
-docs/bench/pool.md).
+docs/performance.md, "Pool size and start-up").
 """
 
 from __future__ import annotations
@@ -49,28 +49,21 @@ from .wire import Channel, wait
 
 __all__ = ["AUTO_MAX", "AUTO_START", "PoolResult", "run_pool"]
 
-# A worker costs a fresh interpreter's start-up and a few MB, and one worker already keeps many
-# requests in flight (stepped hints on latency-bound storage, PMD-size faults from its threads on
-# a local disk), so the pool grows only while that pays.  It starts with two workers per CPU (at
-# most 4), not one: each worker also reads every page once with the CPU (read_pages), so the
-# CPUs are what a warm 10 s after an eviction waits on, and a pool that grew to 4 mid-warm on 2
-# CPUs lost to one that started with 4, because the new workers' start-up fell on CPUs already
-# busy (docs/bench/warm_speed_phases.md, "Starting with two workers per CPU").  Past 16 the CLI
-# and its workers outgrow issue 3's 200 MB memory bound.  Figures: docs/bench/pool.md.
+# The pool's size (measurements: docs/performance.md, "Pool size and start-up").  A worker costs
+# an interpreter's start-up and a few MB, and one worker already keeps many requests in flight,
+# so the pool grows only while that pays.  It starts with two per CPU (at most 4): each worker
+# also reads every page once with the CPU, so a warm waits on the CPUs, and workers started
+# mid-warm start on CPUs already busy.  Past 16 the CLI and its workers outgrow a 200 MB bound.
 _CPUS = os.cpu_count() or 1
 AUTO_START, AUTO_MAX = max(1, min(2 * _CPUS, 4)), 16
-# At priority "idle" the warm runs beside an engine that is loading, and a worker's interpreter
-# starts at normal priority before it lowers its own: start one per CPU there, as before
-# (docs/bench/warm_speed_phases.md, "Starting with two workers per CPU").
+# At priority "idle" the warm runs beside a loading engine, and a worker's interpreter starts at
+# normal priority before it lowers its own: one per CPU there.
 AUTO_START_IDLE = max(1, min(_CPUS, 4))
 AUTO_GAIN = 1.15  # grow again only while a doubling bought at least 15% more throughput
-# Grow only while the rest of the warm, at the rate measured, would take at least this long:
-# a doubling is a bet that is judged one window later (>= AUTO_WINDOW_S) and costs the new
-# workers' start-up meanwhile, so near the end it cannot pay even where more workers would
-# (short selective warms grew and took twice as long: docs/bench/pool.md).  Once the workers
-# outnumber the CPUs the bar rises in proportion (``_Growth.rest_needed``): each start-up then
-# takes CPU from the workers already faulting, and a selective warm on 2 CPUs that doubled from
-# 4 to 8 workers lost to one that stayed at 4 (same section of docs/bench/warm_speed_phases.md).
+# Grow only while the rest of the warm, at the rate measured, would take at least this long: a
+# doubling is judged one window later (>= AUTO_WINDOW_S) and costs the new workers' start-up
+# meanwhile, so near the end it cannot pay.  Once the workers outnumber the CPUs the bar rises in
+# proportion (``_Growth.rest_needed``): each start-up then takes CPU from the workers faulting.
 AUTO_MIN_REST_S = 0.5
 # A measurement window spans at least 64 MiB and 16 MiB (one default chunk) per worker, and at
 # least 0.25 s: 64 MiB alone passes in tens of ms, mostly scheduling noise on a busy machine.
@@ -79,7 +72,7 @@ POLL = 0.1  # seconds between checks of the stop flag: Ctrl-C/cancel answer well
 # Chunks a worker holds at once: the one its fault threads work on, and the next, which it sets
 # up meanwhile and whose blocks its threads take as soon as the current chunk has none left
 # (``threads``).  With one, every chunk ended with threads waiting for the slowest block and
-# for the round trip (docs/bench/warm_speed_phases.md, "Chunk edges").
+# for the round trip.
 LOOKAHEAD = 2
 
 
@@ -172,9 +165,8 @@ class _Growth:
             return
         rate = (done_bytes - self.mark_bytes) / (now - self.mark_time)
         if self.last_rate and rate < self.last_rate * AUTO_GAIN:
-            # The last doubling did not pay: go back to the half.  Keeping the extra workers cost
-            # time, not only CPU: on the 2-core VM 4 workers took 1.37 s where 2 took 0.95 s
-            # (docs/bench/warm_speed_cpu.txt).
+            # The last doubling did not pay: go back to the half.  Extra workers that do not add
+            # throughput cost time, not only CPU (their reads compete with the others').
             self.growing = False
             self.target = max(self.target // 2, 1)
         elif (self.total_bytes - done_bytes) / rate < self.rest_needed():

@@ -27,10 +27,10 @@ from .. import _platform
 from .._errors import FileChangedError, WarmpoolError
 from .._plan import contiguous_runs
 from .._progress.segment import WorkerCounter
-from .strategy import STRATEGIES  # re-exported: the names _ChunkWarmer implements
-from .wire import Channel
 from .reread import Marks, reread
+from .strategy import STRATEGIES  # re-exported: the names _ChunkWarmer implements
 from .threads import FaultThreads
+from .wire import Channel
 
 if TYPE_CHECKING:  # pragma: no cover
     from multiprocessing.connection import Connection
