@@ -57,6 +57,10 @@ ROOM_PERIOD = 1.0  # seconds between looks at the room (a memory.stat read, ~0.1
 # quarter of the headroom, so that a small cgroup still shrinks before it is full.
 ROOM_SLACK = 64 << 20
 PROFILE_PERIOD = 60.0  # seconds between writes of --profile
+# Seconds between re-rankings: each swap reads new experts through the pool, and re-ranking at
+# every check kept a keeper reading 0.15-0.18 GB per token beside a thrashing engine
+# (docs/keep.md, "Measured").
+RERANK_PERIOD = 30.0
 
 
 def reporting_note(order: int) -> str:
@@ -132,6 +136,7 @@ class Keeper:
         self._profile = None  # the profile read at start, seeding the first model's ranking
         self._readahead = DeviceReadAhead(self._emit)  # what --readahead changed, to put back
         self._next_sample = self._next_room = 0.0
+        self._next_rerank = time.monotonic() + RERANK_PERIOD  # the first fill stands a while
         self._next_profile = time.monotonic() + PROFILE_PERIOD
         self._sample_cost = 0.0
         self._slack = ROOM_SLACK
@@ -492,7 +497,8 @@ class Keeper:
             observe(seconds)
         if model.hidden:
             return  # nothing to compare against: unknown is not cold
-        if model.hot is not None:
+        if model.hot is not None and time.monotonic() >= self._next_rerank:
+            self._next_rerank = time.monotonic() + RERANK_PERIOD
             self._rerank(model)
             model.measure()
         evicted = model.cold_chunks()
