@@ -19,7 +19,7 @@ from typing import NamedTuple
 from warmpool._errors import PlatformError
 from warmpool._platform.proc import read_int
 
-__all__ = ["ReadAhead", "read_ahead", "set_read_ahead_kb"]
+__all__ = ["ReadAhead", "read_ahead", "read_ahead_bytes", "set_read_ahead_kb"]
 
 _SYS_DEV_BLOCK = "/sys/dev/block"
 
@@ -46,6 +46,22 @@ def read_ahead(st_dev: int, sys_dev_block: str = _SYS_DEV_BLOCK) -> ReadAhead | 
     return None
 
 
+_bytes_by_device: dict[int, int | None] = {}
+
+
+def read_ahead_bytes(st_dev: int) -> int | None:
+    """The read-ahead in bytes for files with this ``st_dev`` (cached per device until
+    ``set_read_ahead_kb``): the backing device's ``bdi`` first, which FUSE and NFS (0:N, no
+    block queue) have too, then the block device's queue; None where neither says."""
+    if st_dev not in _bytes_by_device:
+        kb = read_int(f"/sys/class/bdi/{os.major(st_dev)}:{os.minor(st_dev)}/read_ahead_kb")
+        if kb is None:
+            found = read_ahead(st_dev)
+            kb = found.kb if found is not None else None
+        _bytes_by_device[st_dev] = None if kb is None else kb * 1024
+    return _bytes_by_device[st_dev]
+
+
 def set_read_ahead_kb(path: str, kb: int) -> None:
     """Write ``kb`` to a ``queue/read_ahead_kb`` file; PlatformError (with the path) when the
     kernel refuses: not root, or sysfs mounted read-only (a container)."""
@@ -54,8 +70,4 @@ def set_read_ahead_kb(path: str, kb: int) -> None:
             f.write(f"{int(kb)}\n")
     except OSError as e:
         raise PlatformError(f"cannot set read_ahead_kb: {e.strerror}", path) from None
-    try:
-        from warmpool._platform import linux
-    except ImportError:  # pragma: no cover - not Linux: no sysfs to have written either
-        return
-    linux._readahead_by_device.clear()  # readahead_size() caches the old value per device
+    _bytes_by_device.clear()  # read_ahead_bytes() cached the old value

@@ -16,6 +16,7 @@ import os
 import threading
 
 from warmpool._platform import posix as _posix
+from warmpool._platform.blockdev import read_ahead_bytes
 from warmpool._platform.posix import (
     DEFAULT_READAHEAD,
     PAGE_SIZE,
@@ -72,29 +73,10 @@ _syscall = _posix._bind("syscall", ctypes.c_long, ctypes.c_long, ctypes.c_int,
 
 # -- readahead -----------------------------------------------------------------------
 
-_readahead_by_device: dict[int, int] = {}
-
-
-def _sysfs_readahead(device: int) -> int:
-    node = f"{os.major(device)}:{os.minor(device)}"
-    # bdi first: it also exists for FUSE/NFS (0:N) which have no block queue; then
-    # the block device's queue; a partition has no queue of its own, its disk does.
-    for path in (f"/sys/class/bdi/{node}/read_ahead_kb",
-                 f"/sys/dev/block/{node}/queue/read_ahead_kb",
-                 f"/sys/dev/block/{node}/../queue/read_ahead_kb"):
-        kb = read_int(path)
-        if kb is not None:
-            return max(_posix._round_down(kb * 1024), PAGE_SIZE)
-    return DEFAULT_READAHEAD
-
-
 def readahead_size(fd: int) -> int:
-    """The readahead size in bytes of the device holding the open file (cached)."""
-    device = _posix._fstat(fd).st_dev
-    size = _readahead_by_device.get(device)
-    if size is None:
-        size = _readahead_by_device[device] = _sysfs_readahead(device)
-    return size
+    """The readahead size in bytes of the device holding the open file (cached per device)."""
+    size = read_ahead_bytes(_posix._fstat(fd).st_dev)
+    return DEFAULT_READAHEAD if size is None else max(_posix._round_down(size), PAGE_SIZE)
 
 
 def prefetch(fd: int, offset: int, length: int) -> None:
