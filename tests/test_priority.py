@@ -67,7 +67,9 @@ def test_idle_priority_runs_every_worker_thread_under_sched_idle(private_model):
     assert idle >= 1, f"no worker ran under SCHED_IDLE; policies seen: {last}"
     result = out["r"]
     assert result.workers >= 1 and result.bytes_warmed > 0
-    assert result.resident_fraction == 1.0 and resident_fraction(private_model) >= 0.99  # reclaim may take a few pages since
+    # Reclaim may take a few pages of a slow warm; the warm reads them again at its end, but one
+    # can still go before its last mincore, which reports it: "everything" is ≥ 99 % here.
+    assert result.resident_fraction >= 0.99 and resident_fraction(private_model) >= 0.99
 
 
 def test_start_warmup_defaults_to_idle_priority(private_model):
@@ -77,7 +79,7 @@ def test_start_warmup_defaults_to_idle_priority(private_model):
     result = warmup.wait()
     assert warmup.error is None, warmup.error
     assert idle >= 1, f"no worker of start_warmup ran under SCHED_IDLE; policies seen: {last}"
-    assert result.resident_fraction == 1.0
+    assert result.resident_fraction >= 0.99  # as above: reclaim may take a few pages of a slow warm
 
 
 def test_cli_default_keeps_normal_priority_and_flag_lowers_it(private_model):

@@ -155,6 +155,41 @@ def test_the_last_pass_reads_every_page_of_its_chunks_and_nothing_around(pagecac
     assert sum(vector[p] for p in around) == 0, "the pass read pages outside its chunk"
 
 
+def test_pages_lost_by_the_end_of_a_warm_are_read_once_more(pagecache_model):
+    """``_api._fill_holes``: a few pages of the warmed chunks gone by the end (reclaim took them)
+    are read again, and nothing around them; more than 1 % gone is left as it is (memory
+    cannot hold the selection) and reported by the residency check."""
+    from warmpool._api import _fill_holes, _OpenFiles
+
+    page = _platform.PAGE_SIZE
+    plan = warmpool.plan_model(pagecache_model, chunk_size=1 << 20)  # everything, far from the header
+    chosen = [i for i, c in enumerate(plan.chunks) if c.offset >= os.path.getsize(pagecache_model) // 2][:4]
+    total = sum(plan.chunks[i].length for i in chosen) // page
+    evict_file(pagecache_model)
+    with _OpenFiles(plan) as files:
+        _platform.advise_random(files.fds[0])  # order-0 folios: a single page can then be dropped
+        for i in chosen:
+            _platform.read_range(files.fds[0], plan.chunks[i].offset, plan.chunks[i].length, bytearray(1 << 20))
+        lost = []
+        for i in chosen:  # two single pages per chunk: under 1 % of the pages here
+            c = plan.chunks[i]
+            lost += [c.offset // page + k for k in (1, c.length // page // 2)]
+        for p in lost:
+            _platform.evict_ranges(files.fds[0], ((p * page, page),))
+        assert sum(resident_vector(pagecache_model)[p] for p in lost) == 0
+        assert len(lost) <= 0.01 * total
+        assert _fill_holes(plan, files, chosen, files.resident(plan))
+        vector = resident_vector(pagecache_model)
+        assert [p for p in lost if not vector[p]] == [], "lost pages were not read again"
+
+        # Too many gone: nothing is read.
+        first = plan.chunks[chosen[0]]
+        _platform.evict_ranges(files.fds[0], ((first.offset, first.length),))
+        assert not _fill_holes(plan, files, chosen, files.resident(plan))
+        pages = range(first.offset // page, (first.offset + first.length) // page)
+        assert sum(resident_vector(pagecache_model)[p] for p in pages) == 0
+
+
 def disk_read_bytes() -> int:
     """Bytes this process and its reaped children had read from block devices (/proc/self/io:
     the kernel adds a child's I/O counters to its parent's when it is reaped, as the pool does

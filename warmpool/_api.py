@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from . import _platform
-from ._errors import FileChangedError, PlatformError
+from ._errors import FileChangedError, PlatformError, WarmpoolError
 from ._gguf import layout as _layout
 from ._gguf.layout import ModelLayout
 from ._log import logger
@@ -289,6 +289,8 @@ def warm(path: str | os.PathLike[str], *, workers: int | None = None, strategy: 
                            require_name=require_name, priority=priority)
         files.check_unchanged()
         measured = files.resident(plan)
+        if not _stop_callable(should_stop)() and _fill_holes(plan, files, chosen, measured):
+            measured = files.resident(plan)
         faulted = set(chosen)
         # Hidden files: the warm's own account (every chosen chunk faulted in), not a measurement.
         after = [r if r is not None else (c.length if i in faulted else 0)
@@ -309,13 +311,47 @@ def _beside_engine(plan: Plan, files: _OpenFiles, chosen: list[int], before: lis
     the chunks to warm, far end first, and the residency they start from)."""
     from ._beside import watch_engine
 
-    stop = should_stop.is_set if hasattr(should_stop, "is_set") else (should_stop or (lambda: False))
+    stop = _stop_callable(should_stop)
     watch = None if any(files.hidden) else watch_engine(files.fds, sum(os.fstat(fd).st_size for fd in files.fds), stop)
     if watch is not None and watch.stepped_aside:
         now = [r or 0 for r in files.resident(plan, quick=True)]
         chosen = [i for i in chosen if now[i] < plan.chunks[i].length]
         before = now
     return watch, chosen[::-1], before
+
+
+# More than this share of the warmed bytes gone by the end means memory cannot hold the
+# selection: reading them again would only push out something else.
+_HOLES_AT_MOST = 0.01
+
+
+def _fill_holes(plan: Plan, files: _OpenFiles, chosen: list[int], measured: list[int | None]) -> bool:
+    """Read once more the pages of the warmed chunks that are not resident at the end; True if
+    any were read.  Proactive reclaim (DAMON's pageout scheme ages physical regions, not pages)
+    can take a page within a second of its read, so a warm otherwise ends a few pages short now
+    and then.  Through a mapping under MADV_RANDOM: only the missing pages are read."""
+    short = [i for i in chosen if measured[i] is not None and measured[i] < plan.chunks[i].length]
+    missing = sum(plan.chunks[i].length - (measured[i] or 0) for i in short)
+    if not short or missing > _HOLES_AT_MOST * sum(plan.chunks[i].length for i in chosen):
+        return False
+    page = _platform.PAGE_SIZE
+    for i in short:
+        c = plan.chunks[i]
+        fd = files.fds[c.file]
+        try:
+            vector = _platform.resident_pages(fd, c.offset, c.length)
+            with _platform.FileWindow(fd, c.offset, c.length) as window:
+                window.advise(0, c.length, "random")
+                for first, end in _platform.page_runs(vector, 0):
+                    window.read_pages(first * page, min(end * page, c.length) - first * page)
+        except (OSError, WarmpoolError):
+            return True  # the file changed under us: the residency check after this reports it
+    return True
+
+
+def _stop_callable(should_stop) -> Callable[[], bool]:
+    """``should_stop`` (None, a callable or a threading.Event) as a callable."""
+    return should_stop.is_set if hasattr(should_stop, "is_set") else (should_stop or (lambda: False))
 
 
 def _fraction(resident: int, plan: Plan, hidden: bool) -> float | None:
