@@ -12,7 +12,7 @@ import time
 import pytest
 from conftest import evict_file, page_out, resident_fraction
 
-from warmpool import Keeper, evict, plan_model
+from warmpool import Keeper, _platform, evict, plan_model
 from warmpool.example import TINY, write_moe_gguf
 
 pytestmark = pytest.mark.pagecache
@@ -104,8 +104,9 @@ def test_replaced_and_deleted_model_file(private_model, tmp_path):
 
 
 def test_budget_holds_what_fits_and_is_not_ready(private_model):
-    """A budget smaller than the selection: hold the part that fits (the dense tensors and the
-    first experts), say so, keep that part resident, /ready false (the selection is not)."""
+    """A budget smaller than the selection: hold the part that fits (without a profile, the
+    dense tensors while it learns which experts are read), say so, keep that part resident,
+    /ready false (the selection is not)."""
     evict_file(private_model)
     events, on_event = _events()
     budget = 8 << 20
@@ -118,7 +119,7 @@ def test_budget_holds_what_fits_and_is_not_ready(private_model):
         assert row["bytes_kept"] <= budget < row["bytes_selected"]
         assert row["bytes_resident"] >= row["bytes_kept"] * 0.9  # less: the VM's background reclaim
         assert row["resident_fraction"] is not None and row["resident_fraction"] < 0.5
-        assert row["experts_total"] and 0 < row["experts_held"] < row["experts_total"]
+        assert row["experts_total"] and row["experts_held"] == 0  # nothing learned yet: no reader ran
     partial = [e for e in events if e["event"] == "partial"]
     assert partial and partial[0]["bytes_kept"] == row["bytes_kept"] and "--budget" in partial[0]["reason"], events
 
@@ -143,3 +144,50 @@ def test_engine_adapter_keeps_what_it_warmed(private_model):
             assert keeper.ready() and keeper.status()[0]["rewarms_total"] == 1, keeper.status()
             assert resident_fraction(private_model) > 0.5  # the experts are most of the file
     assert any(e["event"] == "rewarmed" for e in events)
+
+
+def test_without_a_profile_it_learns_then_holds_what_the_engine_reads(private_model, monkeypatch):
+    """No profile: the keeper holds the dense part alone while it samples; an "engine" reads the
+    experts of the last layers; once the ranking rests on enough samples (``LEARN_PASSES``
+    over ``LEARN_SECONDS``), one re-ranking takes in what fits, those experts, more than a
+    bounded step could."""
+    from warmpool._keep import keeper as keeper_mod
+    from warmpool._keep.hot import CHURN_MIN
+
+    monkeypatch.setattr(keeper_mod, "SAMPLE_PERIOD", 0.1)  # learn in a second or two, not in 20
+    monkeypatch.setattr(keeper_mod, "LEARN_CPU_SHARE", 1.0)
+    monkeypatch.setattr(keeper_mod, "LEARN_PASSES", 6)
+    monkeypatch.setattr(keeper_mod, "LEARN_SECONDS", 1.0)
+    plan = plan_model(private_model, n_gpu_layers=99, cpu_moe=True)
+    evict_file(private_model)
+    events, on_event = _events()
+    with Keeper([private_model], interval=0.2, hold="touch", budget=plan.bytes_planned // 3, on_event=on_event,
+                n_gpu_layers=99, cpu_moe=True) as keeper:
+        assert keeper.wait_warm(30)
+        model = keeper.models[0]
+        hot = model.hot
+        assert hot.provisional and model.experts == []  # learning: the dense part alone
+        room = plan.bytes_planned // 3 - hot.dense_bytes
+        fits = room // hot.nbytes(next(iter(hot.slices)))
+        wanted = sorted(hot.slices, reverse=True)[:fits]  # the "engine" reads the last layers' experts
+        fd = os.open(private_model, os.O_RDONLY)
+        try:
+            # The keeper's warm read whole 2 MiB folios, past the dense part into experts: drop
+            # those, so that only what the "engine" reads looks used.
+            for slice_ in hot.slices.values():
+                _platform.evict_ranges(fd, [(start, end - start) for _, start, end in slice_.ranges])
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no read-ahead into the neighbours
+            deadline = time.monotonic() + 20
+            while not any(e["event"] == "reranked" for e in events) and time.monotonic() < deadline:
+                for key in wanted:
+                    for _, start, end in hot.slices[key].ranges:
+                        os.pread(fd, end - start, start)
+                time.sleep(0.05)
+        finally:
+            os.close(fd)
+        reranked = next((e for e in events if e["event"] == "reranked"), None)
+        held = list(model.experts)
+    assert reranked is not None, [e["event"] for e in events]
+    assert reranked["experts_added"] > 2 * CHURN_MIN and reranked["experts_dropped"] == 0
+    # What it holds now is what was read (a page shared with a neighbour can lift one more).
+    assert len(set(held) & set(wanted)) >= 0.9 * len(wanted)

@@ -42,3 +42,25 @@ def test_hold_the_hottest_then_follow_a_shift_in_bounded_steps(test_model):
         steps += 1
     assert steps >= len(b) / limit  # bounded churn: a shift is followed in several steps
     assert hot.rerank(room, held) == ([], [])  # and then it stands again
+
+
+def test_the_first_fill_after_learning_is_whole_and_later_steps_are_bounded(test_model):
+    """Without a profile the keeper holds no experts while it learns (``provisional``); the first
+    re-ranking on the learned ranking then fills the room at once (``bounded=False``), where a
+    bounded step would take only ``CHURN`` of it."""
+    plan = plan_model(test_model, n_gpu_layers=99, cpu_moe=True)
+    hot = HotExperts.of(plan)
+    assert hot.provisional  # no profile
+    keys = sorted(hot.slices)
+    b = keys[-(len(keys) // 4):]
+    room = hot.dense_bytes + sum(hot.nbytes(k) for k in b)
+    hot.ranker.from_profile(_profile(plan, keys, b))  # what the samples taught
+    limit = max(CHURN_MIN, int(len(b) * CHURN))
+    assert len(b) > 2 * limit  # else bounded and unbounded would not differ here
+
+    add, drop = hot.rerank(room, [], bounded=False)
+    assert set(add) == set(b) and drop == []
+    bounded, _ = hot.rerank(room, [])
+    assert 0 < len(bounded) <= CHURN_MIN  # CHURN of nothing held: the minimum step
+
+    assert not HotExperts.of(plan, _profile(plan, keys, b)).provisional  # a profile is not a guess

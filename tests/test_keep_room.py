@@ -48,10 +48,26 @@ def _join(child: str) -> tuple[str, ...]:
     return ("sh", "-c", f'echo $$ > {child}/cgroup.procs && exec "$@"', "sh")
 
 
-def test_lock_more_than_the_cgroup_holds_shrinks_and_is_not_killed(private_model, cgroup):
+def _layer_order_profile(model, path) -> str:
+    """A profile that ranks the experts in layer order: experts are then held from the start
+    (without one the keeper holds the dense part alone while it learns)."""
+    from warmpool import read_layout
+    from warmpool._experts.profile import Profile, model_identity, write_profile
+    from warmpool._experts.slices import expert_slices
+
+    layout = read_layout(model)
+    keys = [(s.layer, s.expert) for s in expert_slices(layout)]
+    scores = {k: 2.0 - i / len(keys) for i, k in enumerate(keys)}
+    write_profile(path, Profile(model_identity(layout), scores, samples=1, seconds=0.0, created=0.0))
+    return str(path)
+
+
+def test_lock_more_than_the_cgroup_holds_shrinks_and_is_not_killed(private_model, cgroup, tmp_path):
     evict_file(private_model)  # so the keeper's warm charges the pages to the child cgroup
     selected = os.path.getsize(private_model)
-    keeper = KeepProcess(private_model, "--lock", "--headroom", "32M", "--interval", "0.5", prefix=_join(cgroup))
+    profile = _layer_order_profile(private_model, tmp_path / "profile.json")
+    keeper = KeepProcess(private_model, "--lock", "--headroom", "32M", "--interval", "0.5", "--profile", profile,
+                         prefix=_join(cgroup))
     hog = None
     try:
         partial = keeper.wait_for("partial")

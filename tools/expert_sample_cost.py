@@ -45,7 +45,8 @@ def main() -> None:
         cpus.append(ranker.last_pass_seconds)
     resident = sum(_platform.cached_bytes(fd, 0, 0) or 0 for fd in fds) / sum(f.size for f in layout.files)
     per_pass = min(ranker.max_slices, len(slices))
-    ranges = sum(len(s.ranges) for s in slices) * per_pass // max(len(slices), 1)
+    # The ranges the ranker asks about (its largest slice per expert, more for tiny slices).
+    ranges = sum(len(r) for r in ranker._ranges.values()) * per_pass // max(len(slices), 1)
     syscalls = None
     if not args.no_strace and shutil.which("strace"):
         import tempfile

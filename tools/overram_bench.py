@@ -2,13 +2,18 @@
 keeps (or fails to keep) its hot experts resident.
 
     python tools/overram_bench.py [--runs a,b,c,d,e,b',e'] [--limit 3.5G] [--warmup 20] [--seconds 40]
-                                  [--keeper-args "--profile F"] [--low-readahead 128] [--model PATH] [-v]
+                                  [--keeper-args "--profile F"] [--low-readahead 128] [--model PATH]
+                                  [--engine standin|llama] [-v]
 
 The model is a ~6.95 GB synthetic qwen3moe (``warmpool.example``: 32 layers x 128 experts,
 top-8, Q8_0), generated once into ``~/.cache/warmpool/bench/``.  The engine is
 ``tests/helpers/moe_engine.py``: per token it touches one byte per 4 KiB page of every layer's
 dense tensors and of 8 of its 128 experts, drawn from a fixed, seeded Zipf(1.0) popularity
 (~0.53 GB per token: 0.43 GB of experts, 0.10 GB dense) through a plain read-only mapping.
+
+``--engine llama`` runs llama.cpp itself (llama-cpp-python, ``tools/lib/llama_decode.py``:
+one token per ``eval``, 2 threads) instead of the stand-in: its router is the model's (random
+weights), so there is no oracle and no "bytes needed per token".
 
 Runs (each after evicting the model, in a fresh child of this process's v1 memory cgroup with
 ``memory.limit_in_bytes`` = --limit; everything of a run, the engine included, is started in it):
@@ -328,6 +333,18 @@ class Child:
                 return event
         return None
 
+    def drain(self) -> list[dict]:
+        """Every event printed so far and not yet taken, added to ``events`` (does not wait)."""
+        while True:
+            try:
+                event = self.lines.get_nowait()
+            except queue.Empty:
+                return self.events
+            if event is None:
+                self.lines.put(None)  # keep the end mark for last_line
+                return self.events
+            self.events.append(event)
+
     def last_line(self) -> dict | None:
         """After exit: the last JSON line it printed (the engine's result)."""
         last = None
@@ -366,6 +383,9 @@ def _holder_argv(run: Run, model: Path, args) -> tuple[list[str], set[str]]:
 
 
 def _engine_argv(model: Path, args) -> list[str]:
+    if args.engine == "llama":
+        return [sys.executable, str(TOOLS / "lib" / "llama_decode.py"), str(model), "--seconds", str(args.seconds),
+                "--warmup", str(args.warmup)]
     return [sys.executable, "-m", "tests.helpers.moe_engine", "run", str(model), "--seconds", str(args.seconds),
             "--warmup", str(args.warmup), "--zipf", str(args.zipf), "--seed", str(args.seed)]
 
@@ -411,7 +431,7 @@ def measure(run: Run, model: Path, args, parent: Path, ra: ReadAhead, workdir: P
             event = holder.wait_for(ready, args.ready_timeout)
             row["holder_ready_s"] = round(time.monotonic() - t0, 1)
             row["holder_ready_event"] = {k: v for k, v in (event or {}).items() if k not in ("time", "layers")}
-            row["holder_events"] = [e.get("event") for e in holder.events]  # what it got through
+            row["holder_events"] = [e.get("event") for e in holder.events]  # what it got through (updated at the end)
             if event is None:
                 code = holder.proc.poll()
                 why = f"not ready after {args.ready_timeout:g} s" if code is None else f"exit {code}"
@@ -426,6 +446,14 @@ def measure(run: Run, model: Path, args, parent: Path, ra: ReadAhead, workdir: P
         row.update(cgroup.stats())
         if holder:
             row["holder_exit_before_stop"] = holder.proc.poll()  # None: still running at the end
+            # Everything the holder said by the end, and when its re-rankings came (seconds
+            # after it was ready, and what each swapped).
+            row["holder_events"] = [e.get("event") for e in holder.drain()]
+            ready_at = (event or {}).get("time")
+            row["holder_reranks"] = [
+                {"after_ready_s": round(e["time"] - ready_at, 1) if ready_at and "time" in e else None,
+                 "added": e.get("experts_added"), "dropped": e.get("experts_dropped"), "held": e.get("experts_held")}
+                for e in holder.events if e.get("event") == "reranked"]
         row["killed"] = [c.name for c in children if c.proc.poll() == -signal.SIGKILL]
         if result is not None:
             row.update(_token_stats(result))
@@ -435,7 +463,32 @@ def measure(run: Run, model: Path, args, parent: Path, ra: ReadAhead, workdir: P
         for child in children:
             child.stop()
         cgroup.destroy()
+    profile = _profile_arg(args.keeper_args)
+    if run.holder in ("keep", "keep-lock") and profile and args.engine == "standin" and os.path.isfile(profile):
+        row.update(_ranking_mass(profile, model, args))  # written by the keeper at its exit
     return row
+
+
+def _profile_arg(keeper_args: str) -> str | None:
+    words = shlex.split(keeper_args)
+    for i, word in enumerate(words):
+        if word == "--profile" and i + 1 < len(words):
+            return words[i + 1]
+        if word.startswith("--profile="):
+            return word.split("=", 1)[1]
+    return None
+
+
+def _ranking_mass(profile: str, model: Path, args) -> dict:
+    """The keeper's learned ranking scored against the stand-in's router: the share of expert
+    picks landing on its first experts that fit in the oracle's bytes, and the oracle's share."""
+    argv = [sys.executable, "-m", "tests.helpers.moe_engine", "mass", profile, str(model), "--bytes",
+            str(args.oracle_bytes), "--zipf", str(args.zipf), "--seed", str(args.seed)]
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        return {"ranking_mass_error": done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]}
+    out = json.loads(done.stdout)
+    return {"ranking_mass": out["mass"], "oracle_mass": out["oracle_mass"]}
 
 
 def _token_stats(result: dict) -> dict:
@@ -520,7 +573,7 @@ def header(model: Path, args, ra: ReadAhead, parent: Path) -> dict:
             "oracle_bytes": args.oracle_bytes, "read_ahead_file": str(ra.file), "read_ahead_kb_device": ra.original,
             "low_read_ahead_kb": args.low_readahead, "cgroup_parent": str(parent), "kernel": platform.release(),
             "cpus": os.cpu_count(), "warmpool": str(Path(warmpool.__file__).parent), "commit": commit,
-            "read_bytes_source": "engine process /proc/PID/io read_bytes over the measured window"}
+            "engine": args.engine, "read_bytes_source": "engine process /proc/PID/io read_bytes over the measured window"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -542,6 +595,8 @@ def prepare(args) -> tuple[list[Run], Path, Path, Path]:
     lock: the runs, root, the cgroup controller, the model (generated if it is the default one)
     and its device's read_ahead_kb file."""
     runs = parse_runs(args.runs, args.keeper_budget, args.keeper_args, f"{args.oracle_bytes / 2**30:.2f} GiB")
+    if args.engine == "llama" and any(r.holder == "oracle" for r in runs):
+        raise BenchError("--engine llama: the oracle knows the stand-in's router, not llama.cpp's; leave runs e and e' out")
     if os.geteuid() != 0:
         raise BenchError("needs root: it makes memory cgroups, sets read_ahead_kb and mlocks beyond RLIMIT_MEMLOCK")
     parent = own_memory_cgroup()
@@ -596,6 +651,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="what the oracle mlocks (default 2.33G = 2.33 GiB)")
     ap.add_argument("--low-readahead", type=int, default=128, help="read_ahead_kb for the X' runs (default 128)")
     ap.add_argument("--ready-timeout", type=float, default=600, help="seconds to wait for the holder to be ready (default 600)")
+    ap.add_argument("--engine", choices=("standin", "llama"), default="standin",
+                    help="standin (default): tests/helpers/moe_engine.py; llama: llama.cpp through llama-cpp-python "
+                         "(tools/lib/llama_decode.py), its own router, so no oracle runs")
     ap.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of expert popularity (default 1.0)")
     ap.add_argument("--seed", type=int, default=0, help="router seed (default 0)")
     ap.add_argument("-v", "--verbose", action="store_true", help="tracebacks on errors")

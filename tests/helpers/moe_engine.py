@@ -21,6 +21,7 @@ A stacked expert tensor ``blk.N.ffn_{gate,up,down}_exps.weight`` has ggml dims
 
     python -m tests.helpers.moe_engine run MODEL --seconds 40 --warmup 20   # one JSON line
     python -m tests.helpers.moe_engine hold MODEL --bytes 2.33G            # mlock the hottest
+    python -m tests.helpers.moe_engine mass PROFILE MODEL --bytes 2.33G    # a learned ranking's worth
 
 Stdlib and numpy only (plus warmpool's ``read_layout``).
 """
@@ -43,7 +44,7 @@ import numpy as np
 
 from warmpool import read_layout
 
-__all__ = ["Router", "dense_ranges", "expert_ranges", "hottest", "router_for", "run_engine"]
+__all__ = ["Router", "dense_ranges", "expert_ranges", "hottest", "ranking_mass", "router_for", "run_engine"]
 
 PAGE = 4096
 # Stacked (per-expert) tensors: gate, up, down, fused gate_up, and the "chexps" variants.
@@ -252,6 +253,31 @@ def _size(text: str) -> int:
     return parse_size(text)
 
 
+def ranking_mass(path: str, scores: dict[tuple[int, int], float], budget: int, zipf_s: float = 1.0,
+                 seed: int = 0) -> dict:
+    """How good a learned ranking is for holding: the share of the router's expert picks that
+    land on the experts it puts first, as many as fit in ``budget`` bytes (``mass``), beside the
+    same share for the router's own ranking (``oracle_mass``, what ``hold`` locks)."""
+    layout = read_layout(path)
+    router = router_for(layout, zipf_s, seed)
+    ranges = expert_ranges(layout)
+
+    def mass(order) -> tuple[float, int]:
+        total, share, n = 0, 0.0, 0
+        for key in order:
+            size = _nbytes(ranges[key])
+            if total + size > budget:
+                break
+            total += size
+            share += router.popularity[key] / router.n_layers
+            n += 1
+        return share, n
+
+    learned, n = mass(sorted(ranges, key=lambda k: (-scores.get(k, 0.0), k)))
+    oracle, _ = mass(router.ranking())
+    return {"mass": round(float(learned), 4), "oracle_mass": round(float(oracle), 4), "experts": n}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.helpers.moe_engine", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -260,7 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--warmup", type=float, default=20)
     held = sub.add_parser("hold", help="mlock the hottest experts up to --bytes; print one JSON line; wait for SIGTERM")
     held.add_argument("--bytes", type=_size, required=True)
-    for p in (run, held):
+    scored = sub.add_parser("mass", help="score a warmpool expert profile against the router; print one JSON line")
+    scored.add_argument("profile")
+    scored.add_argument("--bytes", type=_size, required=True)
+    for p in (run, held, scored):
         p.add_argument("model")
         p.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of expert popularity (default 1.0)")
         p.add_argument("--seed", type=int, default=0)
@@ -268,6 +297,12 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.isfile(args.model):
         print(f"moe_engine: no such model file: {args.model}", file=sys.stderr)
         return 2
+    if args.command == "mass":
+        from warmpool._experts.profile import read_profile
+
+        out = ranking_mass(args.model, read_profile(args.profile).scores, args.bytes, args.zipf, args.seed)
+        print(json.dumps(out), flush=True)
+        return 0
     if args.command == "run":
         out = run_engine(args.model, args.seconds, args.warmup, zipf_s=args.zipf, seed=args.seed)
         print(json.dumps(out), flush=True)

@@ -1,7 +1,7 @@
 """Which experts an engine uses, learned from the page cache alone: no root, no engine help.
 
-What a sample sees (docs/experts.md): for each expert slice, how many of its pages are in
-the page cache now (cachestat(2), or mincore(2) where cachestat is unavailable).  Under memory
+What a sample sees (docs/experts.md): for each expert, how many pages of its largest slice are
+in the page cache now (cachestat(2), or mincore(2) where cachestat is unavailable).  Under memory
 pressure the kernel's LRU keeps what was used recently and often, so
 
 * the time average of a slice's resident fraction rises with how often it is used, and
@@ -9,7 +9,9 @@ pressure the kernel's LRU keeps what was used recently and often, so
   only a reader brings pages back), which tells the warm-but-evicted experts apart from the
   cold ones that stay out.
 
-score = EMA(resident fraction) + EMA(risen fraction), each in [0, 1] per sample.  Without
+score = EMA(resident fraction) + EMA(risen fraction), each in [0, 1] per sample; the EMAs start
+at zero and are divided by the weight their samples have (bias-corrected), so that a score is
+an average whether it rests on ten samples or a thousand.  Without
 pressure everything stays resident, every score tends to 1 and the ranking carries no
 information (nor does it need to: everything fits).  Slices a keeper holds (mlock or a
 touched mapping) are always resident whatever the engine does: ``sample(held=...)`` leaves
@@ -28,6 +30,7 @@ from .slices import ExpertSlice
 __all__ = ["Ranker"]
 
 Key = tuple[int, int]  # (layer, expert)
+MIN_PAGES = 64  # pages sampled per expert at least, where its slices have that many
 
 
 def _interior(start: int, end: int, page: int) -> tuple[int, int]:
@@ -55,19 +58,30 @@ class Ranker:
         self._index = {k: i for i, k in enumerate(self.keys)}
         self._alpha = 1.0 - 0.5 ** (1.0 / half_life)
         self.max_slices = max_slices or len(self.slices)
-        # Per file: (slice index, offset, length) of every interior range, in slice order.
+        # Per file: (slice index, offset, length) of every sampled interior range, in file order.
         self._ranges: dict[int, list[tuple[int, int, int]]] = {}
         self._pages = [0] * len(self.slices)
         for i, s in enumerate(self.slices):
-            for file, start, end in s.ranges:
+            # The engine reads an expert's tensors (gate, up, down) together, so one of them
+            # carries the signal: the largest, at a third of the syscalls, and more only while the
+            # expert has fewer than MIN_PAGES pages sampled (a fraction of a few pages is noise).
+            for file, start, end in sorted(s.ranges, key=lambda r: r[1] - r[2]):
                 offset, length = _interior(start, end, page_size)
                 self._ranges.setdefault(file, []).append((i, offset, length))
                 self._pages[i] += length // page_size
+                if self._pages[i] >= MIN_PAGES:
+                    break
+        for ranges in self._ranges.values():
+            ranges.sort(key=lambda r: r[1])  # file order: the mincore fallback spans them
         self._page_size = page_size
         n = len(self.slices)
         self._resident = [0.0] * n  # EMA of the resident fraction
         self._risen = [0.0] * n  # EMA of the fraction that became resident since the last sample
         self._seen = [0] * n  # samples taken of this slice
+        # The share of each EMA that rests on samples rather than on its zero start: scores are
+        # the EMAs over it, so that a slice sampled 12 times and one sampled 40 times (a held
+        # expert's score stands while the others go on) are on one scale.
+        self._weight = [0.0] * n
         self._last: list[int | None] = [None] * n  # resident pages at the last sample
         self._cursor = 0
         self.passes = 0
@@ -103,11 +117,9 @@ class Ranker:
             fraction = resident[i] / pages
             last = self._last[i]
             risen = 0.0 if last is None else max(0, resident[i] - last) / pages
-            if self._seen[i]:
-                self._resident[i] += a * (fraction - self._resident[i])
-                self._risen[i] += a * (risen - self._risen[i])
-            else:
-                self._resident[i], self._risen[i] = fraction, 0.0
+            self._resident[i] += a * (fraction - self._resident[i])
+            self._risen[i] += a * (risen - self._risen[i])
+            self._weight[i] += a * (1.0 - self._weight[i])
             self._last[i] = resident[i]
             self._seen[i] += 1
         self.passes += 1
@@ -135,7 +147,8 @@ class Ranker:
 
     def scores(self) -> dict[Key, float]:
         """(layer, expert) -> score in [0, 2]: higher is hotter; 0.0 for a slice never sampled."""
-        return {k: self._resident[i] + self._risen[i] for i, k in enumerate(self.keys)}
+        return {k: (self._resident[i] + self._risen[i]) / self._weight[i] if self._weight[i] else 0.0
+                for i, k in enumerate(self.keys)}
 
     def samples(self) -> dict[Key, int]:
         """(layer, expert) -> how many samples its score rests on."""
@@ -170,13 +183,15 @@ class Ranker:
     def from_profile(self, profile) -> Ranker:
         """Start from a profile's scores (keys the model lacks are ignored); returns self.
 
-        The scores count as one sample's weight of history each, so the first passes of this
-        run correct a stale profile quickly."""
+        The scores weigh as the samples the profile rests on (``profile.samples``, at least one):
+        this run's samples then move them as they would have moved the run that wrote it."""
+        weight = 1.0 - (1.0 - self._alpha) ** max(int(profile.samples or 0), 1)
         for key, score in profile.scores.items():
             i = self._index.get(key)
             if i is not None and math.isfinite(score):
-                self._resident[i] = min(max(score, 0.0), 2.0)
+                self._resident[i] = min(max(score, 0.0), 2.0) * weight
                 self._risen[i] = 0.0
+                self._weight[i] = weight
                 self._seen[i] = max(self._seen[i], 1)
         return self
 

@@ -50,6 +50,9 @@ class HotExperts:
         dense = [t for t in plan.selected if not EXPERT_TENSOR.match(t.name)]
         self.dense = plan_tensors(plan.layout, plan.selection, dense, plan.chunk_size).chunks
         self.dense_bytes = sum(c.length for c in self.dense)
+        # True until the ranking is learned (no profile): the keeper holds no experts meanwhile,
+        # and its first re-ranking fills the room whole, not CHURN at a time.
+        self.provisional = True
 
     @classmethod
     def of(cls, plan: Plan, profile=None) -> HotExperts | None:
@@ -64,7 +67,9 @@ class HotExperts:
         ranker = Ranker(slices)
         if profile is not None:
             ranker.from_profile(profile)
-        return cls(plan, slices, ranker)
+        hot = cls(plan, slices, ranker)
+        hot.provisional = profile is None
+        return hot
 
     @property
     def total(self) -> int:
@@ -86,10 +91,10 @@ class HotExperts:
                 left -= self._bytes[key]
         return chosen
 
-    def rerank(self, room: int, held: list[Key]) -> tuple[list[Key], list[Key]]:
+    def rerank(self, room: int, held: list[Key], *, bounded: bool = True) -> tuple[list[Key], list[Key]]:
         """(add, drop): the experts to take in, hottest first, and the held ones to let go,
         coldest first, so that the held set follows the ranking within ``room`` bytes, at most
-        ``CHURN`` of it per call."""
+        ``CHURN`` of it per call (``bounded``; unbounded fills the room at once, once learned)."""
         held_set = set(held)
         left = room - self.dense_bytes - sum(self._bytes[k] for k in held)
         drop = self.over(-left, held) if left < 0 else []
@@ -104,7 +109,7 @@ class HotExperts:
         top = set(self.ranker.stable_top(n, kept))
         wanted = [k for k in ranking if k in top and k not in kept]
         leaving = [k for k in reversed(ranking) if k in kept and k not in top]
-        limit = max(CHURN_MIN, int(len(held) * CHURN))
+        limit = max(CHURN_MIN, int(len(held) * CHURN)) if bounded else len(wanted)
         left += sum(self._bytes[k] for k in drop)
         add: list[Key] = []
         for key in wanted[:limit]:

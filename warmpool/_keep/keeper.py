@@ -12,7 +12,8 @@ replaced or deleted while kept is reported and re-planned from the new file.
 
 Where the selection does not fit the budget or the room the memory cgroup and RAM leave
 (``room``), it holds the dense tensors and the hottest experts (``hot``), samples which
-experts the engine reads, re-ranks at every check, shrinks when the room does, and can set the
+experts the engine reads (without a profile it holds the dense part alone until it has learned,
+then fills with the hottest), re-ranks every RERANK_PERIOD in bounded steps, shrinks when the room does, and can set the
 model's device read-ahead for the run (``readahead``), putting it back on every way out.
 """
 
@@ -61,6 +62,14 @@ PROFILE_PERIOD = 60.0  # seconds between writes of --profile
 # every check kept a keeper reading 0.15-0.18 GB per token beside a thrashing engine
 # (docs/keep.md, "Measured").
 RERANK_PERIOD = 30.0
+# Without a profile the keeper first holds the dense part alone and learns: experts held from the
+# start (a guess) shrink the engine's page cache until residency says little more than which
+# layers it passed last (docs/keep.md, "Measured").  It fills with the hottest experts once the
+# ranking rests on LEARN_PASSES samples spanning LEARN_SECONDS, sampling at up to
+# LEARN_CPU_SHARE of a core meanwhile.
+LEARN_PASSES = 12
+LEARN_SECONDS = 20.0
+LEARN_CPU_SHARE = 0.04
 
 
 def reporting_note(order: int) -> str:
@@ -371,7 +380,8 @@ class Keeper:
 
     def _fit(self, model: KeptModel) -> None:
         """Choose what to hold before the first warm: everything where it fits, else the dense
-        part and the hottest experts (a profile's ranking, or layer order until learned)."""
+        part and the hottest experts (a profile's ranking; without one, the dense part alone
+        until the ranking is learned)."""
         total, why = self._room()
         share = self._share(model, total)
         if share is None or model.plan.bytes_planned <= share:
@@ -390,7 +400,8 @@ class Keeper:
             finally:
                 for fd in fds:
                     os.close(fd)
-        model.set_budget(share, hot)
+        # No profile: hold the dense part, learn, then fill (``_learned``).
+        model.set_budget(share, hot, experts=[] if hot is not None and hot.provisional else None)
         fields = dict(model=model.name, bytes_selected=model.plan.bytes_planned, bytes_kept=model.kept.bytes_planned,
                       reason=why)
         if hot is not None:
@@ -403,13 +414,14 @@ class Keeper:
 
     def _experts_step(self, now: float) -> None:
         """Between checks: sample expert residency (paced), watch the room, write the profile."""
-        hot_models = [m for m in self.models if m.hot is not None and m.held and m.state in ("kept", "backoff")]
+        hot_models = [m for m in self.models if m.hot is not None and m.fds and m.state in ("kept", "backoff")]
         if hot_models and now >= self._next_sample:
             started = time.thread_time()
             for model in hot_models:
                 self._guard(model, lambda m=model: m.hot.ranker.sample(m.fds, held=m.experts))
             self._sample_cost = time.thread_time() - started
-            self._next_sample = now + max(SAMPLE_PERIOD, self._sample_cost / SAMPLE_CPU_SHARE)
+            share = LEARN_CPU_SHARE if any(m.hot.provisional for m in hot_models) else SAMPLE_CPU_SHARE
+            self._next_sample = now + max(SAMPLE_PERIOD, self._sample_cost / share)
         if now >= self._next_room:
             self._next_room = now + ROOM_PERIOD
             self._shrink_to_room()
@@ -457,7 +469,11 @@ class Keeper:
         current = model.kept.bytes_planned
         # Grow into the room only with margin to spare; shrinking is _shrink_to_room's job.
         limit = share - self._slack if share >= current + 2 * self._slack else max(share, current)
-        add, drop = model.hot.rerank(max(limit, model.hot.dense_bytes), model.experts)
+        if model.hot.provisional and not self._learned(model.hot):
+            return  # still learning: nothing to fill with yet
+        add, drop = model.hot.rerank(max(limit, model.hot.dense_bytes), model.experts,
+                                     bounded=not model.hot.provisional)
+        model.hot.provisional = False
         if add:
             chunks = tuple(c for k in add for c in model.hot.chunks(k))
             self._warm(model, model.plan._replace(chunks=chunks))
@@ -467,6 +483,13 @@ class Keeper:
                        experts_held=len(model.experts), bytes_kept=model.kept.bytes_planned,
                        bytes_locked=model.bytes_locked)
         model.set(held_score_share=model.hot.held_score_share(model.experts))
+
+    @staticmethod
+    def _learned(hot) -> bool:
+        """Still learning (no experts held yet), and the ranking now rests on enough samples."""
+        ranker = hot.ranker
+        return (hot.provisional and ranker.passes >= LEARN_PASSES and ranker.first_sample is not None
+                and ranker.last_sample - ranker.first_sample >= LEARN_SECONDS)
 
     def _write_profile(self) -> None:
         if self.profile_path is None:
@@ -497,7 +520,7 @@ class Keeper:
             observe(seconds)
         if model.hidden:
             return  # nothing to compare against: unknown is not cold
-        if model.hot is not None and time.monotonic() >= self._next_rerank:
+        if model.hot is not None and (time.monotonic() >= self._next_rerank or self._learned(model.hot)):
             self._next_rerank = time.monotonic() + RERANK_PERIOD
             self._rerank(model)
             model.measure()

@@ -121,6 +121,10 @@ class KeptModel:
         byte of each page once: on a VM the first CPU read of a page the disk just filled costs
         the engine several times its steady request (docs/keep.md); paid here, once, instead."""
         self.fds = [_platform.open_model(f.path, FileChangedError) for f in self.plan.files]
+        for fd in self.fds:
+            # The refresh's reads (sendfile, pread) go through these: a page evicted meanwhile is
+            # read back alone, not with the device's read-ahead around it (see HeldMapping).
+            _platform.advise_random(fd)
         if not mapped:
             return
         dense = self.kept.chunks[:self.n_dense]

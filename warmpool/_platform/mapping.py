@@ -82,6 +82,10 @@ class HeldMapping(FileWindow):
     def __init__(self, fd: int, offset: int, length: int) -> None:
         super().__init__(fd, offset, length)
         self._view = None  # numpy view for touch(), made on first use
+        # A holder's faults (populate, mlock, touch) must read only the page they need: a page
+        # evicted since the warm would otherwise bring the device's read-ahead around it (8 MiB
+        # on many disks), which under memory pressure is most of what a keeper then reads.
+        self.advise(0, length, "random")
 
     def _span(self, rel: int, n: int) -> tuple[int, int]:
         if not self.address:

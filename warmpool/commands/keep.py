@@ -182,10 +182,12 @@ def _describe(event: dict) -> str:
     if kind == "partial":
         line = (f"keep: {model}: the selection ({format_bytes(event['bytes_selected'])}) does not fit ({event['reason']}): "
                 f"holding {format_bytes(event['bytes_kept'])}")
-        if event.get("experts_total"):
-            source = "the profile's ranking" if event.get("profile") else "layer order until the engine's reads are learned"
+        if event.get("experts_total") and event.get("profile"):
             line += (f": the dense tensors ({format_bytes(event['bytes_dense'])}) and {event['experts_held']} of "
-                     f"{event['experts_total']} experts, hottest first ({source})")
+                     f"{event['experts_total']} experts, hottest first (the profile's ranking)")
+        elif event.get("experts_total"):
+            line += (f": the dense tensors ({format_bytes(event['bytes_dense'])}) while it learns which of the "
+                     f"{event['experts_total']} experts the engine reads, then the hottest")
         else:
             line += " in plan order"
         return line
