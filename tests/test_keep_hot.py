@@ -29,6 +29,9 @@ def test_hold_the_hottest_then_follow_a_shift_in_bounded_steps(test_model):
     room = hot.dense_bytes + sum(hot.nbytes(k) for k in a)  # room for a quarter of the experts
     held = hot.fill(room)
     assert set(held) == set(a)  # the dense part first, then the hottest, while they fit
+    # Room for all of them: still only the experts with evidence of use (the rest score 0).
+    assert set(hot.fill(hot.dense_bytes + sum(hot.nbytes(k) for k in keys))) == set(a)
+    assert hot.rerank(room * 4, held) == ([], [])
 
     assert hot.rerank(room, held) == ([], [])  # the ranking stands: nothing moves
 

@@ -27,10 +27,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from .. import _platform
 from .slices import ExpertSlice
 
-__all__ = ["Ranker"]
+__all__ = ["NOISE", "Ranker"]
 
 Key = tuple[int, int]  # (layer, expert)
 MIN_PAGES = 64  # pages sampled per expert at least, where its slices have that many
+# A score at or below this is no evidence of use: a slice seen resident once in fifty samples,
+# or a page shared with a used neighbour.  Nothing is held on it, nor swapped for it.
+NOISE = 0.02
 
 
 def _interior(start: int, end: int, page: int) -> tuple[int, int]:
@@ -172,7 +175,7 @@ class Ranker:
         leaving = sorted((k for k in held if k not in members), key=lambda k: (-scores[k], k))
         newcomers = sorted((k for k in top if k not in set(held)), key=lambda k: (scores[k], k))
         for old, new in zip(leaving, newcomers):
-            if scores[new] > scores[old] * (1 + margin) + 0.02:
+            if scores[new] > scores[old] * (1 + margin) + NOISE:
                 break  # the weakest remaining newcomer clearly beats the strongest leaver
             members.discard(new)
             members.add(old)

@@ -12,6 +12,7 @@ held set does not flap with sampling noise.  docs/keep.md, "When the model does 
 
 from __future__ import annotations
 
+from .._experts.ranking import NOISE
 from .._plan import PAGE_SIZE, Chunk, Plan, plan_tensors
 
 __all__ = ["CHURN", "HotExperts", "expert_chunks"]
@@ -83,9 +84,12 @@ class HotExperts:
 
     def fill(self, room: int) -> list[Key]:
         """The experts to hold first: in ranking order, while they fit in ``room`` bytes after
-        the dense part."""
-        left, chosen = room - self.dense_bytes, []
+        the dense part, and only those with some evidence of use (score above ``NOISE``): an
+        expert the engine never reads costs its bytes and the read that brings it in."""
+        left, chosen, scores = room - self.dense_bytes, [], self.ranker.scores()
         for key in self.ranker.ranking():
+            if scores[key] <= NOISE:
+                break
             if self._bytes[key] <= left:
                 chosen.append(key)
                 left -= self._bytes[key]
@@ -107,7 +111,8 @@ class HotExperts:
                 break
             n += 1
         top = set(self.ranker.stable_top(n, kept))
-        wanted = [k for k in ranking if k in top and k not in kept]
+        scores = self.ranker.scores()
+        wanted = [k for k in ranking if k in top and k not in kept and scores[k] > NOISE]
         leaving = [k for k in reversed(ranking) if k in kept and k not in top]
         limit = max(CHURN_MIN, int(len(held) * CHURN)) if bounded else len(wanted)
         left += sum(self._bytes[k] for k in drop)

@@ -531,6 +531,11 @@ class Keeper:
             return
         if time.monotonic() < model.backoff_until:
             return
+        if model.hot is not None and model.hot.provisional:
+            # Learning: every token reads the dense part anyway, and a re-warm under the memory
+            # pressure that made the selection not fit takes seconds, during which no sample is
+            # taken (it runs on this thread; docs/keep.md, "Measured").
+            return
         why = self._backoff_reason(model, evicted)
         if why is None:
             self._rewarm(model, evicted)
