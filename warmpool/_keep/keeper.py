@@ -49,9 +49,10 @@ _POLL = 0.1  # how often the thread looks at the stop flag and --for-pid while i
 # left with the touch (docs/keep.md, "Reads of idle pages under pressure").
 TOUCH_TICK = 0.02
 # Expert residency samples (``Ranker.sample``) at most this often, and spaced out so that they
-# cost at most SAMPLE_CPU_SHARE of a core.
+# cost at most SAMPLE_CPU_SHARE of a core once the ranking is learned (it then moves by a
+# 128-sample half-life: a pass every few seconds follows it), LEARN_CPU_SHARE before.
 SAMPLE_PERIOD = 1.0
-SAMPLE_CPU_SHARE = 0.02
+SAMPLE_CPU_SHARE = 0.01
 ROOM_PERIOD = 1.0  # seconds between looks at the room (a memory.stat read, ~0.1 ms)
 # A shrink waits for the room to fall this far below what is held, and a re-rank grows into the
 # room only this far below it: no flapping on the engine's memory coming and going.  At most a
