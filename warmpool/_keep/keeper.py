@@ -13,8 +13,9 @@ replaced or deleted while kept is reported and re-planned from the new file.
 Where the selection does not fit the budget or the room the memory cgroup and RAM leave
 (``room``), it holds the dense tensors and the hottest experts (``hot``), samples which
 experts the engine reads (without a profile it holds the dense part alone until it has learned,
-then fills with the hottest), re-ranks every RERANK_PERIOD in bounded steps, shrinks when the room does, and can set the
-model's device read-ahead for the run (``readahead``), putting it back on every way out.
+then fills with the hottest), re-ranks every RERANK_PERIOD in bounded steps, shrinks when the
+room does, and can set the model's device read-ahead for the run (``readahead``), putting it
+back on every way out.
 """
 
 from __future__ import annotations
@@ -474,7 +475,8 @@ class Keeper:
             return  # still learning: nothing to fill with yet
         add, drop = model.hot.rerank(max(limit, model.hot.dense_bytes), model.experts,
                                      bounded=not model.hot.provisional)
-        model.hot.provisional = False
+        if add:
+            model.hot.provisional = False  # else nothing showed use yet: go on learning
         if add:
             chunks = tuple(c for k in add for c in model.hot.chunks(k))
             self._warm(model, model.plan._replace(chunks=chunks))
