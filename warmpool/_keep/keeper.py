@@ -70,8 +70,22 @@ RERANK_PERIOD = 30.0
 # ranking rests on LEARN_PASSES samples spanning LEARN_SECONDS, sampling at up to
 # LEARN_CPU_SHARE of a core meanwhile.
 LEARN_PASSES = 12
+FILL_BATCH = 256 << 20  # bytes of experts read, then held, at a time when a re-ranking takes many
 LEARN_SECONDS = 20.0
 LEARN_CPU_SHARE = 0.04
+
+
+def _batches(keys: list, nbytes: Callable[[object], int], limit: int) -> list[list]:
+    """``keys`` in order, cut into runs of at most ``limit`` bytes (at least one key each)."""
+    out: list[list] = []
+    size = limit
+    for key in keys:
+        if size + nbytes(key) > limit:
+            out.append([])
+            size = 0
+        out[-1].append(key)
+        size += nbytes(key)
+    return out
 
 
 def reporting_note(order: int) -> str:
@@ -477,11 +491,22 @@ class Keeper:
                                      bounded=not model.hot.provisional)
         if add:
             model.hot.provisional = False  # else nothing showed use yet: go on learning
-        if add:
-            chunks = tuple(c for k in add for c in model.hot.chunks(k))
+        if drop:
+            model.swap([], drop, self.lock)
+        taken = []
+        for batch in _batches(add, model.hot.nbytes, FILL_BATCH):
+            if self._stop.is_set():
+                break
+            # Each batch is mapped (and locked) right after its read: beside an engine that
+            # thrashes, experts read long before they are held are evicted again meanwhile.
+            chunks = tuple(c for k in batch for c in model.hot.chunks(k))
             self._warm(model, model.plan._replace(chunks=chunks))
+            if self._stop.is_set():
+                break  # the warm was cut short: mapping now would read the rest page by page
+            model.swap(batch, [], self.lock)
+            taken += batch
+        add = taken
         if add or drop:
-            model.swap(add, drop, self.lock)
             self._emit("reranked", model=model.name, experts_added=len(add), experts_dropped=len(drop),
                        experts_held=len(model.experts), bytes_kept=model.kept.bytes_planned,
                        bytes_locked=model.bytes_locked)
