@@ -32,7 +32,10 @@ run: p50/p99 seconds per token, tokens measured, disk bytes the engine read per 
 the holder's own disk reads over the same window, OOM kills (the cgroup's
 ``memory.oom_control`` oom_kill count and exit statuses -9), the cgroup's limit hits
 (``memory.failcnt``) and peak, the keeper's peak RssAnon and CPU share, and the model's resident
-fraction at the start and the end.  A table with each run's p50 over the engine alone's (run b)
+fraction at the start and the end, the holder's events and re-rankings by the end, and, where
+--keeper-args name a --profile, the learned ranking scored against the router (``ranking_mass``:
+the share of its picks landing on the profile's first experts that fit in --oracle-bytes; the
+oracle's in ``oracle_mass``).  A table with each run's p50 over the engine alone's (run b)
 and over the oracle's at the same read-ahead, then one JSON line with everything.
 
 The device's read_ahead_kb is machine-wide: it is restored on every way out (SIGTERM, SIGINT,
