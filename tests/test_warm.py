@@ -181,6 +181,8 @@ def test_pages_lost_by_the_end_of_a_warm_are_read_once_more(pagecache_model):
         assert _fill_holes(plan, files, chosen, files.resident(plan))
         vector = resident_vector(pagecache_model)
         assert [p for p in lost if not vector[p]] == [], "lost pages were not read again"
+        end = max(plan.chunks[i].offset + plan.chunks[i].length for i in chosen) // page
+        assert sum(vector[end:end + 64]) == 0, "the fill read past the warmed chunks"
 
         # Too many gone: nothing is read.
         first = plan.chunks[chosen[0]]
