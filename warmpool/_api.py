@@ -271,9 +271,13 @@ def warm(path: str | os.PathLike[str], *, workers: int | None = None, strategy: 
                               strategy=strategy, resident_fraction=_fraction(resident, plan, hidden),
                               skipped=decision.action == "skip", files=files.per_file(plan, measured))
         strategy = resolve_strategy(strategy)
+        from ._pool.coordinator import stop_callable
+        from ._pool.lifetime import run_warm
+
+        stop = stop_callable(should_stop)
         chosen, baseline = list(decision.chunks), before
         if beside_engine:
-            watch, chosen, baseline = _beside_engine(plan, files, chosen, before, should_stop)
+            watch, chosen, baseline = _beside_engine(plan, files, chosen, before, stop)
             if watch is not None:
                 result["reason"] = reason = f"{reason}; {watch.describe()}"
                 logger.info("%s: %s", plan.files[0].path, watch.describe())
@@ -283,13 +287,11 @@ def warm(path: str | os.PathLike[str], *, workers: int | None = None, strategy: 
                                   bytes_left_cold=plan.bytes_planned - resident, strategy=strategy,
                                   resident_fraction=_fraction(resident, plan, hidden), skipped=False,
                                   files=files.per_file(plan, baseline))
-        from ._pool.lifetime import run_warm
-
-        outcome = run_warm(plan, files.paths, chosen, baseline, strategy, workers, on_start, should_stop, linger,
+        outcome = run_warm(plan, files.paths, chosen, baseline, strategy, workers, on_start, stop, linger,
                            require_name=require_name, priority=priority)
         files.check_unchanged()
         measured = files.resident(plan)
-        if not _stop_callable(should_stop)() and _fill_holes(plan, files, chosen, measured):
+        if not stop() and _fill_holes(plan, files, chosen, measured):
             measured = files.resident(plan)
         faulted = set(chosen)
         # Hidden files: the warm's own account (every chosen chunk faulted in), not a measurement.
@@ -306,12 +308,11 @@ def warm(path: str | os.PathLike[str], *, workers: int | None = None, strategy: 
                       files=per_file)
 
 
-def _beside_engine(plan: Plan, files: _OpenFiles, chosen: list[int], before: list[int], should_stop):
+def _beside_engine(plan: Plan, files: _OpenFiles, chosen: list[int], before: list[int], stop: Callable[[], bool]):
     """Watch the engine that loads the model beside this warm (``_beside``): (the watch or None,
     the chunks to warm, far end first, and the residency they start from)."""
     from ._beside import watch_engine
 
-    stop = _stop_callable(should_stop)
     watch = None if any(files.hidden) else watch_engine(files.fds, sum(os.fstat(fd).st_size for fd in files.fds), stop)
     if watch is not None and watch.stepped_aside:
         now = [r or 0 for r in files.resident(plan, quick=True)]
@@ -347,11 +348,6 @@ def _fill_holes(plan: Plan, files: _OpenFiles, chosen: list[int], measured: list
         except (OSError, WarmpoolError):
             return True  # the file changed under us: the residency check after this reports it
     return True
-
-
-def _stop_callable(should_stop) -> Callable[[], bool]:
-    """``should_stop`` (None, a callable or a threading.Event) as a callable."""
-    return should_stop.is_set if hasattr(should_stop, "is_set") else (should_stop or (lambda: False))
 
 
 def _fraction(resident: int, plan: Plan, hidden: bool) -> float | None:

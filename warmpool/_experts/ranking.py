@@ -80,7 +80,6 @@ class Ranker:
         n = len(self.slices)
         self._resident = [0.0] * n  # EMA of the resident fraction
         self._risen = [0.0] * n  # EMA of the fraction that became resident since the last sample
-        self._seen = [0] * n  # samples taken of this slice
         # The share of each EMA that rests on samples rather than on its zero start: scores are
         # the EMAs over it, so that a slice sampled 12 times and one sampled 40 times (a held
         # expert's score stands while the others go on) are on one scale.
@@ -124,7 +123,6 @@ class Ranker:
             self._risen[i] += a * (risen - self._risen[i])
             self._weight[i] += a * (1.0 - self._weight[i])
             self._last[i] = resident[i]
-            self._seen[i] += 1
         self.passes += 1
         now = time.time()
         self.first_sample = self.first_sample or now
@@ -152,10 +150,6 @@ class Ranker:
         """(layer, expert) -> score in [0, 2]: higher is hotter; 0.0 for a slice never sampled."""
         return {k: (self._resident[i] + self._risen[i]) / self._weight[i] if self._weight[i] else 0.0
                 for i, k in enumerate(self.keys)}
-
-    def samples(self) -> dict[Key, int]:
-        """(layer, expert) -> how many samples its score rests on."""
-        return dict(zip(self.keys, self._seen))
 
     def ranking(self) -> list[Key]:
         """Every (layer, expert), hottest first (ties: layer, then expert)."""
@@ -195,7 +189,6 @@ class Ranker:
                 self._resident[i] = min(max(score, 0.0), 2.0) * weight
                 self._risen[i] = 0.0
                 self._weight[i] = weight
-                self._seen[i] = max(self._seen[i], 1)
         return self
 
     def to_profile(self, model):

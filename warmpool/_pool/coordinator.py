@@ -319,6 +319,11 @@ class _Coordinator:
             w.conn.close()
 
 
+def stop_callable(should_stop) -> Callable[[], bool]:
+    """``should_stop`` (None, a callable or a threading.Event) as a callable."""
+    return should_stop.is_set if hasattr(should_stop, "is_set") else (should_stop or (lambda: False))
+
+
 def run_pool(paths: Sequence[str], chunks: Sequence[Chunk], order: Sequence[int], strategy: str,
              segment: ProgressSegment, workers: int | None = None,
              should_stop: Callable[[], bool] | threading.Event | None = None, priority: str = "normal") -> PoolResult:
@@ -328,7 +333,7 @@ def run_pool(paths: Sequence[str], chunks: Sequence[Chunk], order: Sequence[int]
         raise WarmError(f"workers must be at least 1, got {workers}")
     check_strategy(strategy, allow_auto=False)  # a worker would otherwise fall through to its last branch
     check_priority(priority)
-    stop = should_stop.is_set if isinstance(should_stop, threading.Event) else (should_stop or (lambda: False))
+    stop = stop_callable(should_stop)
     coordinator = _Coordinator(paths, chunks, order, strategy, segment, workers, stop, priority)
     try:
         return coordinator.run()
