@@ -39,7 +39,7 @@ from ._version import __version__ as __version__  # re-exported: warmpool.__vers
 # for the CLI, the policy and the warm engine they never use (docs/design.md, "Import cost").
 _LAZY = {
     "main": ".commands",
-    "ModelFile": "._gguf.layout", "ModelLayout": "._gguf.layout", "TensorInfo": "._gguf.layout", "read_layout": "._api",
+    "ModelFile": "._gguf.layout", "ModelLayout": "._gguf.layout", "TensorInfo": "._gguf.layout", "read_layout": "._stores",
     "DEFAULT_CHUNK_SIZE": "._plan", "Chunk": "._plan", "Plan": "._plan", "make_plan": "._plan",
     "Keeper": "._keep.keeper",
     "ProgressView": "._progress.segment",
@@ -57,7 +57,6 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
         WarmResult,
         evict,
         plan_model,
-        read_layout,
         residency,
         residency_hidden,
         warm,
@@ -67,6 +66,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from ._plan import DEFAULT_CHUNK_SIZE, Chunk, Plan, make_plan
     from ._progress.segment import ProgressView
     from ._select import Selection, parse_overrides
+    from ._stores import read_layout
     from ._stores.resolve import ResolvedModel, resolve_model, resolve_models
     from .commands import main
 

@@ -16,12 +16,11 @@ from typing import NamedTuple
 
 from . import _platform
 from ._errors import FileChangedError, PlatformError, WarmpoolError
-from ._gguf import layout as _layout
-from ._gguf.layout import ModelLayout
 from ._log import logger
 from ._plan import DEFAULT_CHUNK_SIZE, Plan, contiguous_runs, layer_key, make_plan
 from ._pool.strategy import check_priority, check_strategy
 from ._select import Selection
+from ._stores import model_file, read_layout  # re-exported: the API's names
 from ._units import format_bytes
 
 __all__ = ["FileResidency", "LayerResidency", "Residency", "WarmResult", "evict", "model_file", "plan_model",
@@ -97,23 +96,6 @@ class Residency(NamedTuple):
     layers: tuple[LayerResidency, ...]
     residency_hidden: bool = False
     files: tuple[FileResidency, ...] = ()
-
-
-def model_file(model: str | os.PathLike[str]) -> str:
-    """The file to read for a model reference: an existing file as it is, else the store lookup
-    (``warmpool._stores``), imported only then.  A path that does not exist is returned as it is,
-    so that the layout reader says what is wrong with it."""
-    if os.path.isfile(model):
-        return os.fspath(model)
-    from ._stores.resolve import model_file as lookup
-
-    return lookup(model)
-
-
-def read_layout(model: str | os.PathLike[str]) -> ModelLayout:
-    """Read the tensor table of a GGUF model: a path (any shard of a split model names them all),
-    a directory holding one model, or a store name (``ollama:``, ``hf:``, ``lmstudio:``)."""
-    return _layout.read_layout(model_file(model))
 
 
 def plan_model(path: str | os.PathLike[str], *, n_gpu_layers: int | None = None, cpu_moe: bool = False,
@@ -313,7 +295,7 @@ def _beside_engine(plan: Plan, files: _OpenFiles, chosen: list[int], before: lis
     the chunks to warm, far end first, and the residency they start from)."""
     from ._beside import watch_engine
 
-    watch = None if any(files.hidden) else watch_engine(files.fds, sum(os.fstat(fd).st_size for fd in files.fds), stop)
+    watch = None if any(files.hidden) else watch_engine(files.fds, sum(f.size for f in plan.files), stop)
     if watch is not None and watch.stepped_aside:
         now = [r or 0 for r in files.resident(plan, quick=True)]
         chosen = [i for i in chosen if now[i] < plan.chunks[i].length]
@@ -330,23 +312,24 @@ def _fill_holes(plan: Plan, files: _OpenFiles, chosen: list[int], measured: list
     """Read once more the pages of the warmed chunks that are not resident at the end; True if
     any were read.  Proactive reclaim (DAMON's pageout scheme ages physical regions, not pages)
     can take a page within a second of its read, so a warm otherwise ends a few pages short now
-    and then.  Through a mapping under MADV_RANDOM: only the missing pages are read."""
+    and then."""
     short = [i for i in chosen if measured[i] is not None and measured[i] < plan.chunks[i].length]
     missing = sum(plan.chunks[i].length - (measured[i] or 0) for i in short)
     if not short or missing > _HOLES_AT_MOST * sum(plan.chunks[i].length for i in chosen):
         return False
-    page = _platform.PAGE_SIZE
+    from ._pool.reread import reread
+
+    page, holes = _platform.PAGE_SIZE, []
     for i in short:
         c = plan.chunks[i]
         fd = files.fds[c.file]
         try:
             vector = _platform.resident_pages(fd, c.offset, c.length)
-            with _platform.FileWindow(fd, c.offset, c.length) as window:
-                window.advise(0, c.length, "random")
-                for first, end in _platform.page_runs(vector, 0):
-                    window.read_pages(first * page, min(end * page, c.length) - first * page)
         except (OSError, WarmpoolError):
             return True  # the file changed under us: the residency check after this reports it
+        holes += [(fd, c.offset + first * page, min(end * page, c.length) - first * page)
+                  for first, end in _platform.page_runs(vector, 0)]
+    reread(holes)  # a mapping under MADV_RANDOM per range: only the missing pages are read
     return True
 
 

@@ -17,10 +17,7 @@ import json
 import sys
 import time
 
-
-def _read_bytes() -> int:
-    with open("/proc/self/io") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("read_bytes:"))
+from proc_stats import read_bytes  # tools/lib, this script's own directory
 
 
 def decode(path: str, seconds: float, warmup_s: float, threads: int) -> dict:
@@ -38,7 +35,7 @@ def decode(path: str, seconds: float, warmup_s: float, threads: int) -> dict:
     while True:
         t0 = time.monotonic()
         if measuring_from is None and t0 - start >= warmup_s:
-            measuring_from, read0 = t0, _read_bytes()
+            measuring_from, read0 = t0, read_bytes()
         if measuring_from is not None and t0 - measuring_from >= seconds:
             break
         if llm.n_tokens >= llm.n_ctx() - 1:
@@ -50,7 +47,7 @@ def decode(path: str, seconds: float, warmup_s: float, threads: int) -> dict:
         else:
             token_s.append(time.monotonic() - t0)
     return {"token_s": token_s, "window_s": time.monotonic() - measuring_from, "warmup_tokens": warmup_tokens,
-            "read_bytes": _read_bytes() - read0, "bytes_per_token_needed": None, "load_s": round(load_s, 2)}
+            "read_bytes": read_bytes() - read0, "bytes_per_token_needed": None, "load_s": round(load_s, 2)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -161,9 +161,7 @@ class Keeper:
         self._profile = None  # the profile read at start, seeding the first model's ranking
         self._readahead = DeviceReadAhead(self._emit)  # what --readahead changed, to put back
         self._next_sample = self._next_room = 0.0
-        self._next_rerank = time.monotonic() + RERANK_PERIOD  # the first fill stands a while
         self._next_profile = time.monotonic() + PROFILE_PERIOD
-        self._sample_cost = 0.0
         self._slack = ROOM_SLACK
 
     # -- public --------------------------------------------------------------------------
@@ -418,6 +416,7 @@ class Keeper:
                     os.close(fd)
         # No profile: hold the dense part, learn, then fill (``_learned``).
         model.set_budget(share, hot, experts=[] if hot is not None and hot.provisional else None)
+        model.next_rerank = time.monotonic() + RERANK_PERIOD  # the first fill stands a while
         fields = dict(model=model.name, bytes_selected=model.plan.bytes_planned, bytes_kept=model.kept.bytes_planned,
                       reason=why)
         if hot is not None:
@@ -435,9 +434,9 @@ class Keeper:
             started = time.thread_time()
             for model in hot_models:
                 self._guard(model, lambda m=model: m.hot.ranker.sample(m.fds, held=m.experts))
-            self._sample_cost = time.thread_time() - started
+            cost = time.thread_time() - started
             share = LEARN_CPU_SHARE if any(m.hot.provisional for m in hot_models) else SAMPLE_CPU_SHARE
-            self._next_sample = now + max(SAMPLE_PERIOD, self._sample_cost / share)
+            self._next_sample = now + max(SAMPLE_PERIOD, cost / share)
         if now >= self._next_room:
             self._next_room = now + ROOM_PERIOD
             self._shrink_to_room()
@@ -548,8 +547,8 @@ class Keeper:
             observe(seconds)
         if model.hidden:
             return  # nothing to compare against: unknown is not cold
-        if model.hot is not None and (time.monotonic() >= self._next_rerank or self._learned(model.hot)):
-            self._next_rerank = time.monotonic() + RERANK_PERIOD
+        if model.hot is not None and (time.monotonic() >= model.next_rerank or self._learned(model.hot)):
+            model.next_rerank = time.monotonic() + RERANK_PERIOD
             self._rerank(model)
             model.measure()
         evicted = model.cold_chunks()

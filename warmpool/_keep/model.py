@@ -45,6 +45,7 @@ class KeptModel:
         self.last_rewarmed: frozenset[int] = frozenset()
         self.undone = 0  # consecutive checks that re-warmed what the previous one had
         self.backoff_steps, self.backoff_until = 0, 0.0
+        self.next_rerank = 0.0  # monotonic time of this model's next re-ranking (set when it is fitted)
         self.kept = plan  # what is held: the plan, or under a budget its dense part and the held experts
         self.n_dense = len(plan.chunks)  # kept.chunks[:n_dense] are held by runs, the rest one mapping each
         self.hot: HotExperts | None = None
@@ -162,9 +163,9 @@ class KeptModel:
         """The held mapping of kept chunk ``index`` and the chunk's offset in it; None when unmapped."""
         return self.chunk_maps[index] if index < len(self.chunk_maps) else None
 
-    def swap(self, add, drop, lock: bool) -> dict:
+    def swap(self, add, drop, lock: bool) -> None:
         """Let the ``drop`` experts go (unmapping unlocks them) and map ``add`` (the caller warmed
-        them); locks the added ones when ``lock``.  Returns the bytes now locked."""
+        them); locks the added ones when ``lock`` (``bytes_locked`` says what is locked now)."""
         gone = set(drop)
         for key in drop:
             maps = self.expert_maps.pop(key, [])
@@ -190,7 +191,6 @@ class KeptModel:
             self.bytes_locked = sum(self._locked.values())
         if lock:
             self._lock_from(start)
-        return {"bytes_locked": self.bytes_locked}
 
     def remap(self, indices) -> None:
         """Map re-read chunks into the held mapping again (reclaim unmapped them) and touch them."""

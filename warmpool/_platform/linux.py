@@ -142,14 +142,17 @@ def _cached_pages(fd: int, offset: int, length: int) -> int | None:
     return None if stats is None else stats.nr_cache
 
 
-def _cachestat(fd: int, offset: int, length: int) -> _Cachestat | None:
-    """cachestat(2) over the range (all its counts); None where this file cannot be asked.
+def _cachestat(fd: int, offset: int, length: int, stats: _Cachestat | None = None,
+               byte_range: _CachestatRange | None = None) -> _Cachestat | None:
+    """cachestat(2) over the range (all its counts, into ``stats`` when given: a caller asking
+    about thousands of ranges reuses one pair of structs); None where this file cannot be asked.
 
     Since 6.14 cachestat refuses (EPERM) files the caller neither owns nor may write,
     like mincore; hugetlbfs answers EOPNOTSUPP.
     """
-    stats = _Cachestat()
-    byte_range = _CachestatRange(offset, length)
+    stats = _Cachestat() if stats is None else stats
+    byte_range = _CachestatRange() if byte_range is None else byte_range
+    byte_range.off, byte_range.len = offset, length
     if _syscall(_SYS_CACHESTAT, fd, ctypes.byref(byte_range), ctypes.byref(stats), 0) == 0:
         return stats
     err = ctypes.get_errno()
@@ -185,15 +188,10 @@ def cache_counts(fd: int, ranges) -> list[tuple[int, int, int]] | None:
     if not supports_cachestat():
         return None
     stats, byte_range = _Cachestat(), _CachestatRange()
-    ref_stats, ref_range = ctypes.byref(stats), ctypes.byref(byte_range)
     counts = []
     for offset, length in ranges:
-        byte_range.off, byte_range.len = offset, length
-        if _syscall(_SYS_CACHESTAT, fd, ref_range, ref_stats, 0) != 0:
-            err = ctypes.get_errno()
-            if err in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS):
-                return None
-            raise _posix._failure("cachestat", err)
+        if _cachestat(fd, offset, length, stats, byte_range) is None:
+            return None
         counts.append((stats.nr_cache, stats.nr_evicted, stats.nr_recently_evicted))
     return counts
 

@@ -50,7 +50,8 @@ class _OrderedRule(argparse.Action):
         setattr(namespace, self.dest, True if self.dest == "cpu_moe" else values)
 
 
-def _size(text: str) -> int:
+def size_arg(text: str) -> int:
+    """argparse type for a size (16M, 2.5G, 128K): one line naming the option when it is bad."""
     try:
         return parse_size(text)
     except ValueError as e:
@@ -90,7 +91,7 @@ def add_model_argument(parser: argparse.ArgumentParser, *, many: bool = False) -
                        help="a model in the Hugging Face cache, chosen as llama.cpp's -hf chooses it (offline)")
     group.add_argument("-hff", "--hf-file", dest="hf_file", metavar="FILE", help="with -hf: that file of the repository")
     parser.add_argument("--example", action="store_true", help="use the built-in example MoE model (generated once)")
-    parser.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK_SIZE, metavar="SIZE", help="largest chunk a worker takes (default 16M)")
+    parser.add_argument("--chunk-size", type=size_arg, default=DEFAULT_CHUNK_SIZE, metavar="SIZE", help="largest chunk a worker takes (default 16M)")
     add_selection_arguments(parser)
     parser.set_defaults(engine=None)
 

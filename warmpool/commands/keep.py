@@ -11,7 +11,7 @@ import threading
 
 from .._errors import WarmpoolError
 from .._keep.keeper import HOLD_MODES, reporting_note
-from .._units import format_bytes, parse_size
+from .._units import format_bytes
 from ._common import (
     EXIT_OK,
     Bar,
@@ -21,6 +21,7 @@ from ._common import (
     resolve_budget,
     resolve_ref,
     selection_from,
+    size_arg,
 )
 from ._logs import add_log_format
 
@@ -47,9 +48,9 @@ class Command:
         parser.add_argument("--no-progress", action="store_true", help="no progress bar for the first warm")
         parser.add_argument("--json", action="store_true", help="print one JSON event per line on stdout (the log then goes to stderr)")
         add_log_format(parser)
-        parser.add_argument("--headroom", type=_size, metavar="SIZE", help="memory left free for the engine under the memory cgroup's limit and RAM (default: the larger of 512M and 10%% of the limit); what is held shrinks to stay under it")
+        parser.add_argument("--headroom", type=size_arg, metavar="SIZE", help="memory left free for the engine under the memory cgroup's limit and RAM (default: the larger of 512M and 10%% of the limit); what is held shrinks to stay under it")
         parser.add_argument("--profile", metavar="FILE", help="expert ranking to start from (if the file exists), written every minute and at exit (docs/profile.md)")
-        parser.add_argument("--readahead", type=_size, metavar="SIZE", help="set the model's block device read_ahead_kb to SIZE for the run and put the old value back at exit (root; e.g. 128K when the model does not fit: each miss then reads 128 KiB, not 8 MiB)")
+        parser.add_argument("--readahead", type=size_arg, metavar="SIZE", help="set the model's block device read_ahead_kb to SIZE for the run and put the old value back at exit (root; e.g. 128K when the model does not fit: each miss then reads 128 KiB, not 8 MiB)")
 
     def run(self, args: argparse.Namespace) -> int:
         from .. import _platform
@@ -62,9 +63,16 @@ class Command:
             raise WarmpoolError(f"--for-pid {args.for_pid}: no such process")
         if not 0 <= args.min_resident <= 1:
             raise WarmpoolError(f"--min-resident must be in [0, 1], got {args.min_resident}")
-        models = [] if args.engine else _models(args)
+        from .._gguf.layout import read_layout
+        from .._plan import make_plan
+
+        if args.engine:  # model and placement from the engine's command line after --
+            plans = [plan_from(args)]
+        else:
+            selection = selection_from(args)
+            plans = [make_plan(read_layout(m), selection, args.chunk_size) for m in _models(args)]
         if args.readahead is not None:
-            _check_readahead(models or [plan_from(args).files[0].path])
+            _check_readahead([p.files[0].path for p in plans])
         # The log is keep's output on stdout, unless --json gives stdout to the event stream.
         log = _logs.start("keep", args.log_format, sys.stderr if args.json else sys.stdout, prefix="",
                           verbose=getattr(args, "verbose", False))
@@ -86,14 +94,6 @@ class Command:
                 level = {"error": log.error, "backoff": log.warning}.get(event["event"], log.info)
                 level(_describe(event), **event)
 
-        from .._gguf.layout import read_layout
-        from .._plan import make_plan
-
-        if args.engine:  # model and placement from the engine's command line after --
-            plans = [plan_from(args)]
-        else:
-            selection = selection_from(args)
-            plans = [make_plan(read_layout(m), selection, args.chunk_size) for m in models]
         keeper = Keeper(plans, interval=args.interval, lock=args.lock, min_resident=args.min_resident,
                         listen=args.listen, workers=args.workers, strategy=args.strategy,
                         budget=resolve_budget(args.budget), force=args.force, on_event=on_event,
@@ -112,13 +112,6 @@ class Command:
             for s, handler in previous.items():
                 signal.signal(s, handler)
         return EXIT_OK
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _check_readahead(paths: list[str]) -> None:
