@@ -11,7 +11,9 @@ key ``n_layers``, last.
 
 from __future__ import annotations
 
+import bisect
 import heapq
+import itertools
 from collections.abc import Sequence
 from itertools import pairwise
 from typing import NamedTuple
@@ -177,6 +179,9 @@ def prioritize(plan: Plan, groups: Sequence[Sequence[tuple[int, int, int]]]) -> 
     aligned, at most ``chunk_size``, cut evenly within each run (the ordering step behind
     ``warm --profile``: the hottest experts right after the dense tensors)."""
     tensor_pages = _page_ranges(list(plan.selected), plan.files, plan.n_layers)
+    # Per file, the largest end so far along the sorted ranges: where a segment's candidates
+    # start (bisect), instead of a scan of every tensor for each of thousands of segments.
+    reach = {file: list(itertools.accumulate((b for _, b, _ in r), max)) for file, r in tensor_pages.items()}
     covered = contiguous_runs(plan.chunks)
     pieces: dict[int, list[tuple[int, int, int]]] = {}
     for g, ranges in enumerate(groups):
@@ -190,7 +195,14 @@ def prioritize(plan: Plan, groups: Sequence[Sequence[tuple[int, int, int]]]) -> 
     for file, runs in covered.items():
         for lo, hi, owner in _owners(runs, pieces.get(file, [])):
             # The tensors' own page ranges, clipped to the segment, carry its layer keys.
-            keyed = sorted((max(a, lo), min(b, hi), key) for a, b, key in tensor_pages[file] if a < hi and b > lo)
+            ranges, keyed = tensor_pages[file], []
+            for j in range(bisect.bisect_right(reach[file], lo), len(ranges)):
+                a, b, key = ranges[j]
+                if a >= hi:
+                    break
+                if b > lo:
+                    keyed.append((max(a, lo), min(b, hi), key))
+            keyed.sort()
             for c in _split(file, keyed, plan.chunk_size):
                 if owner < 0:
                     rest.append(c)
