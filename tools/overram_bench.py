@@ -67,17 +67,17 @@ ROOT = TOOLS.parent
 sys.path[:0] = [str(ROOT), str(TOOLS)]
 
 import numpy as np
-from lib.measure import rss_anon_tree
+from lib.measure import rss_anon_tree, synthetic_model
+from lib.mem_pressure import own_cgroup
 from lib.proc_stats import cpu_seconds, read_bytes
 
-from warmpool import read_layout, residency
+from warmpool import _platform, read_layout, residency
 from warmpool._units import parse_size
-from warmpool.example import BENCH, model_nbytes, write_moe_gguf
+from warmpool.example import BENCH
 
 SHAPE = BENCH._replace(n_layers=32, n_experts=128)  # 1024 wide, top-8: 6.95 GB
 MODEL_NAME = "overram-qwen3moe-32L-128E-v1.gguf"  # bump the version when SHAPE changes
 LOCK_FILE = "/tmp/warmpool-bench.lock"
-_V1_MEMORY = Path("/sys/fs/cgroup/memory")
 DEFAULT_RUNS = "a,b,c,d,e,b',e'"
 
 
@@ -138,15 +138,11 @@ def parse_runs(text: str, budget: str, extra: str, oracle: str) -> list[Run]:
 
 def own_memory_cgroup() -> Path:
     """This process's v1 memory cgroup directory (where the child cgroups go)."""
-    with open("/proc/self/cgroup") as f:
-        for line in f:
-            _, controllers, rel = line.rstrip("\n").split(":", 2)
-            if "memory" in controllers.split(","):
-                path = _V1_MEMORY / rel.lstrip("/")
-                if (path / "memory.limit_in_bytes").exists():
-                    return path
-    raise BenchError("no cgroup v1 memory controller for this process (/proc/self/cgroup has no "
-                     "memory line under /sys/fs/cgroup/memory); this bench needs one")
+    found = own_cgroup()
+    if found is None or found[1] != "memory.limit_in_bytes":
+        raise BenchError("no cgroup v1 memory controller for this process (/proc/self/cgroup has no "
+                         "memory line under /sys/fs/cgroup/memory); this bench needs one")
+    return found[0]
 
 
 class Cgroup:
@@ -209,18 +205,11 @@ class Cgroup:
 
 
 def read_ahead_file(path: Path) -> Path:
-    """The ``queue/read_ahead_kb`` of the disk holding ``path``: from st_dev's sysfs node, up
-    through the partition to the whole disk."""
-    st = path.stat()
-    node = Path(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}")
-    if not node.exists():
-        raise BenchError(f"{path} is not on a block device ({node} missing): no read_ahead_kb to set")
-    node = node.resolve()
-    while node != node.parent:
-        if (node / "queue" / "read_ahead_kb").exists():
-            return node / "queue" / "read_ahead_kb"
-        node = node.parent
-    raise BenchError(f"no queue/read_ahead_kb above /sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}")
+    """The ``queue/read_ahead_kb`` of the disk holding ``path`` (the walk warmpool's keeper uses)."""
+    found = _platform.read_ahead(path.stat().st_dev)
+    if found is None:
+        raise BenchError(f"{path}: no queue/read_ahead_kb for its device (not on a block device?)")
+    return Path(found.path)
 
 
 class ReadAhead:
@@ -267,11 +256,7 @@ class ReadAhead:
 def evict(path: Path) -> float:
     """Drop the model's clean pages; returns the resident fraction left (mapped or locked pages
     stay, so anything above 0 means something still holds the file)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    _platform.evict_file(path)
     return resident(path)
 
 
@@ -285,15 +270,7 @@ def bench_model(path: Path | None) -> Path:
         if not path.is_file():
             raise BenchError(f"no such model file: {path}")
         return path
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "warmpool" / "bench"
-    base.mkdir(parents=True, exist_ok=True)
-    path = base / MODEL_NAME
-    with open(base / (MODEL_NAME + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not path.exists() or path.stat().st_size != model_nbytes(SHAPE):
-            print(f"generating {path} ({model_nbytes(SHAPE) / 1e9:.2f} GB, once) ...", flush=True)
-            write_moe_gguf(path, SHAPE)
-    return path
+    return synthetic_model(SHAPE, MODEL_NAME, Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "warmpool" / "bench")
 
 
 # ---------------------------------------------------------------------------------------------

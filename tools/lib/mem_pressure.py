@@ -27,7 +27,7 @@ _V2 = Path("/sys/fs/cgroup")
 STEP = 8 << 20
 
 
-def _own_cgroup() -> tuple[Path, str] | None:
+def own_cgroup() -> tuple[Path, str] | None:
     """(directory of this process's memory cgroup, limit file name) or None."""
     with open("/proc/self/cgroup") as f:
         lines = [line.rstrip("\n").split(":", 2) for line in f]
@@ -46,7 +46,7 @@ class MemoryCage:
     """A child memory cgroup with ``limit`` bytes that this process joins until ``close()``."""
 
     def __init__(self, limit: int) -> None:
-        found = _own_cgroup()
+        found = own_cgroup()
         if found is None:
             raise OSError("no memory cgroup controller found (neither v1 nor v2)")
         self.parent, limit_file = found
