@@ -22,8 +22,8 @@ from ._gguf.layout import ModelFile, ModelLayout, TensorInfo
 from ._platform import PAGE_SIZE  # the platform layer's, the one page size
 from ._select import Selection
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "PAGE_SIZE", "Chunk", "Plan", "contiguous_runs", "layer_key", "make_plan", "plan_tensors",
-           "prioritize"]
+__all__ = ["Chunk", "DEFAULT_CHUNK_SIZE", "PAGE_SIZE", "Plan", "contiguous_runs", "layer_key", "make_plan", "page_span",
+           "plan_tensors", "prioritize"]
 
 # 16 MiB: two 8 MiB readahead windows per chunk, and a per-chunk overhead (IPC, mmap, mincore)
 # small against the chunk's I/O; still enough chunks per model to balance the workers and to
@@ -70,15 +70,19 @@ def layer_key(tensor: TensorInfo, n_layers: int) -> int:
     return n_layers if tensor.name.startswith("output") else -1
 
 
+def page_span(start: int, end: int, file_size: int) -> tuple[int, int]:
+    """``[start, end)`` rounded out to whole pages, clipped at the end of the file: the last page
+    of a file is partial, and counting past EOF would report bytes that can never be resident
+    (and start a pool to warm them)."""
+    return start - start % PAGE_SIZE, min(-(-end // PAGE_SIZE) * PAGE_SIZE, file_size)
+
+
 def _page_ranges(tensors: list[TensorInfo], files: tuple[ModelFile, ...], n_layers: int) -> dict[int, list[tuple[int, int, int]]]:
     """Per file: (first byte of the first page, end of the last page or of the file, layer key)."""
     ranges: dict[int, list[tuple[int, int, int]]] = {}
     for t in tensors:
         if t.nbytes:
-            start = t.offset - t.offset % PAGE_SIZE
-            # The last page of a file is partial: counting past EOF would report bytes that can
-            # never be resident (and start a pool to warm them).
-            end = min(-(-(t.offset + t.nbytes) // PAGE_SIZE) * PAGE_SIZE, files[t.file].size)
+            start, end = page_span(t.offset, t.offset + t.nbytes, files[t.file].size)
             ranges.setdefault(t.file, []).append((start, end, layer_key(t, n_layers)))
     for file_ranges in ranges.values():
         file_ranges.sort()
@@ -186,8 +190,7 @@ def prioritize(plan: Plan, groups: Sequence[Sequence[tuple[int, int, int]]]) -> 
     pieces: dict[int, list[tuple[int, int, int]]] = {}
     for g, ranges in enumerate(groups):
         for file, start, end in ranges:
-            lo = start - start % PAGE_SIZE
-            hi = min(-(-end // PAGE_SIZE) * PAGE_SIZE, plan.files[file].size)
+            lo, hi = page_span(start, end, plan.files[file].size)
             if hi > lo:
                 pieces.setdefault(file, []).append((lo, hi, g))
     rest: list[Chunk] = []

@@ -13,7 +13,7 @@ held set does not flap with sampling noise.  docs/keep.md, "When the model does 
 from __future__ import annotations
 
 from .._experts.ranking import NOISE
-from .._plan import PAGE_SIZE, Chunk, Plan, plan_tensors
+from .._plan import Chunk, Plan, page_span, plan_tensors
 
 __all__ = ["CHURN", "HotExperts", "expert_chunks"]
 
@@ -30,8 +30,7 @@ def expert_chunks(ranges, sizes, layer: int) -> tuple[Chunk, ...]:
     the end of the file): what is mapped, locked and measured for it."""
     out = []
     for file, start, end in ranges:
-        lo = start - start % PAGE_SIZE
-        hi = min(-(-end // PAGE_SIZE) * PAGE_SIZE, sizes[file])
+        lo, hi = page_span(start, end, sizes[file])
         out.append(Chunk(file, lo, hi - lo, layer, layer))
     return tuple(out)
 
