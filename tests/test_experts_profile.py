@@ -10,6 +10,7 @@ import random
 
 import pytest
 from conftest import evict_file
+from test_warm import reclaimed_pages
 
 import warmpool
 from warmpool import ProfileError, _platform, main, read_layout
@@ -120,6 +121,11 @@ def test_plan_order_puts_the_hottest_experts_right_after_the_rest(test_model, tm
     assert [tuple(row.values()) for row in table] == [tuple(c) for c in ordered.chunks]
 
 
+def interior_pages(expert) -> list[int]:
+    """The pages an expert has to itself (its slices' boundary pages are shared)."""
+    return [p for _, a, b in expert.ranges for p in range(-(-a // PAGE_SIZE), b // PAGE_SIZE)]
+
+
 @pytest.mark.pagecache
 def test_a_warm_with_a_small_budget_makes_the_hottest_experts_resident(private_model, tmp_path, capsys):
     profile = a_profile(private_model, seed=5)
@@ -141,14 +147,16 @@ def test_a_warm_with_a_small_budget_makes_the_hottest_experts_resident(private_m
 
     fd = os.open(private_model, os.O_RDONLY)
     try:
-        def resident(key):
-            ranges = [(-(-a // PAGE_SIZE) * PAGE_SIZE, b // PAGE_SIZE * PAGE_SIZE) for _, a, b in slices[key].ranges]
-            return sum(_platform.resident_bytes(fd, lo, hi - lo) for lo, hi in ranges) / sum(hi - lo for lo, hi in ranges)
-
-        fractions = {k: resident(k) for k in slices}
+        vector = _platform.resident_pages(fd, 0, 0)
+        resident = {k: sum(vector[p] for p in interior_pages(slices[k])) for k in slices}
+        fractions = {k: resident[k] / len(interior_pages(slices[k])) for k in slices}
     finally:
         os.close(fd)
-    assert [fractions[k] for k in top] == [1.0] * len(top)
+    # A hot expert's page the VM's reclaim took after the warm read it counts as read
+    # (test_warm.reclaimed_pages: its shadow entry).
+    warmed = {k: (resident[k] + reclaimed_pages(private_model, interior_pages(slices[k]))) / len(interior_pages(slices[k]))
+              for k in top}
+    assert [warmed[k] for k in top] == [1.0] * len(top)
     others = [fractions[k] for k in profile.order()[len(top) * 2:]]  # past a margin for the next chunk
     assert sum(others) / len(others) < 0.25, f"the coldest experts are {sum(others) / len(others):.0%} resident"
 
