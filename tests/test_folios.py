@@ -35,6 +35,66 @@ def test_parts_cut_an_extent_at_its_block_edges():
     assert guards.parts(1, 0, 3 * mib, HUGE) == [(0, 2 * mib, True), (2 * mib, 3 * mib, False)]
 
 
+def test_interior_keeps_fault_readahead_inside_its_extent():
+    mib, ra = 1 << 20, 8 << 20
+    guards = Guards([(0, 1 * mib, 48 * mib), (0, 49 * mib, 51 * mib), (1, 0, 20 * mib)])
+    # extent [1, 100) MiB: readahead reaches 2 * ra + a block past a faulted page, and a fault
+    # reads from its block's start, so [round_up(1 + 8, 2), 100 - 16 - 2) = [10, 82) MiB
+    assert guards.interior(0, 1 * mib, 48 * mib, ra, HUGE) == (10 * mib, 49 * mib)
+    assert guards.interior(0, 49 * mib, 51 * mib, ra, HUGE) == (49 * mib, 82 * mib)
+    assert guards.interior(1, 0, 20 * mib, ra, HUGE) is None  # too short to hold any
+    # a small window leaves more of the extent inside
+    assert guards.interior(0, 1 * mib, 48 * mib, 1 * mib, HUGE) == (4 * mib, 49 * mib)
+
+
+class _Count:
+    """The worker's progress slot, as a plain sum (the test reads it; nothing else does)."""
+
+    def __init__(self) -> None:
+        self.total = 0
+
+    def add(self, n: int) -> None:
+        self.total += n
+
+
+@pytest.mark.pagecache
+@pytest.mark.xdist_group("pagecache")
+def test_the_inside_of_an_extent_is_streamed_and_its_reads_stay_in_the_extent(pagecache_model):
+    """One worker's warmer over one extent that leaves 4 MiB cold at each end of the file: the
+    inside of the extent is read by the stream (``streamed`` counts it), the edges by the fault
+    threads, every page of the extent is resident and almost nothing outside it."""
+    from test_warm import residency_of
+
+    from warmpool._pool.worker import _ChunkWarmer
+
+    mib, page = 1 << 20, _platform.PAGE_SIZE
+    fd = os.open(pagecache_model, os.O_RDONLY)
+    try:
+        ra, huge = _platform.readahead_size(fd), _platform.huge_folio_size()
+        if huge is None or ra < FAULT_READAHEAD_MIN:
+            pytest.skip("no huge folios or a small readahead here: warms take the hinted path, nothing is streamed")
+        size = os.fstat(fd).st_size
+        start, end = 4 * mib, (size - 4 * mib) // page * page
+        chunks = [(0, off, min(16 * mib, end - off)) for off in range(start, end, 16 * mib)]
+        inner = Guards(chunks).interior(0, start, end - start, ra, huge)
+        if inner is None:
+            pytest.skip(f"a {(end - start) // mib} MiB extent has no inside with {ra // 1024} KiB readahead")
+        evict_file(pagecache_model)
+        count = _Count()
+        warmer = _ChunkWarmer("populate", count, Guards(chunks), [str(pagecache_model)])
+        errors = []
+        for _, off, length in chunks:
+            warmer.warm(fd, 0, off, length, lambda e: e and errors.append(e))
+        warmer.finish()
+    finally:
+        os.close(fd)
+    assert not errors and count.total == end - start
+    assert warmer.streamed == inner[1] - inner[0]
+    assert residency_of(pagecache_model, range(start // page, end // page)) >= 0.99
+    outside = [*range(start // page), *range(-(-end // page), size // page)]
+    assert residency_of(pagecache_model, outside) <= 0.01
+
+
 def _order0_in(path: Path, lo: int, hi: int) -> tuple[int, int, int]:
     """(order-0 pages, resident pages, folios carrying the readahead mark) of [lo, hi)."""
     hist = folios.histogram(path, lo, hi - lo)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import bisect
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import NamedTuple
 
 from . import _platform
@@ -148,20 +148,24 @@ class _OpenFiles:
             if file_identity(path) != before:
                 raise FileChangedError("the file was replaced or modified while it was being warmed", path)
 
-    def resident(self, plan: Plan, *, quick: bool = False) -> list[int | None]:
+    def resident(self, plan: Plan, *, quick: bool = False, settled: Collection[int] = ()) -> list[int | None]:
         """Resident bytes of each chunk (page granular); None in a file whose residency is hidden.
 
         ``quick`` uses cachestat where the kernel has it: one syscall per chunk and no mapping,
         orders of magnitude cheaper than mincore (docs/design.md, "Residency: mincore and cachestat"), which is what keeps a
         warm of an already-resident model fast.  It also counts pages whose read is still in
-        flight, so the verdict after a warm uses mincore, which counts only pages that have arrived.
+        flight, so the verdict after a warm uses mincore, which counts only pages that have
+        arrived, except for the ``settled`` chunks: those a warm faulted or read in whole and
+        whose workers have all ended.  Each of their pages arrived before its worker's fault or
+        touch returned, and no read of this warm is left in flight, so there cachestat counts
+        what mincore would, at a fraction of the cost (0.13 s of mincore for 6.9 GB).
         """
         sizes: list[int | None] = []
-        for c in plan.chunks:
+        for i, c in enumerate(plan.chunks):
             if self.hidden[c.file]:
                 sizes.append(None)
                 continue
-            cached = _platform.cached_bytes(self.fds[c.file], c.offset, c.length) if quick else None
+            cached = _platform.cached_bytes(self.fds[c.file], c.offset, c.length) if quick or i in settled else None
             sizes.append(cached if cached is not None else _platform.resident_bytes(self.fds[c.file], c.offset, c.length))
         return sizes
 
@@ -272,9 +276,12 @@ def warm(path: str | os.PathLike[str], *, workers: int | None = None, strategy: 
         outcome = run_warm(plan, files.paths, chosen, baseline, strategy, workers, on_start, stop, linger,
                            require_name=require_name, priority=priority)
         files.check_unchanged()
-        measured = files.resident(plan)
+        # A warm that ran to its end beside no engine has no read in flight (``resident``),
+        # unless it only hinted (``willneed`` returns before the reads it asks for).
+        settled = set() if stop() or beside_engine or strategy == "willneed" else set(chosen)
+        measured = files.resident(plan, settled=settled)
         if not stop() and _fill_holes(plan, files, chosen, measured):
-            measured = files.resident(plan)
+            measured = files.resident(plan, settled=settled)
         faulted = set(chosen)
         # Hidden files: the warm's own account (every chosen chunk faulted in), not a measurement.
         after = [r if r is not None else (c.length if i in faulted else 0)

@@ -75,10 +75,14 @@ class FileWindow:
         start = _round_down(rel)
         return self.address + start, _round_up(rel + n) - start
 
-    def resident(self) -> bytes:
-        """One byte per page of the window, 1 = in the page cache."""
+    def resident(self, skip: tuple[int, int] = (0, 0)) -> bytes:
+        """One byte per page of the window, 1 = in the page cache.  The pages of the
+        page-aligned ``skip`` range (relative) are not looked up and read 0."""
         out = bytearray(_round_up(self.length) // PAGE_SIZE)
-        _mincore_into(self._span(0, self.length)[0], self.length, out, 0)
+        lo, hi = skip if skip[0] < skip[1] else (self.length, self.length)
+        for start, end in ((0, lo), (hi, self.length)):
+            if start < end:
+                _mincore_into(self._span(start, end - start)[0], end - start, out, start // PAGE_SIZE)
         return bytes(out).translate(_BIT0)
 
     def willneed(self, rel: int, n: int) -> None:
@@ -121,22 +125,19 @@ class FileWindow:
         per page on bare metal; in a VM the first CPU access to a page whose contents arrived
         by DMA can cost microseconds (measured: docs/folios.md), paid here instead of in the
         engine's first request.  Same SIGBUS danger as ``touch`` on a page past EOF."""
-        address, size = self._span(rel, n)
-        view = memoryview((ctypes.c_ubyte * size).from_address(address)).cast("B")
-        view[::PAGE_SIZE].tobytes()
+        self.touch(rel, n)
 
     def touch(self, rel: int, n: int) -> None:
-        """Read one byte per page of the range, which faults each page in.
+        """Read one byte per page of the range, which faults each page in: one strided copy in
+        C, holding the GIL for its whole length (page faults and their reads included).
 
         DANGER: a page past EOF (the file shrank after mapping) raises SIGBUS, which
         kills the process; the pool runs this in worker processes for that reason.
         Prefer ``populate``, which returns an error instead.
         """
-        import numpy as np  # lazy: numpy is a large import (docs/design.md, "Import cost")
-
         address, size = self._span(rel, n)
-        pages = np.frombuffer((ctypes.c_ubyte * size).from_address(address), np.uint8)
-        int(pages[::PAGE_SIZE].sum())  # the reads are the point; the sum is discarded
+        view = memoryview((ctypes.c_ubyte * size).from_address(address)).cast("B")
+        view[::PAGE_SIZE].tobytes()
 
     def _madvise(self, rel: int, n: int, advice: int) -> int:
         """madvise over the whole pages of the range: 0, or the errno."""

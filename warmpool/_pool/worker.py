@@ -95,6 +95,19 @@ class Guards:
             zones = [(zones[0][0], max(zones[0][1], zones[1][1]))]
         return zones
 
+    def interior(self, file: int, offset: int, length: int, ra: int, huge: int) -> tuple[int, int] | None:
+        """The part of [offset, offset + length) that may be streamed (see ``_ChunkWarmer``):
+        far enough inside its extent that no fault readahead from it crosses the extent's
+        edges, whole blocks only; None where there is none.  A fault under MADV_HUGEPAGE alone
+        reads from its block's aligned start, and its readahead windows reach at most ``2 * ra``
+        past the page faulted (one window, and the one its last folio's mark starts)."""
+        start, end = self.extent(file, offset)
+        lo = -(-(start + max(ra, huge)) // huge) * huge
+        hi = end - 2 * ra - huge
+        hi -= hi % huge
+        lo, hi = max(lo, offset), min(hi, offset + length)
+        return (lo, hi) if lo < hi else None
+
     def parts(self, file: int, offset: int, length: int, huge: int) -> list[tuple[int, int, bool]]:
         """[offset, offset + length) cut at its extent's block edges: ``(start, end, whole)``,
         ``whole`` for whole aligned blocks (fault under MADV_HUGEPAGE), else an unaligned edge
@@ -122,6 +135,7 @@ class _ChunkWarmer:
         self.marks = Marks(paths, self.huge) if self.huge else None
         self.hidden: set[int] = set()  # files whose mincore vector is made up: trust none of it
         self.warmed: list[tuple[int, int, int]] = []  # (fd, offset, length): what ``finish`` reads again
+        self.streamed = 0  # bytes ``_stream`` read
 
     def warm(self, fd: int, file: int, offset: int, length: int,
              on_done: Callable[[BaseException | None], None]) -> None:
@@ -130,7 +144,15 @@ class _ChunkWarmer:
         the first error instead, if one failed).  Errors before any block is queued raise."""
         window = _platform.FileWindow(fd, offset, length)
         try:
-            vector = bytes(-(-length // self.page)) if file in self.hidden else window.resident()
+            span = self._advise_huge(fd, file, window)
+            lo, hi = span or (length, length)
+            # A stream reads every page of [lo, hi), resident or not (a resident page costs a
+            # mapping, no read), so residency is looked up only outside it.  cachestat first:
+            # a cold chunk costs one call instead of a page-cache lookup per page; it also
+            # counts reads in flight, so where it sees any, mincore tells which have arrived.
+            cold = (file in self.hidden or lo == 0 and hi == length
+                    or _platform.cached_bytes(fd, offset, length) == 0)
+            vector = bytes(-(-length // self.page)) if cold else window.resident(skip=(lo, hi))
             runs = [(s * self.page, min(e * self.page, length)) for s, e in _platform.page_runs(vector, 0)]
             self._add(length - sum(end - start for start, end in runs))
             if runs and self.strategy in ("populate", "touch"):
@@ -139,9 +161,12 @@ class _ChunkWarmer:
                 # (see ``reread``), so only they are read again at the end.
                 self.warmed += [(fd, offset + s * self.page, min(e * self.page, length) - s * self.page)
                                 for s, e in _platform.page_runs(vector, 1)]
-                if self._warm_huge(fd, window, file, runs, on_done):
-                    window = None  # the fault threads close it once its blocks are done
-                    return
+            if runs and span is not None:
+                self._stream(window, [(max(a, lo), min(b, hi)) for a, b in runs if max(a, lo) < min(b, hi)])
+                rest = [(a, b) for start, end in runs for a, b in ((start, min(end, lo)), (max(start, hi), end)) if a < b]
+                self._queue_blocks(fd, window, file, rest, on_done)
+                window = None  # the fault threads close it once its blocks are done
+                return
             if runs:
                 hint_runs = self._hint_edges(fd, file, offset, length)
                 for start, end in runs:
@@ -155,21 +180,33 @@ class _ChunkWarmer:
         with self.lock:
             self.counter.add(n)
 
-    def _warm_huge(self, fd: int, window: _platform.FileWindow, file: int, runs: list[tuple[int, int]],
-                   on_done: Callable[[BaseException | None], None]) -> bool:
-        """Queue the runs' faults in PMD-size folios, exactly (see Guards), on the fault threads;
-        False where this kernel or device does not take that path (then nothing was done)."""
-        if not self.huge or _platform.readahead_size(fd) < FAULT_READAHEAD_MIN:
-            return False
-        if not window.advise(0, window.length, "hugepage"):
-            return False  # no transparent huge pages: nothing changed
-        if not window.advise(0, window.length, "random"):
+    def _advise_huge(self, fd: int, file: int, window: _platform.FileWindow) -> tuple[int, int] | None:
+        """Advise the window for the huge-folio path (see Guards) and return the part of it to
+        stream, relative (empty where none); None where this strategy, kernel or device does
+        not take that path (then nothing was changed).  The streamed part carries
+        MADV_HUGEPAGE alone, the rest MADV_RANDOM too, and the unaligned edges of an extent
+        neither."""
+        if self.strategy not in ("populate", "touch") or not self.huge:
+            return None
+        ra = _platform.readahead_size(fd)
+        if ra < FAULT_READAHEAD_MIN or not window.advise(0, window.length, "hugepage"):
+            return None  # small readahead, or no transparent huge pages: nothing changed
+        offset = window.offset
+        inner = self.guards.interior(file, offset, window.length, ra, self.huge)
+        lo, hi = (inner[0] - offset, inner[1] - offset) if inner else (window.length, window.length)
+        if not all(window.advise(a, b - a, "random") for a, b in ((0, lo), (hi, window.length)) if a < b):
             window.advise(0, window.length, "nohugepage")
-            return False
-        offset, blocks, whole_blocks = window.offset, [], []
-        for lo, hi, whole in self.guards.parts(file, offset, window.length, self.huge):
+            return None
+        for a, b, whole in self.guards.parts(file, offset, window.length, self.huge):
             if not whole:
-                window.advise(lo - offset, hi - lo, "nohugepage")
+                window.advise(a - offset, b - a, "nohugepage")
+        return lo, hi
+
+    def _queue_blocks(self, fd: int, window: _platform.FileWindow, file: int, runs: list[tuple[int, int]],
+                      on_done: Callable[[BaseException | None], None]) -> None:
+        """Queue the runs' faults in PMD-size folios, exactly (see Guards), on the fault threads;
+        they close the window once its blocks are done."""
+        offset, blocks, whole_blocks = window.offset, [], []
         for start, end in runs:
             for lo, hi, whole in self.guards.parts(file, offset + start, end - start, self.huge):
                 if whole:  # one task per block: the threads keep several block reads in flight
@@ -195,7 +232,21 @@ class _ChunkWarmer:
             self.threads = FaultThreads(FAULT_THREADS, lambda w, rel, n: _fault(w, rel, n, strategy, w.fd, None),
                                         self._add)
         self.threads.submit(window, [(lo - offset, hi - lo) for lo, hi in blocks], done)
-        return True
+
+    def _stream(self, window: _platform.FileWindow, runs: list[tuple[int, int]]) -> None:
+        """Fault ``runs`` (relative, inside the window's interior) in order from this thread,
+        reading one byte of each page as it arrives: under MADV_HUGEPAGE alone each fault that
+        misses reads its aligned block and starts readahead, whose windows then stay ahead of
+        the reads, so one thread keeps the device busy with large requests, as ``vmtouch -t``
+        does, at a fraction of the CPU that faulting block by block from several threads and
+        reading the pages again through pwritev costs (docs/performance.md, "Streaming the
+        inside of an extent").  One STEP at a time, so the fault threads get the GIL between."""
+        for start, end in runs:
+            for step in range(start, end, STEP):
+                n = min(STEP, end - step)
+                window.touch(step, n)
+                self._add(n)
+                self.streamed += n
 
     def drain(self) -> None:
         """Wait until the fault threads have finished every chunk handed to them."""
