@@ -4,7 +4,7 @@ The backend is chosen once at import: ``linux`` (ctypes to libc:
 cachestat, MADV_POPULATE_READ, sysfs readahead) or ``posix`` (what any POSIX
 libc offers; the rest reported by ``platform_notes()``).  Only stdlib is imported
 here: this module is on the hot path of every run (numpy is imported inside
-``FileWindow.touch`` only).
+``HeldMapping.touch`` only, the keeper's ``--hold touch``).
 
 Conventions shared by every function:
 

@@ -128,8 +128,8 @@ def _launch(slot: int, job: tuple, shared_fds: tuple[int, ...] = ()) -> _Worker:
 
 
 def _import_path() -> list[str]:
-    """Where the worker finds warmpool (an editable install is an import hook that -S skips)
-    and numpy (the touch strategy): our package's parent first, then the caller's path."""
+    """Where the worker finds warmpool (an editable install is an import hook that -S skips):
+    our package's parent first, then the caller's path."""
     package = sys.modules[__name__.partition(".")[0]]  # warmpool itself, imported before any of its modules
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(package.__file__)))
     return [package_parent, *[p for p in sys.path if p and p != package_parent]]

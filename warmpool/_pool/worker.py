@@ -1,16 +1,17 @@
 """What one worker process does: fault the pages of the chunks it is handed into the cache.
 
 A worker opens each model file read-only once, and for each chunk maps it, skips the pages
-already resident (mincore), faults the rest in with the chosen strategy, adds its progress to
-its own slot of the shared-memory segment every ``STEP`` bytes, and unmaps the chunk again:
-no mapping or buffer outlives a chunk except the one pread buffer it reuses.  In the default
-huge-folio path its fault threads (``threads``) fault the chunk's blocks, while this
-thread already sets up the next chunk the coordinator handed out (``coordinator.LOOKAHEAD``).  Once
-every chunk of the warm is done, it reads once more the pages it found resident in the chunks
-it warmed (``reread``).
+already resident (cachestat, then mincore), faults the rest in with the chosen strategy, adds its
+progress to its own slot of the shared-memory segment every ``STEP`` bytes, and unmaps the chunk
+again: no mapping or buffer outlives a chunk except the one pread buffer it reuses.  In the
+default huge-folio path this thread streams the inside of each extent (``_ChunkWarmer._stream``)
+and its fault threads (``threads``) fault the blocks at the extent's edges, while this thread
+goes on with the next chunk the coordinator handed out (``coordinator.LOOKAHEAD``).  Once every
+chunk of the warm is done, it reads once more the pages it found resident in the chunks it
+warmed (``reread``).
 
-Kept to the standard library plus ``_platform``/``warmpool._progress`` so that a worker forked from the
-forkserver costs a few MB of private memory (numpy is imported only by the ``touch`` strategy).
+Kept to the standard library plus ``_platform``/``warmpool._progress`` so that a worker started
+with ``python -I -S`` costs a few MB of private memory and tens of milliseconds of imports.
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ class Guards:
     rounded down to a block), and its unaligned head [S, A) and tail [B, E) are hinted (WILLNEED
     reads exactly the range, in 4 KiB folios) and faulted under MADV_RANDOM alone, which reads
     at most the faulted page.  No read crosses an extent's edge whatever the readahead size.
+    The inside of a long extent (``interior``) is read without MADV_RANDOM, as a stream whose
+    readahead runs ahead of it, and the margins it keeps from the edges bound where that
+    readahead can reach.
 
     Without huge folios (``zones``): a fault that misses reads around itself (mmap read-around:
     half a window before, half after) and every readahead window it starts can start one more
