@@ -114,3 +114,37 @@ def test_learned_top_quarter_matches_the_router(ranking_model, small_cgroup, tmp
     assert got >= 0.8
     # The threshold means something here: a ranker that had learned nothing would miss it.
     assert overlap(shuffled, truth) < 0.8 and overlap(learned[::-1], truth) < 0.8
+
+
+@pytest.mark.pagecache
+@pytest.mark.xdist_group("pagecache")
+def test_a_refault_is_a_page_read_again_after_an_eviction_not_a_first_read(ranking_model):
+    """``refault_share``: the share of sampled pages per pass that came back after a sample had
+    seen them resident and a later one had seen them gone.  The engine's first read of an expert
+    (its load) is not one; the same read after an eviction is."""
+    from warmpool import _platform
+
+    layout = read_layout(ranking_model)
+    slices = expert_slices(layout)
+    ranker = Ranker(slices)
+    some = slices[: len(slices) // 4]
+    ranges = [(start, end - start) for s in some for _, start, end in s.ranges]
+    fd = os.open(ranking_model, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # read exactly the experts, no neighbours
+        evict_file(ranking_model)
+        ranker.sample([fd])  # all cold
+        for start, length in ranges:
+            os.pread(fd, length, start)
+        ranker.sample([fd])  # a first read: no refault
+        assert ranker.refault_share(2) == 0.0
+        _platform.evict_ranges(fd, ranges)
+        ranker.sample([fd])  # gone
+        for start, length in ranges:
+            os.pread(fd, length, start)
+        ranker.sample([fd])  # back: every sampled page of those experts refaulted
+    finally:
+        os.close(fd)
+    share = ranker.refault_share(1)
+    assert 0.9 * len(some) / len(slices) <= share <= 1.1 * len(some) / len(slices) + 0.01, share
+    assert ranker.refault_share(4) == pytest.approx(share / 4)

@@ -146,16 +146,19 @@ def test_engine_adapter_keeps_what_it_warmed(private_model):
     assert any(e["event"] == "rewarmed" for e in events)
 
 
-def test_without_a_profile_it_learns_then_holds_what_the_engine_reads(private_model, monkeypatch):
+def test_without_a_profile_it_learns_stands_aside_while_the_engine_fits_then_holds_what_it_rereads(
+        private_model, monkeypatch):
     """No profile: the keeper holds the dense part alone while it samples; an "engine" reads the
-    experts of the last layers; once the ranking rests on enough samples (``LEARN_PASSES``
-    over ``LEARN_SECONDS``), one re-ranking takes in what fits, those experts, more than a
-    bounded step could."""
+    experts of the last layers.  While they stay resident (what it reads fits), the learned
+    keeper holds no experts and says so ("aside").  Once the engine loses them and reads them
+    again (refaults), one re-ranking takes in what fits, those experts, more than a bounded step
+    could."""
     from warmpool._keep import keeper as keeper_mod
     from warmpool._keep.hot import CHURN_MIN
 
     monkeypatch.setattr(keeper_mod, "SAMPLE_PERIOD", 0.1)  # learn in a second or two, not in 20
     monkeypatch.setattr(keeper_mod, "LEARN_CPU_SHARE", 1.0)
+    monkeypatch.setattr(keeper_mod, "SAMPLE_CPU_SHARE", 1.0)
     monkeypatch.setattr(keeper_mod, "LEARN_PASSES", 6)
     monkeypatch.setattr(keeper_mod, "LEARN_SECONDS", 1.0)
     plan = plan_model(private_model, n_gpu_layers=99, cpu_moe=True)
@@ -170,6 +173,7 @@ def test_without_a_profile_it_learns_then_holds_what_the_engine_reads(private_mo
         room = plan.bytes_planned // 3 - hot.dense_bytes
         fits = room // hot.nbytes(next(iter(hot.slices)))
         wanted = sorted(hot.slices, reverse=True)[:fits]  # the "engine" reads the last layers' experts
+        ranges = [(start, end - start) for key in wanted for _, start, end in hot.slices[key].ranges]
         fd = os.open(private_model, os.O_RDONLY)
         try:
             # The keeper's warm read whole 2 MiB folios, past the dense part into experts: drop
@@ -177,16 +181,26 @@ def test_without_a_profile_it_learns_then_holds_what_the_engine_reads(private_mo
             for slice_ in hot.slices.values():
                 _platform.evict_ranges(fd, [(start, end - start) for _, start, end in slice_.ranges])
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no read-ahead into the neighbours
-            deadline = time.monotonic() + 20
-            while not any(e["event"] == "reranked" for e in events) and time.monotonic() < deadline:
-                for key in wanted:
-                    for _, start, end in hot.slices[key].ranges:
-                        os.pread(fd, end - start, start)
-                time.sleep(0.05)
+
+            def engine(until: str, lose: bool) -> None:
+                deadline = time.monotonic() + 20
+                while not any(e["event"] == until for e in events) and time.monotonic() < deadline:
+                    for start, length in ranges:
+                        os.pread(fd, length, start)
+                    time.sleep(0.15)
+                    if lose:  # memory pressure took them: the next token reads them again
+                        _platform.evict_ranges(fd, ranges)
+                        time.sleep(0.15)
+
+            engine("aside", lose=False)
+            aside = next((e for e in events if e["event"] == "aside"), None)
+            held_while_fitting = list(model.experts)
+            engine("reranked", lose=True)
         finally:
             os.close(fd)
         reranked = next((e for e in events if e["event"] == "reranked"), None)
         held = list(model.experts)
+    assert aside is not None and held_while_fitting == [], [e["event"] for e in events]
     assert reranked is not None, [e["event"] for e in events]
     assert reranked["experts_added"] > 2 * CHURN_MIN and reranked["experts_dropped"] == 0
     # What it holds now is what was read (a page shared with a neighbour can lift one more).

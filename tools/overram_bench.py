@@ -432,8 +432,12 @@ def measure(run: Run, model: Path, args, parent: Path, ra: ReadAhead, workdir: P
             ready_at = (event or {}).get("time")
             row["holder_reranks"] = [
                 {"after_ready_s": round(e["time"] - ready_at, 1) if ready_at and "time" in e else None,
-                 "added": e.get("experts_added"), "dropped": e.get("experts_dropped"), "held": e.get("experts_held")}
+                 "added": e.get("experts_added"), "dropped": e.get("experts_dropped"), "held": e.get("experts_held"),
+                 "refault_share": e.get("refault_share")}
                 for e in holder.events if e.get("event") == "reranked"]
+            row["holder_aside"] = [{"after_ready_s": round(e["time"] - ready_at, 1) if ready_at and "time" in e else None,
+                                    "refault_share": e.get("refault_share")}
+                                   for e in holder.events if e.get("event") == "aside"]
         row["killed"] = [c.name for c in children if c.proc.poll() == -signal.SIGKILL]
         if result is not None:
             row.update(_token_stats(result))

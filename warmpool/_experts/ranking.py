@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 
 from .. import _platform
@@ -85,6 +86,12 @@ class Ranker:
         # expert's score stands while the others go on) are on one scale.
         self._weight = [0.0] * n
         self._last: list[int | None] = [None] * n  # resident pages at the last sample
+        self._peak = [0] * n  # the most resident pages a sample has seen
+        # Per pass, newest last: pages that came back after a sample had seen them resident and
+        # a later one had seen them gone, i.e. read again after an eviction.  A first read (the
+        # engine's load) is not one, so this tells an engine that loses what it uses from one
+        # whose reads fit (``refaulted``).
+        self._refaults: deque[int] = deque(maxlen=64)
         self._cursor = 0
         self.passes = 0
         self.first_sample: float | None = None  # time.time() of the first and the last pass
@@ -114,15 +121,20 @@ class Ranker:
             for (i, _, _), pages in zip(todo, self._resident_pages(fds[file], todo)):
                 resident[i] += pages
         a = self._alpha
+        refaulted = 0
         for i in chosen - skip:
             pages = self._pages[i] or 1
             fraction = resident[i] / pages
             last = self._last[i]
             risen = 0.0 if last is None else max(0, resident[i] - last) / pages
+            if last is not None:
+                refaulted += min(max(0, resident[i] - last), max(0, self._peak[i] - last))
+            self._peak[i] = max(self._peak[i], resident[i])
             self._resident[i] += a * (fraction - self._resident[i])
             self._risen[i] += a * (risen - self._risen[i])
             self._weight[i] += a * (1.0 - self._weight[i])
             self._last[i] = resident[i]
+        self._refaults.append(refaulted)
         self.passes += 1
         now = time.time()
         self.first_sample = self.first_sample or now
@@ -145,6 +157,13 @@ class Ranker:
         return [vector[(off - lo) // page:(off + length - lo) // page].count(1) for _, off, length in todo]
 
     # -- what was learned ---------------------------------------------------------------
+
+    def refault_share(self, passes: int) -> float:
+        """The share of the sampled pages read again after an eviction, per pass, over the last
+        ``passes`` passes (fewer if fewer were taken; 0.0 before any)."""
+        recent = list(self._refaults)[-passes:] if passes > 0 else []
+        total = sum(self._pages)
+        return sum(recent) / (len(recent) * total) if recent and total else 0.0
 
     def scores(self) -> dict[Key, float]:
         """(layer, expert) -> score in [0, 2]: higher is hotter; 0.0 for a slice never sampled."""

@@ -53,6 +53,8 @@ class HotExperts:
         # True until the ranking is learned (no profile): the keeper holds no experts meanwhile,
         # and its first re-ranking fills the room whole, not CHURN at a time.
         self.provisional = True
+        # Learned, but the engine lost nothing it reads since: no experts held (keeper.ASIDE_PASSES).
+        self.aside = False
 
     @classmethod
     def of(cls, plan: Plan, profile=None) -> HotExperts | None:

@@ -73,6 +73,15 @@ LEARN_PASSES = 12
 FILL_BATCH = 256 << 20  # bytes of experts read, then held, at a time when a re-ranking takes many
 LEARN_SECONDS = 20.0
 LEARN_CPU_SHARE = 0.04
+# Learned, it fills only while the engine reads again what it lost: at least REFAULT_SHARE_MIN
+# of the sampled pages refaulted per sample over the last ASIDE_PASSES samples.  Without
+# refaults every expert the engine ever read stays resident, scores alike, and the ranking says
+# only what is resident, not what is used; filling the room then holds whatever came first.
+# Until refaults show, the keeper stands aside, holding the dense part and sampling at
+# SAMPLE_CPU_SHARE.  Beside the thrashing stand-in engine the share was 0.13 per sample, beside
+# llama.cpp in a cgroup it nearly fit 0.09-0.11 (docs/keep.md, "When what the engine reads fits").
+ASIDE_PASSES = 4
+REFAULT_SHARE_MIN = 0.01
 
 
 def _batches(keys: list, nbytes: Callable[[object], int], limit: int) -> list[list]:
@@ -435,7 +444,8 @@ class Keeper:
             for model in hot_models:
                 self._guard(model, lambda m=model: m.hot.ranker.sample(m.fds, held=m.experts))
             cost = time.thread_time() - started
-            share = LEARN_CPU_SHARE if any(m.hot.provisional for m in hot_models) else SAMPLE_CPU_SHARE
+            learning = any(m.hot.provisional and not m.hot.aside for m in hot_models)
+            share = LEARN_CPU_SHARE if learning else SAMPLE_CPU_SHARE
             self._next_sample = now + max(SAMPLE_PERIOD, cost / share)
         if now >= self._next_room:
             self._next_room = now + ROOM_PERIOD
@@ -486,6 +496,15 @@ class Keeper:
         limit = share - self._slack if share >= current + 2 * self._slack else max(share, current)
         if model.hot.provisional and not self._learned(model.hot):
             return  # still learning: nothing to fill with yet
+        refaults = model.hot.ranker.refault_share(ASIDE_PASSES)
+        if model.hot.provisional and refaults < REFAULT_SHARE_MIN:
+            if not model.hot.aside:
+                model.hot.aside = True
+                self._emit("aside", model=model.name, experts_held=0, bytes_kept=model.kept.bytes_planned,
+                           refault_share=round(refaults, 5),
+                           reason="the engine reads again little that it had lost: what it reads fits")
+            return
+        model.hot.aside = False
         add, drop = model.hot.rerank(max(limit, model.hot.dense_bytes), model.experts,
                                      bounded=not model.hot.provisional)
         if add:
@@ -506,7 +525,8 @@ class Keeper:
             taken += batch
         add = taken
         if add or drop:
-            self._emit("reranked", model=model.name, experts_added=len(add), experts_dropped=len(drop),
+            self._emit("reranked", model=model.name, refault_share=round(refaults, 5),
+                       experts_added=len(add), experts_dropped=len(drop),
                        experts_held=len(model.experts), bytes_kept=model.kept.bytes_planned,
                        bytes_locked=model.bytes_locked)
         model.set(held_score_share=model.hot.held_score_share(model.experts))
