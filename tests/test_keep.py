@@ -161,6 +161,11 @@ def test_without_a_profile_it_learns_stands_aside_while_the_engine_fits_then_hol
     monkeypatch.setattr(keeper_mod, "SAMPLE_CPU_SHARE", 1.0)
     monkeypatch.setattr(keeper_mod, "LEARN_PASSES", 6)
     monkeypatch.setattr(keeper_mod, "LEARN_SECONDS", 1.0)
+    from warmpool import _api
+
+    priorities = []  # of every warm the keeper runs, in order (the real warm runs)
+    real_warm = _api.warm
+    monkeypatch.setattr(_api, "warm", lambda *a, **k: (priorities.append(k.get("priority")), real_warm(*a, **k))[1])
     plan = plan_model(private_model, n_gpu_layers=99, cpu_moe=True)
     evict_file(private_model)
     events, on_event = _events()
@@ -170,6 +175,7 @@ def test_without_a_profile_it_learns_stands_aside_while_the_engine_fits_then_hol
         model = keeper.models[0]
         hot = model.hot
         assert hot.provisional and model.experts == []  # learning: the dense part alone
+        warms_before_fill = len(priorities)
         room = plan.bytes_planned // 3 - hot.dense_bytes
         fits = room // hot.nbytes(next(iter(hot.slices)))
         wanted = sorted(hot.slices, reverse=True)[:fits]  # the "engine" reads the last layers' experts
@@ -201,6 +207,8 @@ def test_without_a_profile_it_learns_stands_aside_while_the_engine_fits_then_hol
         reranked = next((e for e in events if e["event"] == "reranked"), None)
         held = list(model.experts)
     assert aside is not None and held_while_fitting == [], [e["event"] for e in events]
+    # The fill read the experts beside a running engine: its workers at priority idle.
+    assert priorities[warms_before_fill:warms_before_fill + 1] == ["idle"], priorities
     assert reranked is not None, [e["event"] for e in events]
     assert reranked["experts_added"] > 2 * CHURN_MIN and reranked["experts_dropped"] == 0
     # What it holds now is what was read (a page shared with a neighbour can lift one more).

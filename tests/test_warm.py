@@ -239,8 +239,12 @@ def test_willneed_reports_what_it_achieved(pagecache_model):
     deadline = time.monotonic() + 10
     while warmpool.residency(pagecache_model, **SELECTION).resident_fraction < 1.0 and time.monotonic() < deadline:
         time.sleep(0.05)
-    again = warmpool.warm(pagecache_model, strategy="willneed", workers=1, **SELECTION)
-    truth = warmpool.residency(pagecache_model, **SELECTION)
+    for _ in range(3):
+        before = warmpool.residency(pagecache_model, **SELECTION)
+        again = warmpool.warm(pagecache_model, strategy="willneed", workers=1, **SELECTION)
+        truth = warmpool.residency(pagecache_model, **SELECTION)
+        if truth.bytes_resident == before.bytes_resident:
+            break  # else this VM's proactive reclaim took pages just before the hint read them again
     assert again.resident_fraction == pytest.approx(truth.resident_fraction, abs=0.01)
     assert again.bytes_already_resident == pytest.approx(truth.bytes_resident, abs=4096)
 

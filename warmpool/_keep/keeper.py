@@ -518,7 +518,9 @@ class Keeper:
             # Each batch is mapped (and locked) right after its read: beside an engine that
             # thrashes, experts read long before they are held are evicted again meanwhile.
             chunks = tuple(c for k in batch for c in model.hot.chunks(k))
-            self._warm(model, model.plan._replace(chunks=chunks))
+            # An engine is running (the ranking was learned from its reads): the fill's workers
+            # take only CPU time it leaves (docs/keep.md, "When what the engine reads fits").
+            self._warm(model, model.plan._replace(chunks=chunks), priority="idle")
             if self._stop.is_set():
                 break  # the warm was cut short: mapping now would read the rest page by page
             model.swap(batch, [], self.lock)
@@ -551,11 +553,13 @@ class Keeper:
         except (WarmpoolError, OSError) as e:
             self._emit("error", model=model.name, message=f"--profile {self.profile_path}: {e}")
 
-    def _warm(self, model: KeptModel, plan: Plan, on_start=None, beside_engine: bool = False):
+    def _warm(self, model: KeptModel, plan: Plan, on_start=None, beside_engine: bool = False,
+              priority: str = "normal"):
         from .._api import warm
 
         return warm(model.path, plan=plan, workers=self.workers, strategy=self.strategy, budget=self.budget,
-                    force=self.force, on_start=on_start, should_stop=self._stop, beside_engine=beside_engine)
+                    force=self.force, on_start=on_start, should_stop=self._stop, beside_engine=beside_engine,
+                    priority=priority)
 
     def _check(self, model: KeptModel) -> None:
         if model.changed():
