@@ -23,18 +23,15 @@ import os
 import threading
 import time
 import weakref
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import warmpool
-from warmpool import (
-    CancelledError,
-    ProfileError,
-    ProgressError,
-    ProgressView,
-    WarmError,
-    WarmpoolError,
-    WarmResult,
-)
+from warmpool import CancelledError, ProfileError, ProgressError, WarmError, WarmpoolError
+
+if TYPE_CHECKING:  # pragma: no cover
+    # Names of the warm machinery: imported by the thread that warms, not by ``import
+    # engine_adapter``, so that the engine's own load starts without waiting for them.
+    from warmpool import ProgressView, WarmResult
 
 logger = logging.getLogger("engine_adapter")
 
@@ -130,7 +127,7 @@ class Warmup:
     def _on_start(self, name: str) -> None:
         # Attach before warm() can unlink: the mapping outlives the name, so progress() and
         # layer_ready() keep answering with the final values after the warm has ended.
-        self._view = ProgressView.attach(name)
+        self._view = warmpool.ProgressView.attach(name)
         # An unnamed segment ("memfd:FD": /dev/shm full, read-only or missing) has no name that
         # another process could open: say there is none.
         self.shm_name = None if name.startswith("memfd:") else name

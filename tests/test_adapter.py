@@ -216,3 +216,14 @@ def test_engine_thread_keeps_running_while_workers_do_the_io(cold_model):
     engine.join()
     gaps = [b - a for a, b in zip(ticks, ticks[1:])]
     assert max(gaps) < 0.5, f"the engine thread stalled {max(gaps):.3f} s"
+
+
+def test_import_of_the_adapter_leaves_the_warm_machinery_to_the_warm_thread():
+    """``import engine_adapter.llama_cpp`` runs in the engine's start-up, before ``Llama()``: it
+    loads warmpool's exception tree and the selection rules, not the warm (plan, platform layer,
+    pool), which the warm's own thread imports while the engine loads."""
+    code = ("import sys; import llama_cpp; before = set(sys.modules); import engine_adapter.llama_cpp; "
+            "print(sorted(m for m in set(sys.modules) - before if m.startswith('warmpool')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert eval(proc.stdout) == ["warmpool", "warmpool._errors", "warmpool._select", "warmpool._version"], proc.stdout  # noqa: S307 - our own list literal
