@@ -114,3 +114,29 @@ def test_posix_fallback_lowers_to_nice_19():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["nice", "19", "19"]
+
+
+def test_run_keeps_its_own_threads_at_idle_beside_the_engine(private_model, tmp_path):
+    """``warmpool run -- ENGINE``: the engine is a process of its own at its own priority; every
+    thread of warmpool's beside it (the one that plans, the keeper's, its checks) runs under
+    SCHED_IDLE, and the main thread, which only waits on the engine, is left as it was."""
+    engine = [sys.executable, "-c", "import time; time.sleep(4)"]
+    proc = subprocess.Popen([sys.executable, "-m", "warmpool", "run", "-m", str(private_model), "--interval", "0.2",
+                             "--", *engine], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, seen = time.monotonic() + 3.5, {}  # tid -> its policy at each sample, in order
+        while time.monotonic() < deadline and proc.poll() is None:
+            for tid in os.listdir(f"/proc/{proc.pid}/task"):
+                try:
+                    seen.setdefault(int(tid), []).append(os.sched_getscheduler(int(tid)))
+                except OSError:
+                    pass  # a thread that ended meanwhile
+            time.sleep(0.002)
+    finally:
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    main = set(seen.pop(proc.pid))
+    assert any(len(p) > 1 for p in seen.values()), f"warmpool run never had a thread beside its main one: {err}"
+    # A thread lowers itself with its first statement: a sample can catch it just before.
+    late = {tid: set(p[1:]) for tid, p in seen.items() if len(p) > 1}
+    assert main == {os.SCHED_OTHER} and set().union(*late.values()) == {os.SCHED_IDLE}, (main, seen)
