@@ -1,8 +1,10 @@
 """Run an engine as a child and keep its model warm beside it (``warmpool run``).
 
 The engine starts at once, with warmpool's stdin, stdout, stderr and environment.  warmpool's
-own part (resolving the model, planning, the first warm, keeping) runs in a thread beside it;
-if it fails, the failure is reported once and the engine keeps running.  SIGINT, SIGTERM and
+own part (resolving the model, planning, the first warm, keeping) runs in a thread beside it, at
+SCHED_IDLE from its first statement: its imports and plan, and the threads it starts, take
+only CPU time the loading engine leaves (docs/beside-engine.md).  If it fails, the failure is
+reported once and the engine keeps running.  SIGINT, SIGTERM and
 SIGHUP sent to warmpool are passed on to the engine, except those the terminal sent to the
 whole foreground process group (``si_code == SI_KERNEL``), which the engine got already: a
 second Ctrl-C makes llama-server quit without its clean shutdown.  warmpool exits with the
@@ -16,6 +18,7 @@ import subprocess
 import threading
 from collections.abc import Callable, Sequence
 
+from .. import _platform
 from .._errors import WarmpoolError
 
 __all__ = ["FORWARDED", "run_engine"]
@@ -58,6 +61,7 @@ def run_engine(argv: Sequence[str], start_warmpool: Callable[[Callable[[str], No
         finished = threading.Event()
 
         def warmpool_part() -> None:
+            _platform.lower_priority()  # per thread; the threads it starts inherit it
             try:
                 stopper = start_warmpool(fail)
             except Exception as e:  # noqa: BLE001 - any failure of ours must leave the engine alone

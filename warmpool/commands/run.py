@@ -46,12 +46,8 @@ class Command:
         budget = resolve_budget(args.budget) if args.budget else None
 
         def start(fail):
-            # In warmpool's thread, once the engine is started: its start never waits on our imports,
-            # and they take only CPU time the engine leaves (SCHED_IDLE for this thread and the
-            # keeper's, which inherits it; docs/beside-engine.md).
-            from .. import _platform
-
-            _platform.lower_priority()
+            # In warmpool's thread, once the engine is started (at SCHED_IDLE: ``run_engine``): its
+            # start never waits on our imports.
             log = _logs.start("run", args.log_format, verbose=getattr(args, "verbose", False))  # stderr: stdout is the engine's
             return _keep(args, budget, fail, log)
 
