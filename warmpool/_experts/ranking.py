@@ -87,11 +87,11 @@ class Ranker:
         self._weight = [0.0] * n
         self._last: list[int | None] = [None] * n  # resident pages at the last sample
         self._peak = [0] * n  # the most resident pages a sample has seen
-        # Per pass, newest last: pages that came back after a sample had seen them resident and
-        # a later one had seen them gone, i.e. read again after an eviction.  A first read (the
-        # engine's load) is not one, so this tells an engine that loses what it uses from one
-        # whose reads fit (``refaulted``).
-        self._refaults: deque[int] = deque(maxlen=64)
+        # Per pass, newest last: (pages that came back after a sample had seen them resident and
+        # a later one had seen them gone, i.e. read again after an eviction; pages sampled).  A
+        # first read (the engine's load) is not one, so this tells an engine that loses what it
+        # uses from one whose reads fit (``refault_share``).
+        self._refaults: deque[tuple[int, int]] = deque(maxlen=64)
         self._cursor = 0
         self.passes = 0
         self.first_sample: float | None = None  # time.time() of the first and the last pass
@@ -121,8 +121,9 @@ class Ranker:
             for (i, _, _), pages in zip(todo, self._resident_pages(fds[file], todo)):
                 resident[i] += pages
         a = self._alpha
-        refaulted = 0
+        refaulted = sampled = 0
         for i in chosen - skip:
+            sampled += self._pages[i]
             pages = self._pages[i] or 1
             fraction = resident[i] / pages
             last = self._last[i]
@@ -134,7 +135,7 @@ class Ranker:
             self._risen[i] += a * (risen - self._risen[i])
             self._weight[i] += a * (1.0 - self._weight[i])
             self._last[i] = resident[i]
-        self._refaults.append(refaulted)
+        self._refaults.append((refaulted, sampled))
         self.passes += 1
         now = time.time()
         self.first_sample = self.first_sample or now
@@ -159,11 +160,11 @@ class Ranker:
     # -- what was learned ---------------------------------------------------------------
 
     def refault_share(self, passes: int) -> float:
-        """The share of the sampled pages read again after an eviction, per pass, over the last
-        ``passes`` passes (fewer if fewer were taken; 0.0 before any)."""
+        """The share of the sampled pages read again after an eviction over the last ``passes``
+        passes (fewer if fewer were taken; 0.0 before any)."""
         recent = list(self._refaults)[-passes:] if passes > 0 else []
-        total = sum(self._pages)
-        return sum(recent) / (len(recent) * total) if recent and total else 0.0
+        sampled = sum(n for _, n in recent)
+        return sum(r for r, _ in recent) / sampled if sampled else 0.0
 
     def scores(self) -> dict[Key, float]:
         """(layer, expert) -> score in [0, 2]: higher is hotter; 0.0 for a slice never sampled."""
