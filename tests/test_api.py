@@ -103,6 +103,17 @@ def test_errors_pickle_with_message_and_path(cls, path):
     assert copy.args == error.args
 
 
+def test_bare_import_loads_the_exception_tree_alone():
+    """``import warmpool`` in an engine: the errors and the version, not even ``typing`` (13 ms
+    of it); the rest loads on first use.  Run isolated, so that no ``site`` hook imports for it."""
+    code = ("import sys; sys.path[:0] = sys.argv[1:]; before = set(sys.modules); import warmpool; "
+            "print(sorted(m for m in set(sys.modules) - before if m.startswith('warmpool') or m == 'typing'))")
+    root = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", code, root], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert eval(proc.stdout) == ["warmpool", "warmpool._errors", "warmpool._version"], proc.stdout  # noqa: S307 - our own list literal
+
+
 def test_layout_parse_imports_nothing_heavy(tiny_model):
     """read_layout is on every engine's start-up path: stdlib only (docs/design.md, "Import cost")."""
     code = ("import sys, warmpool; warmpool.read_layout(sys.argv[1]); "
