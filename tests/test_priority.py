@@ -32,12 +32,13 @@ def worker_policies(parent: int) -> dict[int, set[int]]:
     """Scheduling policy of every thread of each live pool worker of ``parent``."""
     found = {}
     try:
-        children = psutil.Process(parent).children()
+        children = psutil.Process(parent).children(recursive=True)
     except psutil.NoSuchProcess:
         return found
     for child in children:
         try:
-            if "warmpool._pool.worker" not in " ".join(child.cmdline()):
+            # Workers are forks of the pool's fork server (``_pool.forkserver``): its children.
+            if child.ppid() == parent or "warmpool._pool import forkserver" not in " ".join(child.cmdline()):
                 continue
             found[child.pid] = {os.sched_getscheduler(int(tid)) for tid in os.listdir(f"/proc/{child.pid}/task")}
         except (psutil.Error, OSError):  # it exited meanwhile

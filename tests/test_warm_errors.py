@@ -15,6 +15,7 @@ from conftest import evict_file
 import warmpool
 from warmpool import WarmError, WorkerDiedError
 from warmpool._pool import coordinator as _pool
+from warmpool._pool import forkserver
 from warmpool._progress.segment import ProgressSegment
 
 
@@ -66,14 +67,54 @@ def test_launch_that_cannot_start_a_process_leaks_nothing(monkeypatch):
     monkeypatch.setattr(sys, "executable", "/nonexistent/python")
     before = open_fds()
     with pytest.raises(WarmError, match="cannot start a worker process"):
-        _pool._launch(0, ([], [], "/warmpool-test", "read", []))
+        _pool._start_server("/warmpool-test", ())
     assert open_fds() == before
+
+
+def test_a_fork_server_that_is_gone_starts_no_worker_and_leaks_nothing():
+    server = _pool._start_server("/warmpool-test", ())
+    server.process.kill()
+    server.process.wait()
+    before = open_fds()
+    with pytest.raises(WarmError, match="cannot start a worker process: the fork server is gone"):
+        _pool._launch(server, 0, ([], [], "/warmpool-test", "read", []))
+    assert open_fds() == before
+    server.close()
+
+
+def test_workers_are_forks_of_one_server_that_reaps_them(private_model):
+    """One interpreter per warm, whatever the pool's size: each worker is a fork of the fork
+    server (its child, with its argv), and none is left once the warm returns."""
+    plan = warmpool.plan_model(private_model, chunk_size=16 * 1024)  # thousands of chunks: seconds
+    seen: dict[int, tuple[int, list[str]]] = {}
+
+    def look() -> bool:
+        for child in psutil.Process().children(recursive=True):
+            try:
+                if segment.name in child.cmdline():  # this warm's, not another fixture's process
+                    seen.setdefault(child.pid, (child.ppid(), child.cmdline()))
+            except psutil.Error:
+                pass
+        return False
+
+    evict_file(private_model)
+    with ProgressSegment.create(1, 4, plan.chunks, plan.n_layers) as segment:
+        _pool.run_pool([str(private_model)], plan.chunks, range(len(plan.chunks)), "read", segment, workers=3,
+                       should_stop=look)
+        servers = [pid for pid, (ppid, argv) in seen.items() if ppid == os.getpid() and "forkserver" in " ".join(argv)]
+        assert len(servers) == 1, seen
+        workers = [pid for pid, (ppid, _) in seen.items() if ppid == servers[0]]
+        assert len(workers) == 3 and all(seen[w][1] == seen[servers[0]][1] for w in workers), seen
+        assert segment.name in seen[servers[0]][1]
+    assert not any(psutil.pid_exists(p) for p in seen), "a worker or the server outlived the warm"
 
 
 def test_worker_dead_before_its_job_is_reaped_and_named(tiny_model, monkeypatch):
     """A worker that exits before reading its job: the job's send fails (it is larger than the
     socket buffer), which must neither raise BrokenPipeError nor leave the process unreaped."""
-    monkeypatch.setattr(_pool, "WORKER_CODE", "import os; os._exit(3)")
+    # The server's workers exit at once: its own module's ``worker.serve`` replaced, in the server.
+    monkeypatch.setattr(forkserver, "SERVER_CODE", forkserver.SERVER_CODE.replace(
+        "forkserver.serve_forks(", "import os; from warmpool._pool import worker; worker.serve = lambda fd: os._exit(3); forkserver.serve_forks("))
     plan = warmpool.plan_model(tiny_model)
     chunks = plan.chunks * (200_000 // len(plan.chunks) + 1)  # a job of several MB
     with ProgressSegment.create(1, 1, chunks, plan.n_layers) as segment:

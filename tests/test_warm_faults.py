@@ -53,10 +53,13 @@ def wait_for_workers(proc, timeout=20.0):
 
 
 def workers_of(prefix):
+    """The warm's workers: the processes whose argv names its segment, less the fork server
+    they are forked from (the coordinator's child; ``_pool.forkserver``)."""
+    coordinator = int(prefix.split("-")[1])
     found = []
-    for p in psutil.process_iter(["cmdline"]):
+    for p in psutil.process_iter(["cmdline", "ppid"]):
         cmdline = p.info["cmdline"] or []
-        if any(arg.startswith("/" + prefix) or arg.startswith(prefix) for arg in cmdline):
+        if p.info["ppid"] != coordinator and any(arg.startswith("/" + prefix) or arg.startswith(prefix) for arg in cmdline):
             found.append(p)
     return found
 

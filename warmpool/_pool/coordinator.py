@@ -4,14 +4,15 @@ Why processes: a fault-in loop holds the GIL between syscalls, and MADV_POPULATE
 pread block a whole thread; separate processes fault concurrently and keep the caller (an
 engine's start-up thread) responsive.
 
-Launch: each worker is ``python -I -S`` started with ``subprocess`` and the caller's
-``sys.path``, not a ``multiprocessing`` process.  ``fork`` copies whatever threads the caller
-has (an engine has many; a child can deadlock on a lock held by a thread that no longer
-exists), and ``spawn``/``forkserver`` re-run the caller's ``__main__`` script in every child
-(multiprocessing's main-module fixup): an engine script without a ``__main__`` guard would
-start again in each worker.  A fresh, isolated interpreter without ``site`` starts fast,
-imports only the stdlib and ``warmpool._pool.worker``, and runs in its own session, so the
-terminal's Ctrl-C goes to the coordinator alone, which then stops the workers itself.
+Launch: workers are forks of one ``python -I -S`` started with ``subprocess`` and the caller's
+``sys.path`` (``forkserver``), not ``multiprocessing`` processes.  Forking the caller copies
+whatever threads it has (an engine has many; a child can deadlock on a lock held by a thread
+that no longer exists), and ``spawn``/``forkserver`` re-run the caller's ``__main__`` script in
+every child (multiprocessing's main-module fixup): an engine script without a ``__main__`` guard
+would start again in each worker.  The fork server is a fresh, isolated interpreter without
+``site``, imports only the stdlib and ``warmpool._pool.worker``, and runs in its own session
+(and so do its workers), so the terminal's Ctrl-C goes to the coordinator alone, which then
+stops the workers itself.
 
 Each worker has its own socket pair (``_wire.Channel``, framed like ``multiprocessing``'s);
 a worker that dies without a word (SIGKILL, the OOM killer, SIGBUS from a truncated file
@@ -35,7 +36,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -44,6 +44,7 @@ from typing import NamedTuple
 from .._errors import CancelledError, FileChangedError, WarmError, WorkerDiedError
 from .._plan import Chunk
 from .._progress.segment import ProgressSegment
+from .forkserver import Forked, ForkServer
 from .strategy import check_priority, check_strategy
 from .wire import Channel, wait
 
@@ -87,28 +88,22 @@ class PoolResult(NamedTuple):
     workers: int  # most workers that ran at once
 
 
-# argv: socket fd, the segment name (so `ps` shows which warm a worker belongs to), import path
-WORKER_CODE = "import sys; sys.path[:0] = sys.argv[3:]; from warmpool._pool.worker import serve; serve(int(sys.argv[1]))"
-
-
 class _Worker(NamedTuple):
-    process: subprocess.Popen
+    process: Forked
     conn: Channel
     slot: int
 
 
-def _launch(slot: int, job: tuple, shared_fds: tuple[int, ...] = ()) -> _Worker:
-    """Start one worker and send it its job (files, chunk table, segment, slot, strategy, the
-    indices of the chunks this warm will fault, its CPU priority).  ``shared_fds`` stay open in
-    the worker (an unnamed progress segment)."""
+def _launch(server: ForkServer, slot: int, job: tuple) -> _Worker:
+    """Fork one worker from ``server`` and send it its job (files, chunk table, segment, slot,
+    strategy, the indices of the chunks this warm will fault, its CPU priority)."""
     ours, theirs = _socketpair()
     try:
-        process = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", WORKER_CODE, str(theirs), job[2], *_import_path()],
-            pass_fds=(theirs, *shared_fds), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            start_new_session=True, close_fds=True,
-        )
-    except OSError as e:  # fork or exec refused (memory, process limit): no worker, no leaked fd
+        process = server.fork(theirs)
+    except (EOFError, BrokenPipeError, ConnectionResetError):  # the server died (killed, out of memory)
+        os.close(ours)
+        raise WarmError("cannot start a worker process: the fork server is gone") from None
+    except OSError as e:  # the fork was refused (memory, process limit)
         os.close(ours)
         raise WarmError(f"cannot start a worker process: {e.strerror or e}") from None
     except BaseException:
@@ -127,12 +122,11 @@ def _launch(slot: int, job: tuple, shared_fds: tuple[int, ...] = ()) -> _Worker:
     return worker
 
 
-def _import_path() -> list[str]:
-    """Where the worker finds warmpool (an editable install is an import hook that -S skips):
-    our package's parent first, then the caller's path."""
-    package = sys.modules[__name__.partition(".")[0]]  # warmpool itself, imported before any of its modules
-    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(package.__file__)))
-    return [package_parent, *[p for p in sys.path if p and p != package_parent]]
+def _start_server(name: str, shared_fds: tuple[int, ...]) -> ForkServer:
+    try:
+        return ForkServer(name, shared_fds)
+    except OSError as e:  # fork or exec refused (memory, process limit): nothing started, nothing leaked
+        raise WarmError(f"cannot start a worker process: {e.strerror or e}") from None
 
 
 def _socketpair() -> tuple[int, int]:
@@ -196,6 +190,7 @@ class _Coordinator:
         self.growth = _Growth(workers, len(order), sum(self.chunks[i][2] for i in order),
                               AUTO_START if priority == "normal" else AUTO_START_IDLE)
         self.workers: list[_Worker] = []
+        self.server: ForkServer | None = None  # started with the first worker
         self.retired: set[int] = set()  # slots told to stop: the pool shrank back, or every chunk is done
         self.busy: dict[int, list[int]] = {}  # slot -> the chunks it holds, in the order handed out
         self.runs: dict[int, list[int]] = {}  # slot -> the rest of its run, not handed out yet
@@ -206,7 +201,9 @@ class _Coordinator:
         # The chunks to be warmed travel with the job: a worker keeps fault readahead out of the
         # rest (over the budget, or already resident), see _worker.Guards.
         job = (self.paths, self.chunks, self.segment.name, self.strategy, self.order, self.priority)
-        self.workers.append(_launch(len(self.workers), job, self.segment.shared_fds))
+        if self.server is None:
+            self.server = _start_server(self.segment.name, self.segment.shared_fds)
+        self.workers.append(_launch(self.server, len(self.workers), job))
         self.peak = max(self.peak, len(self.workers))
         self._dispatch(self.workers[-1])
 
@@ -291,7 +288,7 @@ class _Coordinator:
         path = self.paths[self.chunks[index][0]] if index is not None else None
         if code == -signal.SIGBUS:
             raise FileChangedError(f"file shrank under the mapping: SIGBUS in worker {worker.slot} on {where}", path)
-        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit status {code}"
+        how = (f"killed by signal {-code}" if code < 0 else f"exit status {code}") if code is not None else "how unknown"
         raise WorkerDiedError(f"worker {worker.slot} (pid {worker.process.pid}) died, {how}, on {where}", path)
 
     def run(self) -> PoolResult:
@@ -349,6 +346,9 @@ class _Coordinator:
                 w.process.kill()
                 w.process.wait()
             w.conn.close()
+            w.process.close()
+        if self.server is not None:
+            self.server.close()
 
 
 def stop_callable(should_stop) -> Callable[[], bool]:

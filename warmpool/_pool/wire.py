@@ -67,10 +67,11 @@ class Channel:
         return b"".join(parts)
 
 
-def wait(channels: Sequence[Channel], timeout: float) -> list[Channel]:
-    """The channels with a message or an end of file to read, after at most ``timeout`` s."""
+def wait(channels: Sequence[Channel], timeout: float | None) -> list[Channel]:
+    """The channels with a message or an end of file to read, after at most ``timeout`` s
+    (None: until one has)."""
     poller = select.poll()
     for c in channels:
         poller.register(c.fd, select.POLLIN)
-    ready = {fd for fd, _ in poller.poll(timeout * 1000)}
+    ready = {fd for fd, _ in poller.poll(None if timeout is None else timeout * 1000)}
     return [c for c in channels if c.fd in ready]

@@ -1,0 +1,219 @@
+"""Start worker processes by forking one that has already imported the worker.
+
+A worker started as its own ``python -I -S`` spends ~57 ms of CPU on the interpreter and its
+imports before its first read (``typing``, ``ctypes``, ``re``... ; ~14 ms of it the bare
+interpreter).  A warm starts two per CPU and may grow to sixteen, on the CPUs its workers then
+need to copy pages: at 6.9 GB the first bulk read came 0.13-0.18 s after the plan, against
+0.03 s for ``vmtouch`` (docs/performance.md, "Fork server").  So a warm starts one
+interpreter, the fork server, which imports ``worker`` and then forks each worker on request:
+a fork of a 15 MB single-threaded process is about a millisecond.
+
+Forking is safe here and not in the caller: the server is a fresh interpreter of ours with one
+thread, whereas the caller may be an engine with many (``coordinator``, "Launch").
+
+Protocol, over one socket pair.  The coordinator sends one byte with the worker's end of its
+channel as ``SCM_RIGHTS``; the server forks, the child closes the server's fds and serves its
+channel (``worker.serve``), and the server answers ``("pid", pid)``.  The server reaps its
+children as they exit (``SIGCHLD`` through a wakeup fd) and sends ``("exit", pid, code)``, the
+code as ``subprocess`` gives it (``-N`` for signal N).  At the end of file on its socket it
+reaps what is left and exits.  The server runs in its own session, so a terminal's Ctrl-C
+reaches the coordinator alone, as it did when each worker had its own.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import time
+
+from .wire import Channel, wait
+
+__all__ = ["ForkServer", "Forked", "SERVER_CODE", "serve_forks"]
+
+# argv: socket fd, the segment name (so `ps` shows which warm the server and its workers belong
+# to; every worker is a fork of it and shows the same argv), import path
+SERVER_CODE = ("import sys; sys.path[:0] = sys.argv[3:]; from warmpool._pool import forkserver; "
+               "forkserver.serve_forks(int(sys.argv[1]))")
+
+
+def serve_forks(fd: int) -> None:
+    """The server's loop (see module doc).  Imports the worker first: every fork inherits it."""
+    from . import worker
+
+    control = socket.socket(fileno=fd)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # a Python handler, so the wakeup fd is written
+    signal.set_wakeup_fd(wake_w)
+    channel = Channel(control.fileno())
+    try:
+        while True:
+            ready = wait([channel, Channel(wake_r)], None)
+            if any(c.fd == wake_r for c in ready):
+                os.read(wake_r, 4096)
+                _reap(channel, block=False)
+            if any(c.fd == channel.fd for c in ready):
+                try:
+                    _, fds, _, _ = socket.recv_fds(control, 1, 1)
+                except OSError:
+                    fds = []
+                if not fds:  # end of file: the coordinator is done (or gone)
+                    break
+                try:
+                    pid = os.fork()
+                except OSError as e:  # refused (memory, process limit): the coordinator says why
+                    os.close(fds[0])
+                    _send(channel, ("refused", e.strerror or str(e)))
+                    continue
+                if pid == 0:
+                    _child(worker, fds[0], (control.fileno(), wake_r, wake_w))
+                os.close(fds[0])
+                _send(channel, ("pid", pid))
+    finally:
+        signal.set_wakeup_fd(-1)
+        _reap(channel, block=True)
+    os._exit(0)  # as a worker does: nothing here needs the interpreter's teardown
+
+
+def _child(worker, fd: int, server_fds: tuple[int, ...]) -> None:
+    code = 1
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for f in server_fds:
+            os.close(f)
+        worker.serve(fd)  # ends the process itself
+        code = 0
+    finally:
+        os._exit(code)
+
+
+def _reap(channel: Channel, block: bool) -> None:
+    """Reap exited children and report each; ``block``: until none is left."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, 0 if block else os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        _send(channel, ("exit", pid, os.waitstatus_to_exitcode(status)))
+
+
+def _send(channel: Channel, message: tuple) -> None:
+    try:
+        channel.send(message)
+    except OSError:
+        pass  # the coordinator went away: the end of file ends the loop
+
+
+class Forked:
+    """A forked worker, with what the coordinator used of ``subprocess.Popen``."""
+
+    def __init__(self, pid: int, server: ForkServer) -> None:
+        self.pid, self.server = pid, server
+        # Signals go through a pidfd where there is one: the server reaps a worker that exits at
+        # once, and its pid alone could then name another process.
+        self.pidfd: int | None = None  # None: no pidfds here (Linux < 5.3); -1: it is gone
+        if hasattr(os, "pidfd_open"):
+            try:
+                self.pidfd = os.pidfd_open(pid)
+            except OSError:  # exited and reaped already
+                self.pidfd = -1
+
+    def kill(self) -> None:
+        if self.server.codes.get(self.pid) is not None or self.pidfd == -1:
+            return  # exited: nothing to kill
+        try:
+            if self.pidfd is None:
+                os.kill(self.pid, signal.SIGKILL)
+            else:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Its exit code; ``subprocess.TimeoutExpired`` if it has not exited in ``timeout`` s."""
+        return self.server.exit_code(self.pid, timeout)
+
+    def close(self) -> None:
+        if self.pidfd is not None and self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+
+class ForkServer:
+    """The coordinator's end: start the server, fork workers, learn how they ended."""
+
+    def __init__(self, name: str, shared_fds: tuple[int, ...] = ()) -> None:
+        """``name``: the progress segment's (for ``ps``); ``shared_fds`` stay open in the server
+        and so in every worker (an unnamed progress segment)."""
+        import subprocess  # the coordinator's side alone: 4 ms the server would pay before its first fork
+
+        ours, theirs = socket.socketpair()
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", SERVER_CODE, str(theirs.fileno()), name, *_import_path()],
+                pass_fds=(theirs.fileno(), *shared_fds), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                start_new_session=True, close_fds=True,
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.sock = ours
+        self.channel = Channel(ours.fileno())
+        self.codes: dict[int, int | None] = {}  # pid -> exit code, None while it runs (or unknown)
+        self.gone = False  # the server's socket reached its end: no more codes will come
+
+    def fork(self, fd: int) -> Forked:
+        """A new worker serving channel ``fd`` (the caller keeps and closes its copy of ``fd``).
+        OSError if the fork was refused (its reason) or the server is gone, EOFError if gone."""
+        socket.send_fds(self.sock, [b"s"], [fd])
+        while True:
+            message = self.channel.recv()
+            if message[0] == "pid":
+                self.codes[message[1]] = None
+                return Forked(message[1], self)
+            if message[0] == "refused":
+                raise OSError(message[1])
+            self.codes[message[1]] = message[2]
+
+    def exit_code(self, pid: int, timeout: float | None) -> int | None:
+        """Worker ``pid``'s exit code, None if the server died first (unknown)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.codes.get(pid) is None and not self.gone:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and (left <= 0 or not wait([self.channel], left)):
+                import subprocess
+
+                raise subprocess.TimeoutExpired(f"worker {pid}", timeout)
+            try:
+                message = self.channel.recv()
+            except (EOFError, OSError):  # the server died: init reaps its children
+                self.gone = True
+                break
+            self.codes[message[1]] = message[2] if message[0] == "exit" else None
+        return self.codes.get(pid)
+
+    def close(self) -> None:
+        """End the server (after its workers): it reaps what is left and exits."""
+        import subprocess
+
+        self.sock.close()
+        try:
+            self.process.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def _import_path() -> list[str]:
+    """Where the server finds warmpool (an editable install is an import hook that -S skips):
+    our package's parent first, then the caller's path."""
+    package = sys.modules[__name__.partition(".")[0]]  # warmpool itself, imported before any of its modules
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(package.__file__)))
+    return [package_parent, *[p for p in sys.path if p and p != package_parent]]
