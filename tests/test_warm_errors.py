@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -80,6 +81,27 @@ def test_a_fork_server_that_is_gone_starts_no_worker_and_leaks_nothing():
         _pool._launch(server, 0, ([], [], "/warmpool-test", "read", []))
     assert open_fds() == before
     server.close()
+
+
+def test_the_fork_server_reaps_and_reports_under_a_callers_blocked_sigchld():
+    """``warmpool run`` starts pools from a thread with SIGCHLD blocked, and a child inherits
+    the mask: the server must still learn at once that a worker ended, and report how."""
+    import socket
+
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    try:
+        server = _pool._start_server("/warmpool-test", ())
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    try:
+        ours, theirs = socket.socketpair()
+        worker = server.fork(theirs.fileno())
+        theirs.close()
+        ours.close()  # the worker reads the end of file where its job should be, and exits 0
+        assert server.exit_code(worker.pid, 5.0) == 0
+        worker.close()
+    finally:
+        server.close()
 
 
 def test_workers_are_forks_of_one_server_that_reaps_them(private_model):

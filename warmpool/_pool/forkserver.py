@@ -38,10 +38,17 @@ SERVER_CODE = ("import sys; sys.path[:0] = sys.argv[3:]; from warmpool._pool imp
                "forkserver.serve_forks(int(sys.argv[1]))")
 
 
+# How long the coordinator waits for the server's report of a worker seen to have exited.
+REPORT_S = 1.0
+
+
 def serve_forks(fd: int) -> None:
     """The server's loop (see module doc).  Imports the worker first: every fork inherits it."""
     from . import worker
 
+    # The caller's blocked signals came with the exec (``warmpool run`` blocks SIGCHLD in the
+    # thread that starts the pool): unblocked, or no SIGCHLD would wake this loop to reap.
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
     control = socket.socket(fileno=fd)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
@@ -134,9 +141,20 @@ class Forked:
         except ProcessLookupError:
             pass
 
-    def wait(self, timeout: float | None = None) -> int:
-        """Its exit code; ``subprocess.TimeoutExpired`` if it has not exited in ``timeout`` s."""
-        return self.server.exit_code(self.pid, timeout)
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Its exit code (None: unknown); ``subprocess.TimeoutExpired`` if it has not exited in
+        ``timeout`` s.  Its end is seen on the pidfd, which turns readable when it exits, so a
+        server that cannot report (gone, or stuck) never holds the coordinator here."""
+        if self.pidfd is None or self.pidfd < 0:
+            return self.server.exit_code(self.pid, timeout)
+        if not wait([Channel(self.pidfd)], timeout):
+            import subprocess
+
+            raise subprocess.TimeoutExpired(f"worker {self.pid}", timeout)
+        try:
+            return self.server.exit_code(self.pid, REPORT_S)
+        except Exception:  # noqa: BLE001 - TimeoutExpired: it ended, how is unknown
+            return None
 
     def close(self) -> None:
         if self.pidfd is not None and self.pidfd >= 0:
