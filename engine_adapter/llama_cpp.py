@@ -94,9 +94,9 @@ def load(model_path: str | os.PathLike[str], *, warmup_options: dict | None = No
     accepted = inspect.signature(llama_cpp.Llama.__init__).parameters
     selection = selection_for(llama_kwargs, gpu_offload=bool(llama_cpp.llama_supports_gpu_offload()),
                               accepted=accepted)
-    # llama.cpp reads the whole file itself while Llama() runs: the warm watches it and steps
-    # aside where it reads at device speed (docs/beside-engine.md).
-    options = {"beside_engine": True, **(warmup_options or {})}
+    # llama.cpp reads the whole file itself while Llama() runs, in this process: the warm
+    # watches its reads and steps aside where it reads at device speed (docs/beside-engine.md).
+    options = {"beside_engine": True, "engine_pid": os.getpid(), **(warmup_options or {})}
     warmup: Warmup = start_warmup(model_path, **selection, **options)
     try:
         llm = llama_cpp.Llama(os.fspath(model_path), **llama_kwargs)

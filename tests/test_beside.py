@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -124,3 +125,47 @@ def test_without_beside_engine_nothing_is_watched(pagecache_model):
     assert "beside the engine" not in result.reason
     n = len(warmpool.plan_model(pagecache_model, chunk_size=CHUNK).chunks)
     assert all(d == frozenset(range(len(d))) for d in seen) and any(0 < len(d) < n for d in seen)  # plan order
+
+
+def test_with_the_engine_in_view_it_warms_first_while_the_engine_is_still_starting(pagecache_model):
+    """An engine process that has not read by ``GRACE_S`` (a Python server importing): the warm
+    goes first, in plan order (where the engine's sweep will begin), after GRACE_S, not the
+    second it waits for a cache growth it cannot tell from its own."""
+    evict_file(pagecache_model)
+    engine = Engine(pagecache_model, 0.0)  # started, never told to go
+    seen: list[frozenset[int]] = []
+    try:
+        result = warm_watched(pagecache_model, _done_sampler(seen), beside_engine=True, engine_pid=engine.proc.pid,
+                              workers=1, chunk_size=CHUNK)
+    finally:
+        engine.close()
+    assert f"not reading within {_beside.GRACE_S:g} s; warmed first, in its order" in result.reason, result.reason
+    assert result.workers >= 1 and result.resident_fraction == 1.0
+    assert result.bytes_warmed >= 0.99 * result.bytes_selected
+    n = len(warmpool.plan_model(pagecache_model, chunk_size=CHUNK).chunks)
+    prefixes = all(d == frozenset(range(len(d))) for d in seen) and any(0 < len(d) < n for d in seen)
+    assert prefixes, (n, sorted(set(map(len, seen))))
+
+
+def test_going_first_it_steps_aside_once_the_engine_reads_at_device_speed(pagecache_model, monkeypatch):
+    """The engine starts reading while the warm goes first (kept slow: a pread and a round trip
+    per page, one worker, ~1.7 s): its own reads at "device speed" (over 30 MB/s here, watched over 50 ms)
+    stop the pool; the warm waits for the engine's sweep to end, says so, and the model ends
+    resident, the warm's head start counted as its own and the engine's reads not."""
+    for name, value in (("DEVICE_RATE", 30e6), ("START_BYTES", 1 << 20), ("GRACE_S", 0.1), ("WATCH_S", 0.05),
+                        ("POLL_S", 0.01)):
+        monkeypatch.setattr(_beside, name, value)
+    evict_file(pagecache_model)
+    engine = Engine(pagecache_model, 0.01)  # ~100 MB/s once it goes
+    timer = threading.Timer(0.3, engine.go)
+    try:
+        timer.start()
+        result = warmpool.warm(pagecache_model, beside_engine=True, engine_pid=engine.proc.pid, workers=1,
+                               chunk_size=4096, strategy="read")
+        engine.proc.wait(30)
+    finally:
+        timer.cancel()
+        engine.close()
+    assert "warmed first" in result.reason and "stepped aside until its sweep ended" in result.reason, result.reason
+    assert result.resident_fraction == 1.0
+    assert 0 < result.bytes_warmed < result.bytes_selected  # the chunks its head start finished

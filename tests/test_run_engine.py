@@ -237,3 +237,23 @@ def test_no_mmap_engine_is_warmed_once_not_kept(tiny_model, tmp_path):
     assert "it is not kept" in err
     events = [json.loads(line)["event"] for line in err.splitlines() if line.startswith('{"event"')]
     assert events == ["warmed"]
+
+
+def test_an_engine_still_starting_gets_its_model_warmed_first(private_model, tmp_path):
+    """The engine (a stand-in that reads nothing for its first seconds, as a Python server
+    importing) is not reading when warmpool looks: the first warm runs its pool at once, under
+    ``run``'s blocked signals, and ends (the pool's fork server still reaps its workers)."""
+    from conftest import evict_file
+
+    evict_file(private_model)
+    run = _start("-m", str(private_model), "--json", "--", sys.executable, "-c", "import time; time.sleep(3)")
+    try:
+        assert run.wait(60) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)
+    err = run.stderr.read()
+    warmed = [json.loads(line) for line in err.splitlines() if line.startswith('{"event": "warmed"')]
+    assert len(warmed) == 1, err
+    assert "warmed first" in warmed[0]["reason"] and warmed[0]["workers"] >= 1, warmed[0]
+    assert warmed[0]["bytes_warmed"] >= 0.99 * warmed[0]["bytes_selected"] and warmed[0]["resident_fraction"] == 1.0

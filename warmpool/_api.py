@@ -15,7 +15,7 @@ from collections.abc import Callable, Collection
 from typing import NamedTuple
 
 from . import _platform
-from ._errors import FileChangedError, PlatformError, WarmpoolError
+from ._errors import CancelledError, FileChangedError, PlatformError, WarmpoolError
 from ._log import logger
 from ._plan import DEFAULT_CHUNK_SIZE, Plan, contiguous_runs, layer_key, make_plan
 from ._pool.strategy import check_priority, check_strategy
@@ -212,7 +212,8 @@ def warm(path: str | os.PathLike[str], *, workers: int | None = None, strategy: 
          chunk_size: int = DEFAULT_CHUNK_SIZE, budget: int | None = None, force: bool = False,
          env: dict | None = None, memory=None, on_start: Callable[[object], None] | None = None,
          should_stop=None, linger: float = 0.0, plan: Plan | None = None, require_name: bool = False,
-         priority: str = "normal", beside_engine: bool = False, **selection) -> WarmResult:
+         priority: str = "normal", beside_engine: bool = False, engine_pid: int | None = None,
+         **selection) -> WarmResult:
     """Fault the selected tensors of a GGUF model into the page cache and verify with mincore.
 
     ``selection`` takes llama.cpp's flags (``n_gpu_layers``, ``cpu_moe``, ``n_cpu_moe``,
@@ -228,7 +229,10 @@ def warm(path: str | os.PathLike[str], *, workers: int | None = None, strategy: 
     reads the whole file at start-up); the warm first watches it read, steps aside where it reads
     at device speed and otherwise warms from the far end of its path (``_beside``;
     docs/beside-engine.md).  The reason then says which, and ``bytes_warmed`` leaves out what the
-    engine read while the warm stood aside.
+    engine read while the warm stood aside.  ``engine_pid``: the engine's process (``run``'s
+    child, the adapter's own), whose storage reads tell its progress from the warm's: an engine
+    not reading yet is then warmed for first, and the warm steps aside once it reads at device
+    speed (``_beside.EngineGuard``).
 
     A file whose residency the kernel hides (``residency_hidden``) is warmed whole and the result
     says so: ``residency_hidden`` True, ``resident_fraction`` and ``bytes_already_resident`` None.
@@ -262,19 +266,36 @@ def warm(path: str | os.PathLike[str], *, workers: int | None = None, strategy: 
 
         stop = stop_callable(should_stop)
         chosen, baseline = list(decision.chunks), before
+        guard, head_start_bytes = None, 0
         if beside_engine:
-            watch, chosen, baseline = _beside_engine(plan, files, chosen, before, stop)
+            watch, chosen, baseline = _beside_engine(plan, files, chosen, before, stop, engine_pid)
             if watch is not None:
                 result["reason"] = reason = f"{reason}; {watch.describe()}"
                 logger.info("%s: %s", plan.files[0].path, watch.describe())
+                if watch.head_start:
+                    from ._beside import EngineGuard
+
+                    guard = EngineGuard(engine_pid)
             if not chosen:  # the engine read everything itself
                 resident = sum(r or 0 for r in baseline)
                 return WarmResult(**result | dict(seconds=time.perf_counter() - started), bytes_warmed=0,
                                   bytes_left_cold=plan.bytes_planned - resident, strategy=strategy,
                                   resident_fraction=_fraction(resident, plan, hidden), skipped=False,
                                   files=files.per_file(plan, baseline))
-        outcome = run_warm(plan, files.paths, chosen, baseline, strategy, workers, on_start, stop, linger,
-                           require_name=require_name, priority=priority)
+        try:
+            outcome = run_warm(plan, files.paths, chosen, baseline, strategy, workers, on_start,
+                               stop if guard is None else lambda: stop() or guard(), linger,
+                               require_name=require_name, priority=priority)
+        except CancelledError as e:
+            if guard is None or not guard.tripped or stop():
+                raise
+            # The engine began its own sweep at device speed: step aside until it ends, then
+            # warm what is still cold.  Ours so far: the chunks the pool finished.
+            head_start_bytes = getattr(e, "completed_bytes", 0)
+            outcome, baseline, note = _after_engine_start(plan, files, guard, chosen, e, stop, strategy, workers,
+                                                          on_start, linger, require_name, priority)
+            result["reason"] = reason = f"{reason}; {note}"
+            logger.info("%s: %s", plan.files[0].path, note)
         files.check_unchanged()
         # A warm that ran to its end beside no engine has no read in flight (``resident``),
         # unless it only hinted (``willneed`` returns before the reads it asks for).
@@ -291,23 +312,50 @@ def warm(path: str | os.PathLike[str], *, workers: int | None = None, strategy: 
     result.update(seconds=time.perf_counter() - started, workers=outcome.workers)
     # What this warm made resident: a worker's own faults plus what readahead from a neighbouring
     # chunk brought in first (the worker then finds those pages resident and skips them).
-    warmed = max(resident - sum(baseline), 0)
+    warmed = max(resident - sum(baseline), 0) + head_start_bytes
     return WarmResult(**result, bytes_warmed=warmed, bytes_left_cold=plan.bytes_planned - resident,
                       strategy=strategy, resident_fraction=_fraction(resident, plan, hidden), skipped=False,
                       files=per_file)
 
 
-def _beside_engine(plan: Plan, files: _OpenFiles, chosen: list[int], before: list[int], stop: Callable[[], bool]):
+def _beside_engine(plan: Plan, files: _OpenFiles, chosen: list[int], before: list[int], stop: Callable[[], bool],
+                   engine_pid: int | None):
     """Watch the engine that loads the model beside this warm (``_beside``): (the watch or None,
-    the chunks to warm, far end first, and the residency they start from)."""
+    the chunks to warm, far end first unless the warm goes first, and the residency they start
+    from)."""
     from ._beside import watch_engine
 
-    watch = None if any(files.hidden) else watch_engine(files.fds, sum(f.size for f in plan.files), stop)
+    watch = None if any(files.hidden) else watch_engine(files.fds, sum(f.size for f in plan.files), stop, engine_pid)
     if watch is not None and watch.stepped_aside:
         now = [r or 0 for r in files.resident(plan, quick=True)]
         chosen = [i for i in chosen if now[i] < plan.chunks[i].length]
         before = now
-    return watch, chosen[::-1], before
+    return watch, chosen if watch is not None and watch.head_start else chosen[::-1], before
+
+
+def _after_engine_start(plan: Plan, files: _OpenFiles, guard, chosen: list[int], cancelled: CancelledError, stop,
+                        strategy: str, workers, on_start, linger: float, require_name: bool, priority: str):
+    """The engine started reading at device speed while the warm went first: wait for its sweep
+    to end, then warm what is still cold.  (The pool's result, the residency it starts from, what
+    to add to the reason.)"""
+    from ._beside import wait_for_sweep
+    from ._pool.coordinator import PoolResult
+    from ._pool.lifetime import run_warm
+
+    file_bytes = sum(f.size for f in plan.files)
+    waited = time.monotonic()
+    wait_for_sweep(guard.reads, lambda: sum(_platform.cached_bytes(fd, 0, 0) or 0 for fd in files.fds) >= file_bytes,
+                   stop)
+    note = (f"then it read {guard.rate / 1e6:,.0f} MB/s: stepped aside until its sweep ended "
+            f"({time.monotonic() - waited:.2f} s)")
+    after = [r or 0 for r in files.resident(plan, quick=True)]
+    rest = [i for i in chosen if after[i] < plan.chunks[i].length]
+    peak = getattr(cancelled, "workers", 0)
+    if not rest or stop():
+        return PoolResult(peak), after, note
+    outcome = run_warm(plan, files.paths, rest, after, strategy, workers, on_start, stop, linger,
+                       require_name=require_name, priority=priority)
+    return PoolResult(max(peak, outcome.workers)), after, note
 
 
 # More than this share of the warmed bytes gone by the end means memory cannot hold the

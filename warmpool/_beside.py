@@ -17,6 +17,14 @@ an engine (``warm(beside_engine=True)``) first watches (docs/beside-engine.md):
    (from the far end of the engine's path), so its workers and the engine's sweep from the
    front meet once, in the middle, instead of on the same folios.
 
+With the engine's process known (``engine_pid``: ``warmpool run``'s child, the adapter's own
+process), its reads are its own storage reads (``read_bytes`` of /proc/PID/io), not the files'
+cached bytes, which the warm's workers also grow; then step 1 waits only ``GRACE_S``.  An
+engine not reading by then is still starting (a Python server's imports take most of a second):
+the warm goes first, in plan order, where the engine's sweep will begin, and ``EngineGuard``
+stops it once the engine reads at ``DEVICE_RATE``; it then waits for the sweep to end and warms
+what is still cold, as in step 2.
+
 Where cachestat is missing or the kernel hides the files' residency, nothing is watched and the
 warm goes from the far end at once.
 """
@@ -29,10 +37,13 @@ from typing import NamedTuple
 
 from . import _platform
 
-__all__ = ["DEVICE_RATE", "ENGINE_START_S", "EngineWatch", "watch_engine"]
+__all__ = ["DEVICE_RATE", "ENGINE_START_S", "GRACE_S", "EngineGuard", "EngineWatch", "wait_for_sweep", "watch_engine"]
 
 START_BYTES = 16 * 1024 * 1024  # more than a header walk reads: the engine is reading tensors
 ENGINE_START_S = 1.0  # llama.cpp's MAP_POPULATE starts within ~0.1 s of Llama(); a server's imports take longer
+# With the engine's own reads in view: llama.cpp reads within ~0.1 s of Llama() (the adapter saw
+# it read 16 MB 0.05-0.1 s after the warm began watching); later than this, it is still starting.
+GRACE_S = 0.25
 WATCH_S = 0.2  # long enough for a few readahead windows at any rate worth stepping aside for
 POLL_S = 0.02
 STALL_S = 0.3  # no growth this long: the engine's sweep has ended
@@ -47,8 +58,11 @@ class EngineWatch(NamedTuple):
     rate: float | None  # bytes/s it read during the watch window; None if not seen
     stepped_aside: bool  # it read at device speed and the warm waited for its sweep to end
     seconds: float  # time spent watching (and waiting while stepped aside)
+    head_start: bool = False  # not reading within GRACE_S: the warm goes first, under an EngineGuard
 
     def describe(self) -> str:
+        if self.head_start:
+            return f"beside the engine: it was not reading within {GRACE_S:g} s; warmed first, in its order"
         if not self.started:
             return ("beside the engine: it was not seen reading within "
                     f"{ENGINE_START_S:g} s; warmed from the far end")
@@ -66,34 +80,85 @@ def _cached(fds: Sequence[int]) -> int | None:
     return total
 
 
-def watch_engine(fds: Sequence[int], file_bytes: int, should_stop: Callable[[], bool]) -> EngineWatch | None:
+def watch_engine(fds: Sequence[int], file_bytes: int, should_stop: Callable[[], bool],
+                 engine_pid: int | None = None) -> EngineWatch | None:
     """Watch the engine read the files ``fds`` (``file_bytes`` in all); None where the page cache
     cannot be watched (no cachestat, hidden residency).  See the module doc."""
     started_at = time.monotonic()
-    base = _cached(fds)
-    if base is None:
+    if _cached(fds) is None:
         return None
-    now = started_at
+    own = engine_pid is not None and _platform.storage_read_bytes(engine_pid) is not None
+    if own:
+        def progress() -> int:
+            return _platform.storage_read_bytes(engine_pid) or 0
+    else:
+        def progress() -> int:
+            return _cached(fds) or 0
+
+    def all_cached() -> bool:
+        return (_cached(fds) or 0) >= file_bytes
+
+    now, base = started_at, progress()
     # 1. wait for the engine's first reads
-    cached = base
-    while cached - base < START_BYTES and cached < file_bytes:  # all cached: the engine read it at once
-        if now - started_at >= ENGINE_START_S or should_stop():
-            return EngineWatch(False, None, False, now - started_at)
+    done = progress()
+    while done - base < START_BYTES and not all_cached():  # all cached: the engine read it at once
+        if now - started_at >= (GRACE_S if own else ENGINE_START_S) or should_stop():
+            return EngineWatch(False, None, False, now - started_at, head_start=own)
         time.sleep(POLL_S)
-        now, cached = time.monotonic(), _cached(fds) or 0
+        now, done = time.monotonic(), progress()
     # 2. its rate over a window
-    mark, mark_at = cached, now
-    while now - mark_at < WATCH_S and cached < file_bytes and not should_stop():
+    mark, mark_at = done, now
+    while now - mark_at < WATCH_S and not all_cached() and not should_stop():
         time.sleep(POLL_S)
-        now, cached = time.monotonic(), _cached(fds) or 0
-    rate = (cached - mark) / max(now - mark_at, 1e-6)
-    if rate < DEVICE_RATE and cached < file_bytes:
+        now, done = time.monotonic(), progress()
+    rate = (done - mark) / max(now - mark_at, 1e-6)
+    if rate < DEVICE_RATE and not all_cached():
         return EngineWatch(True, rate, False, now - started_at)
     # 3. stepped aside: wait for the sweep to end
-    last, last_growth = cached, now
-    while cached < file_bytes and now - last_growth < STALL_S and not should_stop():
+    wait_for_sweep(progress, all_cached, should_stop)
+    return EngineWatch(True, rate, True, time.monotonic() - started_at)
+
+
+def wait_for_sweep(progress: Callable[[], int], all_cached: Callable[[], bool], should_stop: Callable[[], bool]) -> None:
+    """Until the engine's reads stop growing for ``STALL_S`` or every file is cached."""
+    last, last_growth = progress(), time.monotonic()
+    while not all_cached() and time.monotonic() - last_growth < STALL_S and not should_stop():
         time.sleep(POLL_S)
-        now, cached = time.monotonic(), _cached(fds) or 0
-        if cached > last:
-            last, last_growth = cached, now
-    return EngineWatch(True, rate, True, now - started_at)
+        done = progress()
+        if done > last:
+            last, last_growth = done, time.monotonic()
+
+
+class EngineGuard:
+    """While the warm goes first (``EngineWatch.head_start``): a stop condition for its pool that
+    trips once the engine (``pid``) reads ``START_BYTES`` and then ``DEVICE_RATE`` over
+    ``WATCH_S``.  Slower, the warm goes on (storage where more readers pay).  Looks at most
+    every ``POLL_S``, one read of /proc/PID/io."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.base = _platform.storage_read_bytes(pid) or 0
+        self.mark: tuple[int, float] | None = None
+        self.next_look = 0.0
+        self.rate: float | None = None  # the engine's rate when it tripped
+        self.tripped = False
+
+    def reads(self) -> int:
+        return _platform.storage_read_bytes(self.pid) or 0
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if self.tripped or now < self.next_look:
+            return self.tripped
+        self.next_look = now + POLL_S
+        done = self.reads()
+        if self.mark is None:
+            if done - self.base >= START_BYTES:
+                self.mark = (done, now)
+        elif now - self.mark[1] >= WATCH_S:
+            rate = (done - self.mark[0]) / (now - self.mark[1])
+            if rate >= DEVICE_RATE:
+                self.tripped, self.rate = True, rate
+            else:
+                self.mark = (done, now)
+        return self.tripped

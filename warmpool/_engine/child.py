@@ -41,10 +41,11 @@ class _Once:
         self.report(f"{message}; the engine keeps running")
 
 
-def run_engine(argv: Sequence[str], start_warmpool: Callable[[Callable[[str], None]], Callable[[], None] | None],
+def run_engine(argv: Sequence[str], start_warmpool: Callable[[Callable[[str], None], int], Callable[[], None] | None],
                report: Callable[[str], None]) -> int:
-    """Start ``argv``; call ``start_warmpool(fail)`` in a thread beside it, which returns a stop
-    function (or None); wait for the engine, passing signals on; return its exit status."""
+    """Start ``argv``; call ``start_warmpool(fail, engine_pid)`` in a thread beside it, which
+    returns a stop function (or None); wait for the engine, passing signals on; return its exit
+    status."""
     blocked = {*FORWARDED, signal.SIGCHLD}
 
     def unblock() -> None:  # the engine must not inherit warmpool's blocked signals
@@ -63,7 +64,7 @@ def run_engine(argv: Sequence[str], start_warmpool: Callable[[Callable[[str], No
         def warmpool_part() -> None:
             _platform.lower_priority()  # per thread; the threads it starts inherit it
             try:
-                stopper = start_warmpool(fail)
+                stopper = start_warmpool(fail, child.pid)
             except Exception as e:  # noqa: BLE001 - any failure of ours must leave the engine alone
                 fail(f"{e}" if isinstance(e, WarmpoolError) else f"{type(e).__name__}: {e}")
                 return

@@ -114,7 +114,9 @@ class Keeper:
     most ``REFRESH_CPU_SHARE`` of a core; 0: never), ``touch`` also reads one byte of every
     resident page once per ``refresh`` seconds, paced (``_touch_step``), ``none`` only checks
     and re-warms.  ``beside_engine``: the first warm runs beside an engine that is loading the
-    model itself (``warm(beside_engine=True)``, as ``warmpool run`` does).  ``on_warm_start(segment)`` is called when a first warm starts its
+    model itself (``warm(beside_engine=True)``, as ``warmpool run`` does; ``engine_pid``, that
+    engine's process, lets the warm go first while it is still starting: ``warm``).
+    ``on_warm_start(segment)`` is called when a first warm starts its
     workers (a progress bar reads the segment); ``for_pid`` ends the keeper when that process
     does.  Events go to ``on_event`` as dicts with an ``"event"`` key.
     """
@@ -125,7 +127,7 @@ class Keeper:
                  force: bool = False, on_event: Callable[[dict], None] | None = None,
                  hold: str = "map", refresh: float = 1.0, for_pid: int | None = None,
                  on_warm_start: Callable[[str], None] | None = None, beside_engine: bool = False,
-                 headroom: int | None = None, profile: str | os.PathLike | None = None,
+                 engine_pid: int | None = None, headroom: int | None = None, profile: str | os.PathLike | None = None,
                  readahead: int | None = None, **selection) -> None:
         from .._api import plan_model
 
@@ -151,6 +153,7 @@ class Keeper:
         self.workers, self.strategy, self.budget, self.force = workers, strategy, budget, force
         self.for_pid, self.on_warm_start, self._on_event = for_pid, on_warm_start, on_event
         self.beside_engine = beside_engine  # the first warm runs beside an engine loading the model
+        self.engine_pid = engine_pid
         self.models: list[KeptModel] = []
         for source in models:
             plan = source if isinstance(source, Plan) else plan_model(source, **selection)
@@ -559,7 +562,7 @@ class Keeper:
 
         return warm(model.path, plan=plan, workers=self.workers, strategy=self.strategy, budget=self.budget,
                     force=self.force, on_start=on_start, should_stop=self._stop, beside_engine=beside_engine,
-                    priority=priority)
+                    engine_pid=self.engine_pid if beside_engine else None, priority=priority)
 
     def _check(self, model: KeptModel) -> None:
         if model.changed():

@@ -62,6 +62,7 @@ __all__ = [
     "resident_bytes",
     "resident_pages",
     "set_read_ahead_kb",
+    "storage_read_bytes",
     "supports_cachestat",
     "supports_populate",
 ]
@@ -98,6 +99,7 @@ from warmpool._platform.proc import (  # noqa: E402
     memory_pressure,
     physical_memory,
     pid_alive,
+    storage_read_bytes,
 )
 
 # fdatasync errors that mean "this file system cannot write back", not "write-back failed".

@@ -12,7 +12,8 @@ import resource
 from typing import NamedTuple
 
 __all__ = ["CgroupMemory", "PAGE_REPORTING_ORDER", "cgroup_memory", "free_page_reporting", "locked_bytes",
-           "memlock_limit", "memory_pressure", "page_reporting_order", "physical_memory", "pid_alive", "read_int"]
+           "memlock_limit", "memory_pressure", "page_reporting_order", "physical_memory", "pid_alive", "read_int",
+           "storage_read_bytes"]
 
 CGROUP = "/sys/fs/cgroup"
 
@@ -52,6 +53,21 @@ def _proc_kb(path: str, *fields: str) -> dict[str, int]:
 def locked_bytes(pid: int | str = "self") -> int | None:
     """VmLck of a process (bytes the kernel counts as mlocked by it); None where unknown."""
     return _proc_kb(f"/proc/{pid}/status", "VmLck").get("VmLck")
+
+
+def storage_read_bytes(pid: int | str = "self") -> int | None:
+    """Bytes the process (all its threads) had read from block devices: ``read_bytes`` of
+    /proc/PID/io, counted as each read bio is submitted (``submit_bio``), page faults and
+    readahead included, page-cache hits not; reads of FUSE and NFS files submit no bio and do
+    not count.  None where unknown (no such process, no permission, no task I/O accounting)."""
+    try:
+        with open(f"/proc/{pid}/io") as f:
+            for line in f:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def physical_memory() -> tuple[int, int] | None:

@@ -296,7 +296,10 @@ class _Coordinator:
             while len(self.workers) < self.growth.target and self.queue:
                 self._start_worker()
             if self.should_stop():
-                raise CancelledError("warm cancelled")
+                cancelled = CancelledError("warm cancelled")
+                # How many ran and what they finished, for a caller that goes on (``_api``).
+                cancelled.workers, cancelled.completed_bytes = self.peak, self.completed_bytes
+                raise cancelled
             live = [w for w in self.workers if w.slot in self.busy]
             ready = set(wait([w.conn for w in live], POLL))
             for worker in live:

@@ -45,16 +45,16 @@ class Command:
             raise UsageError("no model in the engine command line (-m, -hf, LLAMA_ARG_MODEL, --model) and none given")
         budget = resolve_budget(args.budget) if args.budget else None
 
-        def start(fail):
+        def start(fail, engine_pid):
             # In warmpool's thread, once the engine is started (at SCHED_IDLE: ``run_engine``): its
             # start never waits on our imports.
             log = _logs.start("run", args.log_format, verbose=getattr(args, "verbose", False))  # stderr: stdout is the engine's
-            return _keep(args, budget, fail, log)
+            return _keep(args, budget, fail, log, engine_pid)
 
         return run_engine(args.engine, start, lambda line: say(line, error=True))
 
 
-def _keep(args: argparse.Namespace, budget: int | None, fail, log):
+def _keep(args: argparse.Namespace, budget: int | None, fail, log, engine_pid: int):
     """warmpool's part: plan, then keep (the first warm runs in the keeper's thread)."""
     from ._common import plan_from
 
@@ -81,13 +81,13 @@ def _keep(args: argparse.Namespace, budget: int | None, fail, log):
         from .._api import warm
 
         result = warm(plan.files[0].path, plan=plan, workers=args.workers, budget=budget, force=args.force,
-                      beside_engine=True)
+                      beside_engine=True, engine_pid=engine_pid)
         on_event({"event": "warmed", **result._asdict()})
         return None
     from .._keep.keeper import Keeper
 
     keeper = Keeper([plan], interval=args.interval, lock=args.lock, min_resident=args.min_resident,
                     listen=args.listen, workers=args.workers, budget=budget, force=args.force, on_event=on_event,
-                    beside_engine=True)  # the engine is loading the model right now (docs/beside-engine.md)
+                    beside_engine=True, engine_pid=engine_pid)  # the engine is loading the model now (docs/beside-engine.md)
     keeper.start()
     return keeper.stop
