@@ -1,5 +1,6 @@
-"""Paired rounds of `warmpool warm` from several checkouts, beside `cat`, `dd bs=8M` and four
-parallel `dd`, with the CPU each one spent: for an A/B of a change to the warm itself.
+"""Paired rounds of `warmpool warm` from several checkouts, beside `cat`, `dd bs=8M`, four
+parallel `dd` and `vmtouch -t` (where installed), with the CPU each one spent: for an A/B of a
+change to the warm itself.
 
     python tools/ab_checkouts.py FILE NAME=CHECKOUT[@ARGS] ... [--rounds 4] [--wait-after-evict 10]
         [--no-page-reporting]
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -29,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: wa
 from lib.measure import (  # noqa: E402
     add_no_page_reporting,
     add_wait_after_evict,
+    compile_bytecode,
     engine_pass,
     page_reporting_off,
     timed_rounds,
@@ -36,12 +39,13 @@ from lib.measure import (  # noqa: E402
 )
 from lib.peers import FILE, catalogue  # noqa: E402
 
-PEERS = ("cat", "dd", "dd4")  # bench_warm's methods of these names
+PEERS = ("cat", "dd", "dd4", "vmtouch")  # bench_warm's methods of these names (vmtouch where installed)
 
 
 def _ways(specs: list[str]) -> dict[str, tuple[list[str], dict[str, str] | None]]:
     """name -> (argv, environment or None for the peers)."""
-    ways = {m.key: (list(m.argv), None) for m in catalogue() if m.key in PEERS}
+    ways = {m.key: (list(m.argv), None) for m in catalogue() if m.key in PEERS
+            and (m.key != "vmtouch" or shutil.which("vmtouch"))}
     for spec in specs:
         name, sep, rest = spec.partition("=")
         checkout, _, args = rest.partition("@")
@@ -49,6 +53,7 @@ def _ways(specs: list[str]) -> dict[str, tuple[list[str], dict[str, str] | None]
             raise SystemExit(f"{spec!r}: expected a new NAME=CHECKOUT[@ARGS]")
         if not (Path(checkout) / "warmpool" / "__init__.py").is_file():
             raise SystemExit(f"{checkout}: not a warmpool checkout (no warmpool/__init__.py)")
+        compile_bytecode(checkout)  # as an installed copy has it
         env = {**os.environ, "PYTHONPATH": str(Path(checkout).resolve())}
         ways[name] = ([*warmpool_argv(), "warm", FILE, "--quiet", "--no-progress", *args.split()], env)
     return ways

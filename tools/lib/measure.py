@@ -27,6 +27,7 @@ from pathlib import Path
 __all__ = [
     "add_no_page_reporting",
     "add_wait_after_evict",
+    "compile_bytecode",
     "engine_pass",
     "evict_file",
     "file_resident",
@@ -151,6 +152,15 @@ def warmpool_argv() -> list[str]:
         return [str(beside)]
     found = shutil.which("warmpool")
     return [found] if found else [sys.executable, "-m", "warmpool"]
+
+
+def compile_bytecode(checkout: str | os.PathLike) -> None:
+    """Write the bytecode of ``checkout``'s warmpool, as ``pip install`` does: a tree without
+    it (an editable install under ``PYTHONDONTWRITEBYTECODE``, as on the project's VM) compiles
+    each changed module from source in every timed process, 20 ms of a warm's start-up."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(Path(checkout) / "warmpool")], env=env,
+                   stdout=subprocess.DEVNULL, check=False)
 
 
 def timed_child(argv: Sequence[str], env: dict[str, str] | None = None) -> tuple[float, float]:
