@@ -157,11 +157,11 @@ def test_going_first_it_steps_aside_once_the_engine_reads_at_device_speed(pageca
         monkeypatch.setattr(_beside, name, value)
     evict_file(pagecache_model)
     engine = Engine(pagecache_model, 0.01)  # ~100 MB/s once it goes
-    timer = threading.Timer(0.3, engine.go)
+    # It goes 0.1 s after the warm's pool starts (the warm went first), whatever the plan took.
+    timer = threading.Timer(0.1, engine.go)
     try:
-        timer.start()
         result = warmpool.warm(pagecache_model, beside_engine=True, engine_pid=engine.proc.pid, workers=1,
-                               chunk_size=4096, strategy="read")
+                               chunk_size=4096, strategy="read", on_start=lambda segment: timer.start())
         engine.proc.wait(30)
     finally:
         timer.cancel()

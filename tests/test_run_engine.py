@@ -246,7 +246,7 @@ def test_an_engine_still_starting_gets_its_model_warmed_first(private_model, tmp
     from conftest import evict_file
 
     evict_file(private_model)
-    run = _start("-m", str(private_model), "--json", "--", sys.executable, "-c", "import time; time.sleep(3)")
+    run = _start("-m", str(private_model), "--json", "--", sys.executable, "-c", "import time; time.sleep(6)")
     try:
         assert run.wait(60) == 0
     finally:
