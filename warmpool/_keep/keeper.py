@@ -54,6 +54,11 @@ TOUCH_TICK = 0.02
 # 128-sample half-life: a pass every few seconds follows it), LEARN_CPU_SHARE before.
 SAMPLE_PERIOD = 1.0
 SAMPLE_CPU_SHARE = 0.01
+# When the selection does not fit, the engine's misses each read a device read-ahead window
+# (8 MiB here) of which it uses a few pages; what it does not map is dropped this often, at
+# most SHED_CPU_SHARE of a core (``KeptModel.shed``; docs/keep.md, "Read-ahead it did not ask for").
+SHED_PERIOD = 0.25
+SHED_CPU_SHARE = 0.15
 ROOM_PERIOD = 1.0  # seconds between looks at the room (a memory.stat read, ~0.1 ms)
 # A shrink waits for the room to fall this far below what is held, and a re-rank grows into the
 # room only this far below it: no flapping on the engine's memory coming and going.  At most a
@@ -172,7 +177,8 @@ class Keeper:
         self.profile_path = os.fspath(profile) if profile is not None else None
         self._profile = None  # the profile read at start, seeding the first model's ranking
         self._readahead = DeviceReadAhead(self._emit)  # what --readahead changed, to put back
-        self._next_sample = self._next_room = 0.0
+        self._next_sample = self._next_room = self._next_shed = 0.0
+        self.shed_passes, self.shed_cpu = 0, 0.0  # drops of read-ahead done, and their CPU seconds
         self._next_profile = time.monotonic() + PROFILE_PERIOD
         self._slack = ROOM_SLACK
 
@@ -450,6 +456,17 @@ class Keeper:
             learning = any(m.hot.provisional and not m.hot.aside for m in hot_models)
             share = LEARN_CPU_SHARE if learning else SAMPLE_CPU_SHARE
             self._next_sample = now + max(SAMPLE_PERIOD, cost / share)
+        # Only once it holds experts for an engine that loses what it reads (learned, not aside):
+        # while it learns, a drop would itself make the refaults it waits for, from an engine
+        # that reads with read() and maps nothing.
+        shedding = [m for m in hot_models if m.warmed and not m.hot.provisional and not m.hot.aside]
+        if shedding and now >= self._next_shed:
+            started = time.thread_time()
+            for model in shedding:
+                self._guard(model, model.shed)
+            cost = time.thread_time() - started
+            self.shed_passes, self.shed_cpu = self.shed_passes + 1, self.shed_cpu + cost
+            self._next_shed = now + max(SHED_PERIOD, cost / SHED_CPU_SHARE)
         if now >= self._next_room:
             self._next_room = now + ROOM_PERIOD
             self._shrink_to_room()

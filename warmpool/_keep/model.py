@@ -59,6 +59,29 @@ class KeptModel:
     def path(self) -> str:
         return self.plan.files[0].path
 
+    def unheld_ranges(self) -> list[tuple[int, int, int]]:
+        """(file, offset, length) of every range of the model's files outside what is held."""
+        runs = contiguous_runs(self.kept.chunks)
+        ranges = []
+        for file, model_file in enumerate(self.plan.files):
+            at = 0
+            for start, end in runs.get(file, []):
+                if start > at:
+                    ranges.append((file, at, start - at))
+                at = max(at, end)
+            if at < model_file.size:
+                ranges.append((file, at, model_file.size - at))
+        return ranges
+
+    def shed(self) -> None:
+        """Drop the model's cached pages outside what is held that no process maps: the
+        read-ahead an engine's faults brought in around what they needed.  The kernel keeps every
+        folio someone maps (POSIX_FADV_DONTNEED, ``mapping_evict_folio`` in mm/truncate.c skips
+        a folio with references beyond the cache's), so what the engine reads stays; a dirty
+        page stays too.  docs/keep.md, "Read-ahead it did not ask for"."""
+        for file, offset, length in self.unheld_ranges():
+            _platform.evict(self.fds[file], offset, length)
+
     def row(self) -> dict:
         with self.guard:
             selected, kept = self.plan.bytes_planned, self.kept.bytes_planned
