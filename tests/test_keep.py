@@ -201,16 +201,16 @@ def test_without_a_profile_it_learns_stands_aside_while_the_engine_fits_then_hol
             engine("aside", lose=False)
             aside = next((e for e in events if e["event"] == "aside"), None)
             held_while_fitting = list(model.experts)
-            shed_while_learning = keeper.shed_passes  # nothing dropped before it holds experts
+            shed_while_learning = model.sheds_total  # nothing dropped before it holds experts
             engine("reranked", lose=True)
             deadline = time.monotonic() + 10  # then it drops the read-ahead the engine left (every 0.25 s)
-            while keeper.shed_passes == 0 and time.monotonic() < deadline:
+            while model.sheds_total == 0 and time.monotonic() < deadline:
                 time.sleep(0.05)
         finally:
             os.close(fd)
         reranked = next((e for e in events if e["event"] == "reranked"), None)
         held = list(model.experts)
-        shed_after_fill = keeper.shed_passes
+        shed_after_fill = model.sheds_total
     assert aside is not None and held_while_fitting == [], [e["event"] for e in events]
     assert shed_while_learning == 0 and shed_after_fill > 0, (shed_while_learning, shed_after_fill)
     # The fill read the experts beside a running engine: its workers at priority idle.

@@ -48,7 +48,10 @@ class _Collector:
              "the share of expert reads that find their expert held (absent until something is learned)"))}
         counters = {name: CounterMetricFamily(f"warmpool_{name}", help_, labels=["model"]) for name, help_ in (
             ("rewarmed_bytes", "Bytes read back in after the kernel evicted them"),
-            ("rewarms", "Re-warms of evicted chunks"))}
+            ("rewarms", "Re-warms of evicted chunks"),
+            ("sheds", "Passes that dropped the cached pages outside what is held that no process maps "
+             "(the selection does not fit; docs/keep.md)"),
+            ("shed_cpu_seconds", "CPU seconds those passes took"))}
         for row in self.keeper.status():
             labels = [row["model"]]
             gauges["selected_bytes"].add_metric(labels, row["bytes_selected"])
@@ -62,6 +65,8 @@ class _Collector:
                     gauges[name].add_metric(labels, row[key])
             counters["rewarmed_bytes"].add_metric(labels, row["bytes_rewarmed_total"])
             counters["rewarms"].add_metric(labels, row["rewarms_total"])
+            counters["sheds"].add_metric(labels, row["sheds_total"])
+            counters["shed_cpu_seconds"].add_metric(labels, row["shed_cpu_seconds_total"])
         yield from gauges.values()
         yield from counters.values()
         if self.keeper.refresh_period is not None:

@@ -178,7 +178,6 @@ class Keeper:
         self._profile = None  # the profile read at start, seeding the first model's ranking
         self._readahead = DeviceReadAhead(self._emit)  # what --readahead changed, to put back
         self._next_sample = self._next_room = self._next_shed = 0.0
-        self.shed_passes, self.shed_cpu = 0, 0.0  # drops of read-ahead done, and their CPU seconds
         self._next_profile = time.monotonic() + PROFILE_PERIOD
         self._slack = ROOM_SLACK
 
@@ -465,7 +464,6 @@ class Keeper:
             for model in shedding:
                 self._guard(model, model.shed)
             cost = time.thread_time() - started
-            self.shed_passes, self.shed_cpu = self.shed_passes + 1, self.shed_cpu + cost
             self._next_shed = now + max(SHED_PERIOD, cost / SHED_CPU_SHARE)
         if now >= self._next_room:
             self._next_room = now + ROOM_PERIOD

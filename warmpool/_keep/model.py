@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import time
 
 from .. import _platform
 from .._api import file_identity as identity
@@ -40,6 +41,7 @@ class KeptModel:
         self.bytes_resident: int | None = None
         self.hidden = False
         self.bytes_locked = self.bytes_rewarmed_total = self.rewarms_total = 0
+        self.sheds_total, self.shed_cpu_seconds_total = 0, 0.0  # drops of unmapped read-ahead (``shed``)
         self.state = "starting"
         self.warmed = False
         self.last_rewarmed: frozenset[int] = frozenset()
@@ -79,8 +81,11 @@ class KeptModel:
         folio someone maps (POSIX_FADV_DONTNEED, ``mapping_evict_folio`` in mm/truncate.c skips
         a folio with references beyond the cache's), so what the engine reads stays; a dirty
         page stays too.  docs/keep.md, "Read-ahead it did not ask for"."""
+        started = time.thread_time()
         for file, offset, length in self.unheld_ranges():
             _platform.evict(self.fds[file], offset, length)
+        self.sheds_total += 1
+        self.shed_cpu_seconds_total += time.thread_time() - started
 
     def row(self) -> dict:
         with self.guard:
@@ -89,7 +94,8 @@ class KeptModel:
             return {"model": self.name, "path": self.path, "bytes_selected": selected, "bytes_kept": kept,
                     "bytes_resident": resident,
                     "bytes_locked": self.bytes_locked, "bytes_rewarmed_total": self.bytes_rewarmed_total,
-                    "rewarms_total": self.rewarms_total,
+                    "rewarms_total": self.rewarms_total, "sheds_total": self.sheds_total,
+                    "shed_cpu_seconds_total": round(self.shed_cpu_seconds_total, 3),
                     # Of the selection: a keeper holding part of it (bytes_kept) is not ready.
                     "resident_fraction": None if resident is None else resident / (selected or 1),
                     "residency_hidden": self.hidden, "state": self.state,
