@@ -338,14 +338,11 @@ def _after_engine_start(plan: Plan, files: _OpenFiles, guard, chosen: list[int],
     """The engine started reading at device speed while the warm went first: wait for its sweep
     to end, then warm what is still cold.  (The pool's result, the residency it starts from, what
     to add to the reason.)"""
-    from ._beside import wait_for_sweep
     from ._pool.coordinator import PoolResult
     from ._pool.lifetime import run_warm
 
-    file_bytes = sum(f.size for f in plan.files)
     waited = time.monotonic()
-    wait_for_sweep(guard.reads, lambda: sum(_platform.cached_bytes(fd, 0, 0) or 0 for fd in files.fds) >= file_bytes,
-                   stop)
+    guard.wait_for_sweep(files.fds, sum(f.size for f in plan.files), stop)
     note = (f"then it read {guard.rate / 1e6:,.0f} MB/s: stepped aside until its sweep ended "
             f"({time.monotonic() - waited:.2f} s)")
     after = [r or 0 for r in files.resident(plan, quick=True)]

@@ -37,12 +37,13 @@ from typing import NamedTuple
 
 from . import _platform
 
-__all__ = ["DEVICE_RATE", "ENGINE_START_S", "GRACE_S", "EngineGuard", "EngineWatch", "wait_for_sweep", "watch_engine"]
+__all__ = ["DEVICE_RATE", "ENGINE_START_S", "GRACE_S", "EngineGuard", "EngineWatch", "watch_engine"]
 
 START_BYTES = 16 * 1024 * 1024  # more than a header walk reads: the engine is reading tensors
 ENGINE_START_S = 1.0  # llama.cpp's MAP_POPULATE starts within ~0.1 s of Llama(); a server's imports take longer
-# With the engine's own reads in view: llama.cpp reads within ~0.1 s of Llama() (the adapter saw
-# it read 16 MB 0.05-0.1 s after the warm began watching); later than this, it is still starting.
+# With the engine's own reads in view, how long it may take to begin: llama.cpp reads within
+# ~0.1 s of Llama() (the adapter's warm saw it reading within this in each of 9 rounds,
+# docs/beside-engine.md); an engine that has not begun by then is still starting.
 GRACE_S = 0.25
 WATCH_S = 0.2  # long enough for a few readahead windows at any rate worth stepping aside for
 POLL_S = 0.02
@@ -96,7 +97,7 @@ def watch_engine(fds: Sequence[int], file_bytes: int, should_stop: Callable[[], 
             return _cached(fds) or 0
 
     def all_cached() -> bool:
-        return (_cached(fds) or 0) >= file_bytes
+        return _all_cached(fds, file_bytes)
 
     now, base = started_at, progress()
     # 1. wait for the engine's first reads
@@ -115,11 +116,15 @@ def watch_engine(fds: Sequence[int], file_bytes: int, should_stop: Callable[[], 
     if rate < DEVICE_RATE and not all_cached():
         return EngineWatch(True, rate, False, now - started_at)
     # 3. stepped aside: wait for the sweep to end
-    wait_for_sweep(progress, all_cached, should_stop)
+    _wait_for_sweep(progress, all_cached, should_stop)
     return EngineWatch(True, rate, True, time.monotonic() - started_at)
 
 
-def wait_for_sweep(progress: Callable[[], int], all_cached: Callable[[], bool], should_stop: Callable[[], bool]) -> None:
+def _all_cached(fds: Sequence[int], file_bytes: int) -> bool:
+    return (_cached(fds) or 0) >= file_bytes
+
+
+def _wait_for_sweep(progress: Callable[[], int], all_cached: Callable[[], bool], should_stop: Callable[[], bool]) -> None:
     """Until the engine's reads stop growing for ``STALL_S`` or every file is cached."""
     last, last_growth = progress(), time.monotonic()
     while not all_cached() and time.monotonic() - last_growth < STALL_S and not should_stop():
@@ -145,6 +150,11 @@ class EngineGuard:
 
     def reads(self) -> int:
         return _platform.storage_read_bytes(self.pid) or 0
+
+    def wait_for_sweep(self, fds: Sequence[int], file_bytes: int, should_stop: Callable[[], bool]) -> None:
+        """Once tripped: until the engine's reads stop growing for ``STALL_S`` or the files
+        (``fds``, ``file_bytes`` in all) are all cached."""
+        _wait_for_sweep(self.reads, lambda: _all_cached(fds, file_bytes), should_stop)
 
     def __call__(self) -> bool:
         now = time.monotonic()

@@ -445,7 +445,8 @@ class Keeper:
             self._emit("readahead", model=model.name, **note)
 
     def _experts_step(self, now: float) -> None:
-        """Between checks: sample expert residency (paced), watch the room, write the profile."""
+        """Between checks: sample expert residency (paced), drop the read-ahead no one maps (when
+        the selection does not fit), watch the room, write the profile."""
         hot_models = [m for m in self.models if m.hot is not None and m.fds and m.state in ("kept", "backoff")]
         if hot_models and now >= self._next_sample:
             started = time.thread_time()
