@@ -73,3 +73,23 @@ def test_the_unheld_ranges_cover_the_files_outside_what_is_held(tiny_model):
     # Held and unheld tile the file: no gap, no overlap.
     assert covered[0][0] == 0 and covered[-1][1] == size
     assert all(a[1] == b[0] for a, b in zip(covered, covered[1:])), covered
+
+
+def test_no_drop_while_the_cpus_are_busy(tiny_model):
+    """The drop is for an engine that waits on the disk: with every CPU busy (an engine that
+    computes), the keeper's gate stays shut.  Real busy processes, /proc/stat."""
+    import time
+
+    from warmpool._keep.keeper import Keeper
+
+    keeper = Keeper([tiny_model])  # not started: only its gate is asked
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
+    try:
+        time.sleep(0.3)  # the hogs are running
+        keeper._cpus_idle(time.monotonic())
+        time.sleep(0.6)
+        assert keeper._cpus_idle(time.monotonic()) is False
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()

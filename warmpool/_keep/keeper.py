@@ -59,6 +59,10 @@ SAMPLE_CPU_SHARE = 0.01
 # most SHED_CPU_SHARE of a core (``KeptModel.shed``; docs/keep.md, "Read-ahead it did not ask for").
 SHED_PERIOD = 0.25
 SHED_CPU_SHARE = 0.15
+# ... and only while the CPUs sat idle or waited for the disk at least this many cores' worth
+# since the last look: an engine that thrashes waits on its reads, and one that computes (llama.cpp
+# on every core, its model nearly fitting) needs the CPU more than the pages (docs/keep.md).
+SHED_IDLE_CORES = 0.5
 ROOM_PERIOD = 1.0  # seconds between looks at the room (a memory.stat read, ~0.1 ms)
 # A shrink waits for the room to fall this far below what is held, and a re-rank grows into the
 # room only this far below it: no flapping on the engine's memory coming and going.  At most a
@@ -178,6 +182,7 @@ class Keeper:
         self._profile = None  # the profile read at start, seeding the first model's ranking
         self._readahead = DeviceReadAhead(self._emit)  # what --readahead changed, to put back
         self._next_sample = self._next_room = self._next_shed = 0.0
+        self._idle_mark: tuple[float, float | None] | None = None  # (time, cpu_idle_seconds) at the last look
         self._next_profile = time.monotonic() + PROFILE_PERIOD
         self._slack = ROOM_SLACK
 
@@ -461,17 +466,28 @@ class Keeper:
         # that reads with read() and maps nothing.
         shedding = [m for m in hot_models if m.warmed and not m.hot.provisional and not m.hot.aside]
         if shedding and now >= self._next_shed:
-            started = time.thread_time()
-            for model in shedding:
-                self._guard(model, model.shed)
-            cost = time.thread_time() - started
-            self._next_shed = now + max(SHED_PERIOD, cost / SHED_CPU_SHARE)
+            self._next_shed = now + SHED_PERIOD
+            if self._cpus_idle(now):
+                started = time.thread_time()
+                for model in shedding:
+                    self._guard(model, model.shed)
+                cost = time.thread_time() - started
+                self._next_shed = now + max(SHED_PERIOD, cost / SHED_CPU_SHARE)
         if now >= self._next_room:
             self._next_room = now + ROOM_PERIOD
             self._shrink_to_room()
         if now >= self._next_profile:
             self._next_profile = now + PROFILE_PERIOD
             self._write_profile()
+
+    def _cpus_idle(self, now: float) -> bool:
+        """Whether the CPUs were idle or waiting for I/O ``SHED_IDLE_CORES`` or more since the
+        last look (True where /proc/stat is unreadable: nothing says they were busy)."""
+        idle = _platform.cpu_idle_seconds()
+        last, self._idle_mark = self._idle_mark, (now, idle)
+        if idle is None or last is None or last[1] is None or now <= last[0]:
+            return idle is None
+        return (idle - last[1]) / (now - last[0]) >= SHED_IDLE_CORES
 
     def _shrink_to_room(self) -> None:
         """Let the coldest held experts go (then unlock the rest) when what is held no longer

@@ -39,6 +39,7 @@ __all__ = [
     "cache_counts",
     "cached_bytes",
     "cgroup_memory",
+    "cpu_idle_seconds",
     "evict",
     "evict_file",
     "evict_ranges",
@@ -93,6 +94,7 @@ from warmpool._platform.mapping import HeldMapping  # noqa: E402
 from warmpool._platform.proc import (  # noqa: E402
     CgroupMemory,
     cgroup_memory,
+    cpu_idle_seconds,
     free_page_reporting,
     locked_bytes,
     memlock_limit,

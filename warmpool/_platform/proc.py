@@ -11,7 +11,7 @@ import os
 import resource
 from typing import NamedTuple
 
-__all__ = ["CgroupMemory", "PAGE_REPORTING_ORDER", "cgroup_memory", "free_page_reporting", "locked_bytes",
+__all__ = ["CgroupMemory", "PAGE_REPORTING_ORDER", "cgroup_memory", "cpu_idle_seconds", "free_page_reporting", "locked_bytes",
            "memlock_limit", "memory_pressure", "page_reporting_order", "physical_memory", "pid_alive", "read_int",
            "storage_read_bytes"]
 
@@ -68,6 +68,17 @@ def storage_read_bytes(pid: int | str = "self") -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def cpu_idle_seconds() -> float | None:
+    """CPU seconds all CPUs have spent idle or waiting for I/O since boot (/proc/stat's first
+    line: ``idle`` plus ``iowait``, in USER_HZ ticks); None where unknown."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return (int(fields[4]) + int(fields[5])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def physical_memory() -> tuple[int, int] | None:
