@@ -57,8 +57,9 @@ __all__ = ["AUTO_MAX", "AUTO_START", "PoolResult", "run_pool"]
 # mid-warm start on CPUs already busy.  Past 16 the CLI and its workers outgrow a 200 MB bound.
 _CPUS = os.cpu_count() or 1
 AUTO_START, AUTO_MAX = max(1, min(2 * _CPUS, 4)), 16
-# At priority "idle" the warm runs beside a loading engine, and a worker's interpreter starts at
-# normal priority before it lowers its own: one per CPU there.
+# At priority "idle" the warm runs beside a loading engine: one per CPU there, chosen when each
+# worker was an interpreter that started at normal priority (now the fork server alone is; the
+# choice was not measured again with forks).
 AUTO_START_IDLE = max(1, min(_CPUS, 4))
 AUTO_GAIN = 1.15  # grow again only while a doubling bought at least 15% more throughput
 # Grow only while the rest of the warm, at the rate measured, would take at least this long: a

@@ -3,10 +3,10 @@
 A worker started as its own ``python -I -S`` spends ~57 ms of CPU on the interpreter and its
 imports before its first read (``typing``, ``ctypes``, ``re``... ; ~14 ms of it the bare
 interpreter).  A warm starts two per CPU and may grow to sixteen, on the CPUs its workers then
-need to copy pages: at 6.9 GB the first bulk read came 0.13-0.18 s after the plan, against
-0.03 s for ``vmtouch`` (docs/performance.md, "Fork server").  So a warm starts one
-interpreter, the fork server, which imports ``worker`` and then forks each worker on request:
-a fork of a 15 MB single-threaded process is about a millisecond.
+need to copy pages: at 6.9 GB the first bulk read came 0.21-0.29 s after the CLI started,
+against 0.12-0.13 s for ``vmtouch -t`` (docs/performance.md, "Fork server").  So a warm starts
+one interpreter, the fork server, which imports ``worker`` and then forks each worker on
+request: 0.7-1.1 ms from the request to the server's answer here (median of 10 about 0.9 ms).
 
 Forking is safe here and not in the caller: the server is a fresh interpreter of ours with one
 thread, whereas the caller may be an engine with many (``coordinator``, "Launch").
