@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from conftest import evict_file, warm_watched
+from conftest import evict_file, warm_watched, write_random
 
 import warmpool
 from warmpool import _beside, _platform
@@ -147,25 +147,38 @@ def test_with_the_engine_in_view_it_warms_first_while_the_engine_is_still_starti
     assert prefixes, (n, sorted(set(map(len, seen))))
 
 
-def test_going_first_it_steps_aside_once_the_engine_reads_at_device_speed(pagecache_model, monkeypatch):
+def test_going_first_it_steps_aside_once_the_engine_reads_at_device_speed(pagecache_model, monkeypatch, tmp_path):
     """The engine starts reading while the warm goes first (kept slow: a pread and a round trip
-    per page, one worker, ~1.7 s): its own reads at "device speed" (over 30 MB/s here, watched over 50 ms)
-    stop the pool; the warm waits for the engine's sweep to end, says so, and the model ends
-    resident, the warm's head start counted as its own and the engine's reads not."""
+    per page, one worker, ~1.7 s): its own reads at "device speed" (over 30 MB/s here, watched
+    over 50 ms) stop the pool; the warm waits for the engine's sweep to end, says so, then warms
+    the rest.  The stand-in reads a cold file of its own: reading the model behind the warm, it
+    would find the pages the warm had read and read nothing from the disk (as it should)."""
     for name, value in (("DEVICE_RATE", 30e6), ("START_BYTES", 1 << 20), ("GRACE_S", 0.1), ("WATCH_S", 0.05),
                         ("POLL_S", 0.01)):
         monkeypatch.setattr(_beside, name, value)
+    other = tmp_path / "other.bin"
+    write_random(other, 48 << 20)
+    evict_file(other)
     evict_file(pagecache_model)
-    engine = Engine(pagecache_model, 0.01)  # ~100 MB/s once it goes
-    # It goes 0.1 s after the warm's pool starts (the warm went first), whatever the plan took.
+    engine = Engine(other, 0.01)  # ~100 MB/s once it goes
+    # It goes 0.1 s after the warm's first pool starts (the warm went first), whatever the plan
+    # took; the warm of the rest after the sweep starts a second pool.
     timer = threading.Timer(0.1, engine.go)
+    pools: list[str] = []
+
+    def on_start(segment: str) -> None:
+        pools.append(segment)
+        if len(pools) == 1:
+            timer.start()
+
     try:
         result = warmpool.warm(pagecache_model, beside_engine=True, engine_pid=engine.proc.pid, workers=1,
-                               chunk_size=4096, strategy="read", on_start=lambda segment: timer.start())
+                               chunk_size=4096, strategy="read", on_start=on_start)
         engine.proc.wait(30)
     finally:
         timer.cancel()
         engine.close()
     assert "warmed first" in result.reason and "stepped aside until its sweep ended" in result.reason, result.reason
-    assert result.resident_fraction == 1.0
-    assert 0 < result.bytes_warmed < result.bytes_selected  # the chunks its head start finished
+    assert result.resident_fraction == 1.0 and len(pools) == 2, pools
+    # The engine read none of the model: every byte of it is the warm's, its head start and the rest.
+    assert result.bytes_warmed >= 0.99 * result.bytes_selected, (result.bytes_warmed, result.bytes_selected)
