@@ -151,9 +151,11 @@ class Forked:
             import subprocess
 
             raise subprocess.TimeoutExpired(f"worker {self.pid}", timeout)
+        import subprocess
+
         try:
             return self.server.exit_code(self.pid, REPORT_S)
-        except Exception:  # noqa: BLE001 - TimeoutExpired: it ended, how is unknown
+        except subprocess.TimeoutExpired:  # it ended; how is unknown
             return None
 
     def close(self) -> None:
@@ -191,14 +193,24 @@ class ForkServer:
         """A new worker serving channel ``fd`` (the caller keeps and closes its copy of ``fd``).
         OSError if the fork was refused (its reason) or the server is gone, EOFError if gone."""
         socket.send_fds(self.sock, [b"s"], [fd])
-        while True:
-            message = self.channel.recv()
+        while (message := self._next()) is not None:
+            if message[0] == "refused":
+                raise OSError(message[1])
             if message[0] == "pid":
                 self.codes[message[1]] = None
                 return Forked(message[1], self)
-            if message[0] == "refused":
-                raise OSError(message[1])
+        raise EOFError("the fork server is gone")
+
+    def _next(self) -> tuple | None:
+        """The server's next message, an exit recorded on the way; None once it is gone."""
+        try:
+            message = self.channel.recv()
+        except (EOFError, OSError):  # the server died: init reaps its children
+            self.gone = True
+            return None
+        if message[0] == "exit":
             self.codes[message[1]] = message[2]
+        return message
 
     def exit_code(self, pid: int, timeout: float | None) -> int | None:
         """Worker ``pid``'s exit code, None if the server died first (unknown)."""
@@ -209,12 +221,7 @@ class ForkServer:
                 import subprocess
 
                 raise subprocess.TimeoutExpired(f"worker {pid}", timeout)
-            try:
-                message = self.channel.recv()
-            except (EOFError, OSError):  # the server died: init reaps its children
-                self.gone = True
-                break
-            self.codes[message[1]] = message[2] if message[0] == "exit" else None
+            self._next()
         return self.codes.get(pid)
 
     def close(self) -> None:
