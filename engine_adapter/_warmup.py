@@ -31,7 +31,7 @@ from warmpool import CancelledError, ProfileError, ProgressError, WarmError, War
 if TYPE_CHECKING:  # pragma: no cover
     # Names of the warm machinery: imported by the thread that warms, not by ``import
     # engine_adapter``, so that the engine's own load starts without waiting for them.
-    from warmpool import ProgressView, WarmResult
+    from warmpool import EngineWatch, ProgressView, WarmResult
 
 logger = logging.getLogger("engine_adapter")
 
@@ -97,12 +97,15 @@ class Warmup:
         try:
             if self._stop.is_set():  # cancelled before the thread got going
                 raise CancelledError("warm cancelled before it started", self.model)
+            watch = self._watch_engine()
+            if self._stop.is_set():
+                raise CancelledError("warm cancelled while it watched the engine", self.model)
             chunk_size = self._warm_kwargs.get("chunk_size", warmpool.DEFAULT_CHUNK_SIZE)
             plan = self._plan(chunk_size)
             self.n_layers = plan.n_layers
             self.result = warmpool.warm(self.model, plan=plan, workers=self._workers, strategy=self._strategy,
                                         priority=self._priority, on_start=self._on_start, should_stop=self._stop,
-                                        **self._warm_kwargs)
+                                        engine_watch=watch, **self._warm_kwargs)
         except WarmpoolError as e:
             self.error = e
         except Exception as e:  # a bug must still not escape into the engine's thread
@@ -112,6 +115,16 @@ class Warmup:
             self._finished.set()
             self._started.set()
             _live.discard(self)
+
+    def _watch_engine(self) -> EngineWatch | None:
+        """An engine loading in this process (``engine_pid`` is ours) shares the interpreter's
+        lock with this thread: watch its reads first, plan only after (``warmpool.watch_engine``:
+        beside a sweep at device speed, once it has ended), so that the plan's ~20 ms of Python
+        does not run between the engine's own Python steps."""
+        pid = self._warm_kwargs.get("engine_pid")
+        if not self._warm_kwargs.get("beside_engine") or pid != os.getpid():
+            return None
+        return warmpool.watch_engine(pid, should_stop=self._stop.is_set)
 
     def _plan(self, chunk_size: int):
         if self.profile is not None:

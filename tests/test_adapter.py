@@ -227,3 +227,45 @@ def test_import_of_the_adapter_leaves_the_warm_machinery_to_the_warm_thread():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert eval(proc.stdout) == ["warmpool", "warmpool._errors", "warmpool._select", "warmpool._version"], proc.stdout  # noqa: S307 - our own list literal
+
+
+def test_beside_an_engine_in_this_process_it_plans_only_after_the_engine_s_sweep(cold_model, tmp_path, monkeypatch):
+    """An engine loading in the warm's own process (what ``engine_adapter.llama_cpp.load`` does)
+    shares the interpreter's lock with the warm's thread: while it reads at device speed the
+    thread only watches its reads, and reads the layout (``n_layers``) once they have stopped.
+    The "engine" is a thread of this process reading a cold file of its own at ~100 MB/s, above
+    a threshold lowered to 30 MB/s."""
+    from warmpool import _beside
+
+    monkeypatch.setattr(_beside, "DEVICE_RATE", 30e6)
+    other = tmp_path / "other.bin"
+    with open(other, "wb") as f:
+        for _ in range(48):
+            f.write(os.urandom(1 << 20))
+        f.flush()
+        os.fsync(f.fileno())
+    evict_file(other)
+
+    def engine() -> None:
+        fd = os.open(other, os.O_RDONLY)
+        try:
+            at = 0
+            while at < 48 << 20:
+                at += len(os.pread(fd, 1 << 20, at))
+                time.sleep(0.01)
+        finally:
+            os.close(fd)
+
+    reader = threading.Thread(target=engine)
+    reader.start()
+    warmup = start_warmup(cold_model, beside_engine=True, engine_pid=os.getpid(), **WATCHABLE)
+    planned_while_reading = []
+    while reader.is_alive():
+        planned_while_reading.append(warmup.n_layers)
+        time.sleep(0.005)
+    reader.join()
+    result = warmup.wait(30)
+    assert len(planned_while_reading) > 20 and set(planned_while_reading) == {None}, planned_while_reading
+    assert result is not None and warmup.n_layers == warmpool.plan_model(cold_model).n_layers
+    assert "stepped aside until its sweep ended" in result.reason and result.reason.count("beside the engine") == 1
+    assert result.resident_fraction == 1.0

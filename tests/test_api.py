@@ -19,6 +19,7 @@ PUBLIC = [
     "Chunk",
     "DEFAULT_CHUNK_SIZE",
     "EngineArgsError",
+    "EngineWatch",
     "FileChangedError",
     "FileResidency",
     "Keeper",
@@ -53,6 +54,7 @@ PUBLIC = [
     "resolve_model",
     "resolve_models",
     "warm",
+    "watch_engine",
 ]
 
 ERRORS = [getattr(_errors, name) for name in _errors.__all__]

@@ -182,3 +182,44 @@ def test_going_first_it_steps_aside_once_the_engine_reads_at_device_speed(pageca
     assert result.resident_fraction == 1.0 and len(pools) == 2, pools
     # The engine read none of the model: every byte of it is the warm's, its head start and the rest.
     assert result.bytes_warmed >= 0.99 * result.bytes_selected, (result.bytes_warmed, result.bytes_selected)
+
+
+def test_the_watch_before_the_plan_follows_an_engine_through_its_sweep(pagecache_model, monkeypatch, tmp_path):
+    """``warmpool.watch_engine``: the engine's own reads alone, no plan, no open file.  A reader
+    at "device speed" (~100 MB/s against a threshold lowered to 30 MB/s) is stood aside from
+    until its reads stop; ``warm(engine_watch=...)`` acts on that verdict, says it once, and warms
+    what the engine left cold (here all of the model: the stand-in reads a file of its own)."""
+    monkeypatch.setattr(_beside, "DEVICE_RATE", 30e6)
+    other = tmp_path / "other.bin"
+    write_random(other, 48 << 20)
+    evict_file(other)
+    evict_file(pagecache_model)
+    engine = Engine(other, 0.01)
+    try:
+        engine.go()
+        watch = warmpool.watch_engine(engine.proc.pid)
+        ended = engine.proc.poll()  # the watch waited for the sweep's end: the reader has exited
+        result = warmpool.warm(pagecache_model, engine_watch=watch, workers=1, chunk_size=CHUNK)
+    finally:
+        engine.close()
+    assert watch.started and watch.stepped_aside and not watch.head_start, watch
+    assert watch.rate >= 30e6 and watch.engine_pid == engine.proc.pid
+    assert ended == 0, "the watch returned while the engine was still reading"
+    assert result.reason.count("beside the engine") == 1, result.reason
+    assert "stepped aside until its sweep ended" in result.reason
+    assert result.resident_fraction == 1.0 and result.bytes_warmed >= 0.99 * result.bytes_selected
+
+
+def test_the_watch_before_the_plan_of_an_engine_not_reading_goes_first(pagecache_model):
+    """Not reading within ``GRACE_S``: a head start, under the guard; a process whose reads
+    cannot be seen (gone) gives no verdict at all."""
+    engine = Engine(pagecache_model, 0.0)  # started, never told to go
+    try:
+        started = time.monotonic()
+        watch = warmpool.watch_engine(engine.proc.pid)
+        waited = time.monotonic() - started
+    finally:
+        engine.close()
+    assert watch.head_start and not watch.started and watch.engine_pid == engine.proc.pid, watch
+    assert _beside.GRACE_S <= waited < _beside.GRACE_S + 0.5
+    assert warmpool.watch_engine(engine.proc.pid) is None  # reaped: no /proc entry

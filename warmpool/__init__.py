@@ -40,6 +40,7 @@ _LAZY = {
     "ModelFile": "._gguf.layout", "ModelLayout": "._gguf.layout", "TensorInfo": "._gguf.layout", "read_layout": "._stores",
     "DEFAULT_CHUNK_SIZE": "._plan", "Chunk": "._plan", "Plan": "._plan", "make_plan": "._plan",
     "Keeper": "._keep.keeper",
+    "EngineWatch": "._beside", "watch_engine": "._beside",
     "ProgressView": "._progress.segment",
     "Selection": "._select", "parse_overrides": "._select",
     "ResolvedModel": "._stores.resolve", "resolve_model": "._stores.resolve", "resolve_models": "._stores.resolve",
@@ -62,6 +63,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
         residency_hidden,
         warm,
     )
+    from ._beside import EngineWatch, watch_engine
     from ._gguf.layout import ModelFile, ModelLayout, TensorInfo
     from ._keep.keeper import Keeper
     from ._plan import DEFAULT_CHUNK_SIZE, Chunk, Plan, make_plan
@@ -93,6 +95,7 @@ __all__ = [
     "Chunk",
     "DEFAULT_CHUNK_SIZE",
     "EngineArgsError",
+    "EngineWatch",
     "FileChangedError",
     "FileResidency",
     "Keeper",
@@ -127,4 +130,5 @@ __all__ = [
     "resolve_model",
     "resolve_models",
     "warm",
+    "watch_engine",
 ]

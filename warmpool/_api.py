@@ -213,7 +213,7 @@ def warm(path: str | os.PathLike[str], *, workers: int | None = None, strategy: 
          env: dict | None = None, memory=None, on_start: Callable[[object], None] | None = None,
          should_stop=None, linger: float = 0.0, plan: Plan | None = None, require_name: bool = False,
          priority: str = "normal", beside_engine: bool = False, engine_pid: int | None = None,
-         **selection) -> WarmResult:
+         engine_watch=None, **selection) -> WarmResult:
     """Fault the selected tensors of a GGUF model into the page cache and verify with mincore.
 
     ``selection`` takes llama.cpp's flags (``n_gpu_layers``, ``cpu_moe``, ``n_cpu_moe``,
@@ -232,7 +232,10 @@ def warm(path: str | os.PathLike[str], *, workers: int | None = None, strategy: 
     engine read while the warm stood aside.  ``engine_pid``: the engine's process (``run``'s
     child, the adapter's own), whose storage reads tell its progress from the warm's: an engine
     not reading yet is then warmed for first, and the warm steps aside once it reads at device
-    speed (``_beside.EngineGuard``).
+    speed (``_beside.EngineGuard``).  ``engine_watch``: that engine already watched before the
+    plan (``warmpool.watch_engine``, what the adapter does so that only the watch runs beside an
+    engine in its own process); the warm acts on its verdict instead of watching again, and the
+    reason says it even when nothing is left cold.
 
     A file whose residency the kernel hides (``residency_hidden``) is warmed whole and the result
     says so: ``residency_hidden`` True, ``resident_fraction`` and ``bytes_already_resident`` None.
@@ -241,6 +244,8 @@ def warm(path: str | os.PathLike[str], *, workers: int | None = None, strategy: 
 
     check_strategy(strategy, allow_auto=True)
     check_priority(priority)
+    if engine_watch is not None:
+        beside_engine, engine_pid = True, engine_watch.engine_pid
     plan = plan or plan_model(path, chunk_size=chunk_size, **selection)
     started = time.perf_counter()
     with _OpenFiles(plan) as files:
@@ -251,6 +256,8 @@ def warm(path: str | os.PathLike[str], *, workers: int | None = None, strategy: 
         decision = decide(cold, env=env, force=force, budget=budget, memory=memory)
         hidden = any(files.hidden)
         reason = f"{decision.reason} (residency hidden: counted all cold)" if hidden else decision.reason
+        if engine_watch is not None:
+            reason = f"{reason}; {engine_watch.describe()}"
         logger.info("%s: %s", plan.files[0].path, reason)
         result = dict(path=plan.files[0].path, bytes_selected=plan.bytes_planned,
                       bytes_already_resident=None if hidden else sum(before), seconds=0.0, workers=0,
@@ -268,14 +275,14 @@ def warm(path: str | os.PathLike[str], *, workers: int | None = None, strategy: 
         chosen, baseline = list(decision.chunks), before
         guard, head_start_bytes = None, 0
         if beside_engine:
-            watch, chosen, baseline = _beside_engine(plan, files, chosen, before, stop, engine_pid)
-            if watch is not None:
+            watch, chosen, baseline = _beside_engine(plan, files, chosen, before, stop, engine_pid, engine_watch)
+            if watch is not None and engine_watch is None:
                 result["reason"] = reason = f"{reason}; {watch.describe()}"
                 logger.info("%s: %s", plan.files[0].path, watch.describe())
-                if watch.head_start:
-                    from ._beside import EngineGuard
+            if watch is not None and watch.head_start:
+                from ._beside import EngineGuard
 
-                    guard = EngineGuard(engine_pid)
+                guard = EngineGuard(engine_pid)
             if not chosen:  # the engine read everything itself
                 resident = sum(r or 0 for r in baseline)
                 return WarmResult(**result | dict(seconds=time.perf_counter() - started), bytes_warmed=0,
@@ -319,13 +326,18 @@ def warm(path: str | os.PathLike[str], *, workers: int | None = None, strategy: 
 
 
 def _beside_engine(plan: Plan, files: _OpenFiles, chosen: list[int], before: list[int], stop: Callable[[], bool],
-                   engine_pid: int | None):
-    """Watch the engine that loads the model beside this warm (``_beside``): (the watch or None,
-    the chunks to warm, far end first unless the warm goes first, and the residency they start
-    from)."""
-    from ._beside import watch_engine
+                   engine_pid: int | None, watched):
+    """Watch the engine that loads the model beside this warm (``_beside``), unless ``watched``
+    already: (the watch or None, the chunks to warm, far end first unless the warm goes first,
+    and the residency they start from)."""
+    from ._beside import watch_files
 
-    watch = None if any(files.hidden) else watch_engine(files.fds, sum(f.size for f in plan.files), stop, engine_pid)
+    if watched is not None:
+        watch = watched
+    elif any(files.hidden):
+        watch = None
+    else:
+        watch = watch_files(files.fds, sum(f.size for f in plan.files), stop, engine_pid)
     if watch is not None and watch.stepped_aside:
         now = [r or 0 for r in files.resident(plan, quick=True)]
         chosen = [i for i in chosen if now[i] < plan.chunks[i].length]

@@ -25,6 +25,12 @@ the warm goes first, in plan order, where the engine's sweep will begin, and ``E
 stops it once the engine reads at ``DEVICE_RATE``; it then waits for the sweep to end and warms
 what is still cold, as in step 2.
 
+An engine in the warm's own process (the adapter: ``Llama()`` loads while the warm's thread
+runs) shares the interpreter's lock with it: the plan's header walk and imports, ~20 ms of
+Python, would run between the engine's own Python steps.  ``watch_engine`` therefore watches the
+engine's reads before there is a plan (``warm(engine_watch=...)`` then acts on its verdict), and
+a stepped-aside warm plans only once the sweep has ended.
+
 Where cachestat is missing or the kernel hides the files' residency, nothing is watched and the
 warm goes from the far end at once.
 """
@@ -37,7 +43,7 @@ from typing import NamedTuple
 
 from . import _platform
 
-__all__ = ["DEVICE_RATE", "ENGINE_START_S", "GRACE_S", "EngineGuard", "EngineWatch", "watch_engine"]
+__all__ = ["DEVICE_RATE", "ENGINE_START_S", "GRACE_S", "EngineGuard", "EngineWatch", "watch_engine", "watch_files"]
 
 START_BYTES = 16 * 1024 * 1024  # more than a header walk reads: the engine is reading tensors
 ENGINE_START_S = 1.0  # llama.cpp's MAP_POPULATE starts within ~0.1 s of Llama(); a server's imports take longer
@@ -61,6 +67,7 @@ class EngineWatch(NamedTuple):
     stepped_aside: bool  # it read at device speed and the warm waited for its sweep to end
     seconds: float  # time spent watching (and waiting while stepped aside)
     head_start: bool = False  # not reading within GRACE_S: the warm goes first, under an EngineGuard
+    engine_pid: int | None = None  # the process whose own reads were watched; None: the files' cache
 
     def describe(self) -> str:
         if self.head_start:
@@ -82,35 +89,54 @@ def _cached(fds: Sequence[int]) -> int | None:
     return total
 
 
-def watch_engine(fds: Sequence[int], file_bytes: int, should_stop: Callable[[], bool],
-                 engine_pid: int | None = None) -> EngineWatch | None:
+def watch_engine(engine_pid: int, should_stop: Callable[[], bool] | None = None) -> EngineWatch | None:
+    """Watch the engine (``engine_pid``) read before the warm has a plan or open files: its own
+    storage reads alone, so that nothing but a read of /proc/PID/io every ``POLL_S`` runs beside
+    its load.  Steps 1-3 of the module doc, with ``GRACE_S`` for step 1, and the end of a sweep
+    seen only as no growth of its reads for ``STALL_S``.  ``should_stop()`` True ends the watch
+    early.  None where its reads cannot be seen (no such process, another user's,
+    no task I/O accounting).  Pass the result to ``warm(engine_watch=...)``."""
+    if _platform.storage_read_bytes(engine_pid) is None:
+        return None
+    def progress() -> int:
+        return _platform.storage_read_bytes(engine_pid) or 0
+
+    return _watch(progress, lambda: False, should_stop or (lambda: False), GRACE_S, engine_pid)
+
+
+def watch_files(fds: Sequence[int], file_bytes: int, should_stop: Callable[[], bool],
+                engine_pid: int | None = None) -> EngineWatch | None:
     """Watch the engine read the files ``fds`` (``file_bytes`` in all); None where the page cache
     cannot be watched (no cachestat, hidden residency).  See the module doc."""
-    started_at = time.monotonic()
     if _cached(fds) is None:
         return None
-    own = engine_pid is not None and _platform.storage_read_bytes(engine_pid) is not None
-    if own:
+    if engine_pid is not None and _platform.storage_read_bytes(engine_pid) is not None:
         def progress() -> int:
             return _platform.storage_read_bytes(engine_pid) or 0
 
-        all_cached = _AllCached(fds, file_bytes)
-    else:
-        seen = [0]
+        return _watch(progress, _AllCached(fds, file_bytes), should_stop, GRACE_S, engine_pid)
+    seen = [0]
 
-        def progress() -> int:
-            seen[0] = _cached(fds) or 0
-            return seen[0]
+    def cached() -> int:
+        seen[0] = _cached(fds) or 0
+        return seen[0]
 
-        def all_cached() -> bool:  # the last look's total: one cachestat per poll, not two
-            return seen[0] >= file_bytes
+    def all_cached() -> bool:  # the last look's total: one cachestat per poll, not two
+        return seen[0] >= file_bytes
 
-    now, base = started_at, progress()
+    return _watch(cached, all_cached, should_stop, ENGINE_START_S, None)
+
+
+def _watch(progress: Callable[[], int], all_cached: Callable[[], bool], should_stop: Callable[[], bool],
+           start_s: float, engine_pid: int | None) -> EngineWatch:
+    """Steps 1-3 of the module doc on ``progress`` (the engine's bytes read so far); an engine
+    not reading within ``start_s`` is warmed for first when its own reads are in view."""
+    started_at = now = time.monotonic()
+    base = done = progress()
     # 1. wait for the engine's first reads
-    done = progress()
     while done - base < START_BYTES and not all_cached():  # all cached: the engine read it at once
-        if now - started_at >= (GRACE_S if own else ENGINE_START_S) or should_stop():
-            return EngineWatch(False, None, False, now - started_at, head_start=own)
+        if now - started_at >= start_s or should_stop():
+            return EngineWatch(False, None, False, now - started_at, engine_pid is not None, engine_pid)
         time.sleep(POLL_S)
         now, done = time.monotonic(), progress()
     # 2. its rate over a window
@@ -120,10 +146,10 @@ def watch_engine(fds: Sequence[int], file_bytes: int, should_stop: Callable[[], 
         now, done = time.monotonic(), progress()
     rate = (done - mark) / max(now - mark_at, 1e-6)
     if rate < DEVICE_RATE and not all_cached():
-        return EngineWatch(True, rate, False, now - started_at)
+        return EngineWatch(True, rate, False, now - started_at, False, engine_pid)
     # 3. stepped aside: wait for the sweep to end
     _wait_for_sweep(progress, all_cached, should_stop)
-    return EngineWatch(True, rate, True, time.monotonic() - started_at)
+    return EngineWatch(True, rate, True, time.monotonic() - started_at, False, engine_pid)
 
 
 class _AllCached:
