@@ -97,8 +97,10 @@ def test_detached_warm_followed_by_the_progress_command(cold_model):
         followed = warmpool_cli("progress", name, "--follow", "--json")
         assert followed.returncode == 0, followed.stderr
         assert json.loads(followed.stdout) == {"done_bytes": total, "total_bytes": total, "state": "done"}
-        # checked at once: the VM's reclaim takes just-read pages nothing maps within seconds
-        assert resident_fraction(cold_model) >= 0.99
+        # Checked at once, and not for every page: this VM's proactive reclaim (DAMON) takes
+        # just-read pages nothing maps within seconds (94.9% seen once in CI).  A warm that did
+        # not warm leaves the evicted model near 0%.
+        assert resident_fraction(cold_model) >= 0.9
 
         bar = warmpool_cli("progress", name.lstrip("/"), "--follow")  # the name works without its slash
         assert bar.returncode == 0, bar.stderr
