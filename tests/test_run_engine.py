@@ -218,6 +218,32 @@ def test_terminal_ctrl_c_reaches_the_engine_once(tiny_model, tmp_path):
         os.close(master)
 
 
+# What the engine's start waits on: warmpool's argument parsing, nothing of its pipeline.
+SPAWN_PROBE = r"""
+import subprocess, sys
+def spawn(self, *args, **kwargs):
+    print(" ".join(sorted(m for m in sys.modules if m.startswith("warmpool"))), flush=True)
+    import os
+    os._exit(0)
+subprocess.Popen.__init__ = spawn
+from warmpool.commands import main
+main(["run", "--", "engine", "-m", sys.argv[1]])
+"""
+# The layout walk, the plan, the platform layer, the keeper, the services' log: with them the
+# spawn came 31-44 ms after the interpreter's start here, without them 11 ms (docs/beside-engine.md).
+HEAVY = ("warmpool._platform", "warmpool._plan", "warmpool._gguf", "warmpool._keep", "warmpool._api",
+         "warmpool._stores", "warmpool._progress", "warmpool.commands._logs")
+
+
+def test_the_engine_is_spawned_before_warmpool_imports_its_pipeline(tiny_model):
+    out = subprocess.run([sys.executable, "-c", SPAWN_PROBE, str(tiny_model)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    loaded = out.stdout.split()
+    assert "warmpool._engine.child" in loaded, loaded  # the probe did stop at the spawn
+    assert not [m for m in loaded if m.startswith(HEAVY)], loaded
+
+
 def test_engine_that_cannot_start(tiny_model):
     run = _start(str(tiny_model), "--", "/nonexistent/llama-server", "-m", str(tiny_model))
     assert run.wait(60) == 1

@@ -21,14 +21,10 @@ from typing import NamedTuple
 from ._gguf.layout import ModelFile, ModelLayout, TensorInfo
 from ._platform import PAGE_SIZE  # the platform layer's, the one page size
 from ._select import Selection
+from ._units import DEFAULT_CHUNK_SIZE  # defined there: the CLI's parser needs it without a plan
 
 __all__ = ["Chunk", "DEFAULT_CHUNK_SIZE", "PAGE_SIZE", "Plan", "contiguous_runs", "layer_key", "make_plan", "page_span",
            "plan_tensors", "prioritize"]
-
-# 16 MiB: two 8 MiB readahead windows per chunk, and a per-chunk overhead (IPC, mmap, mincore)
-# small against the chunk's I/O; still enough chunks per model to balance the workers and to
-# mark a large MoE layer ready in several steps (docs/performance.md, "Pool size and start-up").
-DEFAULT_CHUNK_SIZE = 16 * 1024 * 1024
 
 
 class Chunk(NamedTuple):

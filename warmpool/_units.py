@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["format_bytes", "parse_size"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "format_bytes", "parse_size"]
+
+# 16 MiB: two 8 MiB readahead windows per chunk, and a per-chunk overhead (IPC, mmap, mincore)
+# small against the chunk's I/O; still enough chunks per model to balance the workers and to
+# mark a large MoE layer ready in several steps (docs/performance.md, "Pool size and start-up").
+DEFAULT_CHUNK_SIZE = 16 * 1024 * 1024
 
 _POWERS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:([KMGT])(I?B)?|B)?\s*$", re.IGNORECASE)

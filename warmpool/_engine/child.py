@@ -18,7 +18,6 @@ import subprocess
 import threading
 from collections.abc import Callable, Sequence
 
-from .. import _platform
 from .._errors import WarmpoolError
 
 __all__ = ["FORWARDED", "run_engine"]
@@ -62,6 +61,8 @@ def run_engine(argv: Sequence[str], start_warmpool: Callable[[Callable[[str], No
         finished = threading.Event()
 
         def warmpool_part() -> None:
+            from .. import _platform  # after the spawn: the engine's start waits on no import of ours
+
             _platform.lower_priority()  # per thread; the threads it starts inherit it
             try:
                 stopper = start_warmpool(fail, child.pid)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import sys
 import threading
-import traceback
 from collections.abc import Sequence
 
 from .._errors import WarmpoolError
@@ -139,6 +138,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return EXIT_BROKEN_PIPE
     except WarmpoolError as e:
         if args.verbose:
+            import traceback
+
             traceback.print_exc()
         print(f"warmpool: {e}", file=sys.stderr)
         return EXIT_USAGE if isinstance(e, UsageError) else EXIT_ERROR

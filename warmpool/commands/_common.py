@@ -8,11 +8,13 @@ import sys
 import threading
 
 from .._errors import UsageError, WarmpoolError
-from .._gguf.layout import read_layout
-from .._plan import DEFAULT_CHUNK_SIZE, Plan, make_plan
 from .._pool.strategy import STRATEGIES
 from .._select import CATEGORIES, Selection, category, moe_overrides, parse_overrides
-from .._units import parse_size
+from .._units import DEFAULT_CHUNK_SIZE, parse_size
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # pragma: no cover
+    from .._plan import Plan
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_READY, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_HIDDEN = 4  # ``status``: the kernel hides residency for a file of the model
@@ -195,6 +197,9 @@ def selection_text(args: argparse.Namespace, selection: Selection) -> str:
 
 def plan_from(args: argparse.Namespace) -> Plan:
     path, selection = target(args)
+    from .._gguf.layout import read_layout
+    from .._plan import make_plan
+
     return make_plan(read_layout(path), selection, args.chunk_size)
 
 
@@ -265,6 +270,14 @@ class Bar:
         self.stopped.set()
         if self.thread:
             self.thread.join()
+
+
+LOG_FORMATS = ("text", "json")  # the services' logs (``_logs``)
+
+
+def add_log_format(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default="text",
+                        help="text: readable lines (default); json: one JSON object per line, for log collectors")
 
 
 STRATEGY_CHOICES = ("auto", *STRATEGIES)

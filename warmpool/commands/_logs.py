@@ -9,23 +9,15 @@ here too.  loguru is imported only when a service starts.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
 from typing import TextIO
 
-__all__ = ["LOG_FORMATS", "LineWriter", "ServiceLog", "add_log_format", "current", "start"]
-
-LOG_FORMATS = ("text", "json")
+__all__ = ["LineWriter", "ServiceLog", "current", "start"]
 
 current: ServiceLog | None = None  # the running service's log; ``_common.say`` writes through it
 _handler: logging.Handler | None = None
-
-
-def add_log_format(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--log-format", choices=LOG_FORMATS, default="text",
-                        help="text: readable lines (default); json: one JSON object per line, for log collectors")
 
 
 class ServiceLog:

@@ -9,8 +9,7 @@ import sys
 
 from .._errors import WarmpoolError
 from .._units import format_bytes
-from ._common import EXIT_ERROR, EXIT_OK, add_selection_arguments, selection_from
-from ._logs import add_log_format
+from ._common import EXIT_ERROR, EXIT_OK, add_log_format, add_selection_arguments, selection_from
 
 ACTIONS = ("warm", "status", "evict")
 

@@ -15,6 +15,7 @@ from .._units import format_bytes
 from ._common import (
     EXIT_OK,
     Bar,
+    add_log_format,
     add_model_argument,
     add_warm_arguments,
     plan_from,
@@ -23,7 +24,6 @@ from ._common import (
     selection_from,
     size_arg,
 )
-from ._logs import add_log_format
 
 
 class Command:

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from .._units import format_bytes
-from ._common import UsageError, add_model_argument, budget_syntax, resolve_budget, say
-from ._logs import add_log_format
+from ._common import UsageError, add_log_format, add_model_argument, budget_syntax, resolve_budget, say
 
 
 class Command:
@@ -37,7 +35,6 @@ class Command:
     def run(self, args: argparse.Namespace) -> int:
         from .._engine.args import parse_engine
         from .._engine.child import run_engine
-        from . import _logs
 
         if not args.engine:
             raise UsageError("run needs the engine's command line after --, e.g. warmpool run -- llama-server -m MODEL")
@@ -48,6 +45,8 @@ class Command:
         def start(fail, engine_pid):
             # In warmpool's thread, once the engine is started (at SCHED_IDLE: ``run_engine``): its
             # start never waits on our imports.
+            from . import _logs
+
             log = _logs.start("run", args.log_format, verbose=getattr(args, "verbose", False))  # stderr: stdout is the engine's
             return _keep(args, budget, fail, log, engine_pid)
 
@@ -56,6 +55,8 @@ class Command:
 
 def _keep(args: argparse.Namespace, budget: int | None, fail, log, engine_pid: int):
     """warmpool's part: plan, then keep (the first warm runs in the keeper's thread)."""
+    import json
+
     from ._common import plan_from
 
     plan = plan_from(args)
