@@ -223,3 +223,61 @@ def test_the_watch_before_the_plan_of_an_engine_not_reading_goes_first(pagecache
     assert watch.head_start and not watch.started and watch.engine_pid == engine.proc.pid, watch
     assert _beside.GRACE_S <= waited < _beside.GRACE_S + 0.5
     assert warmpool.watch_engine(engine.proc.pid) is None  # reaped: no /proc entry
+
+
+# Spins one core for argv[1] seconds, then sleeps: an engine answering its first request, then idle.
+SPINNER = """
+import sys, time
+end = time.monotonic() + float(sys.argv[1])
+print("spinning", flush=True)
+while time.monotonic() < end:
+    pass
+time.sleep(60)
+"""
+
+
+def _spinner(seconds: float) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", SPINNER, str(seconds)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "spinning"
+    return proc
+
+
+def test_wait_until_quiet_sees_a_busy_engine_and_an_idle_one(monkeypatch):
+    monkeypatch.setattr(_beside, "QUIET_MAX_S", 1.5)
+    busy, idle = _spinner(30), _spinner(0)
+    try:
+        started = time.monotonic()
+        assert _beside.wait_until_quiet(busy.pid, lambda: False) is False  # busy throughout: gave up
+        assert time.monotonic() - started >= 1.5
+        started = time.monotonic()
+        assert _beside.wait_until_quiet(idle.pid, lambda: False) is True
+        assert time.monotonic() - started < 1.4  # one or two windows of QUIET_S
+    finally:
+        for proc in (busy, idle):
+            proc.kill()
+            proc.wait()
+    assert _beside.wait_until_quiet(busy.pid, lambda: False) is False  # gone: at once
+
+
+def test_the_keeper_holds_once_the_engine_is_between_requests(pagecache_model):
+    """Beside an engine, the keeper's hold (map, fault, read a byte per page) waits until the
+    engine stops using the CPU: here a stand-in busy for 1.5 s after the warm starts."""
+    evict_file(pagecache_model)
+    engine = _spinner(1.5)
+    busy_until = time.monotonic() + 1.5
+    events: list[dict] = []
+    keeper = warmpool.Keeper([pagecache_model], interval=60, beside_engine=True, engine_pid=engine.pid,
+                             on_event=events.append, workers=1)
+    try:
+        keeper.start()
+        assert keeper.wait_warm(30)
+        held_at = time.monotonic()
+        warmed = [e for e in events if e["event"] == "warmed"]
+        rows = keeper.status()
+    finally:
+        keeper.stop()
+        engine.kill()
+        engine.wait()
+    assert held_at >= busy_until, "held while the engine was busy"
+    assert len(warmed) == 1 and warmed[0]["engine_quiet_wait_s"] >= 0.5, warmed
+    assert rows[0]["resident_fraction"] == 1.0, rows

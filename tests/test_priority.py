@@ -138,6 +138,12 @@ def test_run_keeps_its_own_threads_at_idle_beside_the_engine(private_model, tmp_
     assert proc.returncode == 0, err
     main = set(seen.pop(proc.pid))
     assert any(len(p) > 1 for p in seen.values()), f"warmpool run never had a thread beside its main one: {err}"
-    # A thread lowers itself with its first statement: a sample can catch it just before.
-    late = {tid: set(p[1:]) for tid, p in seen.items() if len(p) > 1}
-    assert main == {os.SCHED_OTHER} and set().union(*late.values()) == {os.SCHED_IDLE}, (main, seen)
+    assert main == {os.SCHED_OTHER}, main
+    # warmpool's thread lowers itself once it has imported the platform layer (after the engine's
+    # spawn, which waits on no import of it): its first samples, a few milliseconds, may precede
+    # that; the threads it starts inherit the policy.  Once idle, a thread stays idle.
+    for tid, policies in seen.items():
+        if len(policies) > 1:
+            assert os.SCHED_IDLE in policies, (tid, policies)
+            lowered = policies.index(os.SCHED_IDLE)
+            assert lowered <= 50 and set(policies[lowered:]) == {os.SCHED_IDLE}, (tid, policies)

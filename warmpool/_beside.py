@@ -31,6 +31,12 @@ Python, would run between the engine's own Python steps.  ``watch_engine`` there
 engine's reads before there is a plan (``warm(engine_watch=...)`` then acts on its verdict), and
 a stepped-aside warm plans only once the sweep has ended.
 
+Once the engine has loaded, what a keeper does next for it (``hold``: map the selection, fault
+it into its own mapping, read a byte per page; tens of milliseconds of CPU for a 1.7 GB model)
+can wait until the engine is between requests: ``wait_until_quiet`` returns once the engine used
+under ``QUIET_SHARE`` of a core over ``QUIET_S`` (at most ``QUIET_MAX_S``), so that the work does
+not land on the first request, which comes right after the load.
+
 Where cachestat is missing or the kernel hides the files' residency, nothing is watched and the
 warm goes from the far end at once.
 """
@@ -43,7 +49,8 @@ from typing import NamedTuple
 
 from . import _platform
 
-__all__ = ["DEVICE_RATE", "ENGINE_START_S", "GRACE_S", "EngineGuard", "EngineWatch", "watch_engine", "watch_files"]
+__all__ = ["DEVICE_RATE", "ENGINE_START_S", "GRACE_S", "QUIET_S", "EngineGuard", "EngineWatch", "wait_until_quiet",
+           "watch_engine", "watch_files"]
 
 START_BYTES = 16 * 1024 * 1024  # more than a header walk reads: the engine is reading tensors
 ENGINE_START_S = 1.0  # llama.cpp's MAP_POPULATE starts within ~0.1 s of Llama(); a server's imports take longer
@@ -59,6 +66,11 @@ STALL_S = 0.3  # no growth this long: the engine's sweep has ended
 # with the kernel's readahead), well below one reader on a local SSD or this VM's virtio disk
 # (1.3-1.6 GB/s).  Figures and commands: docs/beside-engine.md.
 DEVICE_RATE = 200e6
+# Quiet: under 5% of a core over half a second (a few of /proc's 10-ms ticks).  An engine between
+# requests uses none; one answering a request uses every core it was given.
+QUIET_S = 0.5
+QUIET_SHARE = 0.05
+QUIET_MAX_S = 30.0  # an engine busy for this long gets the work anyway (at the keeper's idle priority)
 
 
 class EngineWatch(NamedTuple):
@@ -217,3 +229,21 @@ class EngineGuard:
             else:
                 self.mark = (done, now)
         return self.tripped
+
+
+def wait_until_quiet(pid: int, should_stop: Callable[[], bool]) -> bool:
+    """Until the engine ``pid`` has used under ``QUIET_SHARE`` of a core over ``QUIET_S`` (True),
+    or it has gone, its CPU time cannot be read, ``QUIET_MAX_S`` has passed or ``should_stop()``
+    (False).  See the module doc."""
+    deadline = time.monotonic() + QUIET_MAX_S
+    mark = (time.monotonic(), _platform.process_cpu_seconds(pid))
+    while mark[1] is not None and time.monotonic() < deadline and not should_stop():
+        time.sleep(POLL_S)
+        now, used = time.monotonic(), _platform.process_cpu_seconds(pid)
+        if used is None:
+            return False
+        if now - mark[0] >= QUIET_S:
+            if (used - mark[1]) / (now - mark[0]) < QUIET_SHARE:
+                return True
+            mark = (now, used)
+    return False

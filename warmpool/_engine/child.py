@@ -2,7 +2,8 @@
 
 The engine starts at once, with warmpool's stdin, stdout, stderr and environment.  warmpool's
 own part (resolving the model, planning, the first warm, keeping) runs in a thread beside it, at
-SCHED_IDLE from its first statement: its imports and plan, and the threads it starts, take
+SCHED_IDLE once it has imported the platform layer (its first statement; nothing of the
+pipeline is imported before the spawn): its imports and plan, and the threads it starts, take
 only CPU time the loading engine leaves (docs/beside-engine.md).  If it fails, the failure is
 reported once and the engine keeps running.  SIGINT, SIGTERM and
 SIGHUP sent to warmpool are passed on to the engine, except those the terminal sent to the

@@ -384,15 +384,25 @@ class Keeper:
         model.note_identity()
         model.set(state="warming")
         self._fit(model)
-        result = self._warm(model, model.kept, self.on_warm_start if not model.warmed else None,
-                            beside_engine=self.beside_engine and not model.warmed)
+        beside = self.beside_engine and not model.warmed
+        result = self._warm(model, model.kept, self.on_warm_start if not model.warmed else None, beside_engine=beside)
+        quiet_wait = None
+        if beside and self.engine_pid is not None:
+            # The engine has loaded; its first request comes next.  The hold's CPU work waits
+            # until it is between requests (``_beside.wait_until_quiet``).
+            from .._beside import wait_until_quiet
+
+            started = time.monotonic()
+            wait_until_quiet(self.engine_pid, self._stop.is_set)
+            quiet_wait = round(time.monotonic() - started, 3)
         model.hold(mapped=self.hold != "none" or self.lock)
         model.warmed = True
         model.measure()
         model.set(state="kept")
         self._emit("warmed", model=model.name, bytes_selected=result.bytes_selected,
                    bytes_warmed=result.bytes_warmed, seconds=round(result.seconds, 3), workers=result.workers,
-                   reason=result.reason, resident_fraction=model.row()["resident_fraction"])
+                   reason=result.reason, resident_fraction=model.row()["resident_fraction"],
+                   **({} if quiet_wait is None else {"engine_quiet_wait_s": quiet_wait}))
         if self.lock:
             self._emit("locked", **model.lock())
 

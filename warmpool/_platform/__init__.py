@@ -55,6 +55,7 @@ __all__ = [
     "pid_alive",
     "platform_notes",
     "prefetch",
+    "process_cpu_seconds",
     "read_ahead",
     "read_byte",
     "read_range",
@@ -101,6 +102,7 @@ from warmpool._platform.proc import (  # noqa: E402
     memory_pressure,
     physical_memory,
     pid_alive,
+    process_cpu_seconds,
     storage_read_bytes,
 )
 
