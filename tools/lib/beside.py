@@ -9,8 +9,9 @@ from round to round, every run in fresh processes right after an eviction of the
   both with ``n_threads`` = every core (engines set their thread count to the machine's cores;
   a warm that helps only when the engine leaves a core idle does not help).  Timed from before
   the constructor to the first sampled token (the import of llama_cpp is not in it).
-* a server: ``python -m llama_cpp.server --model MODEL`` against the same command under
-  ``warmpool run --``.  Timed from spawn to the end of the first one-token completion; the
+* a server: ``python -m llama_cpp.server --model MODEL`` (and ``llama-server``) against the same
+  command under ``warmpool run --``, and under a Python launcher that only execs it (the share
+  of ``run``'s cost that is the interpreter's own start on this machine, not warmpool's).  Timed from spawn to the end of the first one-token completion; the
   client asks ``/v1/models`` every 20 ms until the server answers.  Then the same request
   twice more: the first request's time over the faster of those is "x steady".  Every request
   says ``cache_prompt: false``: llama-server then evaluates the whole prompt each time, as the
@@ -110,6 +111,8 @@ def server_trial(variant: str, engine: str, path: Path, threads: int) -> dict:
     argv = server_argv(engine, path, threads, port)
     if variant == "run":
         argv = [sys.executable, "-m", "warmpool", "run", "--", *argv]
+    elif variant == "python-exec":  # what any Python launcher costs here: start the interpreter, exec the engine
+        argv = [sys.executable, "-c", "import os, sys; os.execvp(sys.argv[1], sys.argv[1:])", *argv]
     base = f"http://127.0.0.1:{port}"
     t0 = time.perf_counter()
     log = tempfile.TemporaryFile()  # not a pipe: llama.cpp's load log would fill it and block the server
@@ -191,7 +194,8 @@ def beside(path: Path, rounds: int, evict: Callable[[Path], object], log: Callab
                 continue
             log(f"beside: {engine} vs warmpool run -- {engine}, threads={threads}")
             out[engine] = paired(path, {"plain": lambda e=engine: server_trial("plain", e, path, threads),
-                                        "run": lambda e=engine: server_trial("run", e, path, threads)},
+                                        "run": lambda e=engine: server_trial("run", e, path, threads),
+                                        "python-exec": lambda e=engine: server_trial("python-exec", e, path, threads)},
                                  rounds, evict, log)
     return out
 
