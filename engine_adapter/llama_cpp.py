@@ -6,11 +6,13 @@
 Why the warm starts first: on Linux llama.cpp maps the whole file with MAP_POPULATE
 (docs/design.md, "What llama.cpp keeps on the CPU"), which faults the file in from one
 thread while ``Llama()`` blocks (with ``use_mmap=False`` it reads the file into its own buffers,
-also in order).  The warm runs beside it (``beside_engine=True``, docs/beside-engine.md): it
-watches the file's page cache grow, starts no worker where the engine reads at device speed
-(workers there only take CPU from it), and where it reads slower (latency-bound storage)
-warms from the far end of the file, at idle CPU priority (``start_warmup``'s default), so the
-workers and the engine's sweep meet once, in the middle.
+also in order).  The warm runs beside it (``beside_engine=True``, docs/beside-engine.md): its
+thread first only watches this process's own storage reads (``warmpool.watch_engine``), and
+plans after (the plan's Python would otherwise run between the constructor's own steps); it
+starts no worker where the engine reads at device speed (workers there only take CPU from it),
+and where it reads slower (latency-bound storage) warms from the far end of the file, at idle
+CPU priority (``start_warmup``'s default), so the workers and the engine's sweep meet once, in
+the middle.
 
 Which tensors the warm selects, from the keyword arguments ``Llama`` takes:
 
