@@ -281,3 +281,23 @@ def test_the_keeper_holds_once_the_engine_is_between_requests(pagecache_model):
     assert held_at >= busy_until, "held while the engine was busy"
     assert len(warmed) == 1 and warmed[0]["engine_quiet_wait_s"] >= 0.5, warmed
     assert rows[0]["resident_fraction"] == 1.0, rows
+
+
+def test_a_keeper_stopped_while_it_waits_for_a_busy_engine_ends_without_holding(pagecache_model):
+    engine = _spinner(60)
+    events: list[dict] = []
+    keeper = warmpool.Keeper([pagecache_model], interval=60, beside_engine=True, engine_pid=engine.pid,
+                             on_event=events.append, workers=1)
+    try:
+        keeper.start()
+        deadline = time.monotonic() + 30
+        while keeper.status()[0]["state"] != "warming" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(1.0)  # the warm (nothing cold, or a short one) is over: it waits for the engine
+        started = time.monotonic()
+        keeper.stop()
+        stopped_in = time.monotonic() - started
+    finally:
+        engine.kill()
+        engine.wait()
+    assert stopped_in < 2.0 and not [e for e in events if e["event"] == "warmed"], (stopped_in, events)

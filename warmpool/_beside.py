@@ -110,6 +110,7 @@ def watch_engine(engine_pid: int, should_stop: Callable[[], bool] | None = None)
     no task I/O accounting).  Pass the result to ``warm(engine_watch=...)``."""
     if _platform.storage_read_bytes(engine_pid) is None:
         return None
+
     def progress() -> int:
         return _platform.storage_read_bytes(engine_pid) or 0
 

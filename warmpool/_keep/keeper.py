@@ -395,6 +395,8 @@ class Keeper:
             started = time.monotonic()
             wait_until_quiet(self.engine_pid, self._stop.is_set)
             quiet_wait = round(time.monotonic() - started, 3)
+            if self._stop.is_set():
+                return  # stopped while it waited: no hold to make and release at once
         model.hold(mapped=self.hold != "none" or self.lock)
         model.warmed = True
         model.measure()

@@ -1,5 +1,8 @@
-"""What the subcommands share: exit codes, the model and selection arguments, the plan they
-name, sizes and budgets, and the progress bar drawn from the shared-memory counters."""
+"""What the subcommands share: exit codes, the model, selection and log-format arguments, the
+plan they name, sizes and budgets, and the progress bar drawn from the shared-memory counters.
+
+The parser is built from this module before ``run`` spawns its engine, so the layout walk and
+the plan are imported only where a plan is made (``plan_from``)."""
 
 from __future__ import annotations
 
