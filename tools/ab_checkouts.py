@@ -11,7 +11,9 @@ Each round runs every way once, in an order rotated by one per round, each after
 eviction (and wait).  Wall time is from spawn to exit; CPU is user + system of the children
 (``getrusage(RUSAGE_CHILDREN)``, the warm's workers included); after each warm a fresh
 process's one-byte-per-page pass over the file reports its minor faults
-(``python tools/lib/measure.py engine-pass FILE``).  The summary gives medians, and "paired" is the median over
+(``python tools/lib/measure.py engine-pass FILE``).  The summary gives medians; "x fastest peer" is the
+median over rounds of the time over the fastest peer in the same round, with a 95% confidence
+interval (from 6 rounds); and "paired" is the median over
 rounds of the time over the faster of `cat` and `dd` in the same round.  One JSON line per run
 and one per way follow the table.
 """
@@ -33,6 +35,7 @@ from lib.measure import (  # noqa: E402
     add_wait_after_evict,
     compile_bytecode,
     engine_pass,
+    median_ci,
     page_reporting_off,
     timed_rounds,
     warmpool_argv,
@@ -72,16 +75,22 @@ def _rounds(args, ways) -> list[dict]:
 def _report(ways, runs: list[dict], rounds: int) -> None:
     names = list(ways)
     by_round = {r: {x["way"]: x for x in runs if x["round"] == r} for r in range(rounds)}
-    print(f"\n{'way':12s} {'median s':>9s} {'paired':>7s} {'CPU s':>6s}  engine pass faults")
+    print(f"\n{'way':12s} {'median s':>9s} {'paired':>7s} {'x fastest peer (95% CI)':>24s} {'CPU s':>6s}  engine pass faults")
     for name in names:
         mine = [x for x in runs if x["way"] == name]
         paired = [b[name]["wall_s"] / min(b["cat"]["wall_s"], b["dd"]["wall_s"]) for b in by_round.values()]
+        # Over the fastest of the peers in the same round (cat, dd, four dd, vmtouch -t where installed).
+        fastest = [b[name]["wall_s"] / min(b[p]["wall_s"] for p in PEERS if p in b) for b in by_round.values()]
         faults = sorted({x["engine_pass_minor_faults"] for x in mine if "engine_pass_minor_faults" in x})
         summary = {"way": name, "median_s": round(statistics.median(x["wall_s"] for x in mine), 3),
                    "paired_vs_min_cat_dd": round(statistics.median(paired), 3),
+                   "paired_vs_fastest_peer": round(statistics.median(fastest), 3),
+                   "paired_vs_fastest_peer_ci95": median_ci(fastest),
                    "median_cpu_s": round(statistics.median(x["cpu_s"] for x in mine), 3), "engine_pass_faults": faults,
                    "command": " ".join(ways[name][0]), "pythonpath": (ways[name][1] or {}).get("PYTHONPATH")}
-        print(f"{name:12s} {summary['median_s']:9.3f} {summary['paired_vs_min_cat_dd']:6.2f}x "
+        ci = summary["paired_vs_fastest_peer_ci95"]
+        fastest_s = f"{summary['paired_vs_fastest_peer']:.3f}x" + (f" ({ci[0]:.2f}-{ci[1]:.2f})" if ci else "")
+        print(f"{name:12s} {summary['median_s']:9.3f} {summary['paired_vs_min_cat_dd']:6.2f}x {fastest_s:>24s} "
               f"{summary['median_cpu_s']:6.2f}  {faults or '-'}")
         runs.append(summary)
     print("\n".join(json.dumps(x) for x in runs[-len(names):]))

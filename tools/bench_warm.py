@@ -295,8 +295,10 @@ def beside_table(beside: dict[str, dict]) -> str:
                 label = names.get(engine, engine)
                 if other == "python-exec":
                     label = f"{engine} / a Python launcher that only execs it (no warmpool)"
+                ci = ratio.get("ci95")
+                ci_s = f" (95% CI {ci[0]:.2f}-{ci[1]:.2f})" if ci else ""
                 rows.append(f"| {storage} | {label} (threads {result['threads']}) | {r['rounds']} | "
-                            f"{r['median_s']['plain']:.2f} | {r['median_s'][other]:.2f} | {ratio['median']:.2f}x; "
+                            f"{r['median_s']['plain']:.2f} | {r['median_s'][other]:.2f} | {ratio['median']:.2f}x{ci_s}; "
                             f"{', '.join(f'{x:.2f}' for x in ratio['rounds'])} | {steady_s} |")
     return "\n".join(rows)
 

@@ -155,7 +155,9 @@ def server_trial(variant: str, engine: str, path: Path, threads: int) -> dict:
 def paired(path: Path, trials: dict[str, Callable[[], dict]], rounds: int, evict: Callable[[Path], object],
            log: Callable[[str], None]) -> dict:
     """``rounds`` rounds of every trial, rotated, each after ``evict``; medians and the paired ratio
-    of each later trial over the first one ("plain")."""
+    of each later trial over the first one ("plain"), with its 95% confidence interval."""
+    from lib.measure import median_ci  # here: the child mode of this file runs without tools/ on its path
+
     names = list(trials)
     runs: dict[str, list[dict]] = {n: [] for n in names}
     for r in range(rounds):
@@ -172,7 +174,8 @@ def paired(path: Path, trials: dict[str, Callable[[], dict]], rounds: int, evict
         out["median_s"][n] = statistics.median(r["start_to_first_token_s"] for r in runs[n])
         if n != base:
             ratios = [a["start_to_first_token_s"] / b["start_to_first_token_s"] for a, b in zip(runs[n], runs[base])]
-            out["paired_ratio"][n] = {"median": statistics.median(ratios), "rounds": [round(x, 3) for x in ratios]}
+            out["paired_ratio"][n] = {"median": statistics.median(ratios), "ci95": median_ci(ratios),
+                                      "rounds": [round(x, 3) for x in ratios]}
         if "x_steady" in runs[n][0]:
             out.setdefault("x_steady", {})[n] = statistics.median(r["x_steady"] for r in runs[n])
     return out

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import resource
 import shutil
@@ -31,6 +32,7 @@ __all__ = [
     "engine_pass",
     "evict_file",
     "file_resident",
+    "median_ci",
     "page_reporting_off",
     "peak_rss_anon",
     "rss_anon_tree",
@@ -41,6 +43,22 @@ __all__ = [
 ]
 
 COLD = 0.001  # after eviction at most this fraction of the file may be resident
+
+
+# -- statistics ---------------------------------------------------------------------------------
+
+
+def median_ci(values, level: float = 0.95) -> tuple[float, float] | None:
+    """A confidence interval for the median of ``values`` that assumes no distribution: the
+    order statistics at the binomial(n, 1/2) ranks whose tails hold at most (1 - level) / 2 each.
+    None with too few values for one (fewer than 6 at 95%).  On this shared VM the paired ratio
+    of one round moves by +-10%: a median of 3 or 5 rounds tells little without it."""
+    xs = sorted(values)
+    n, tail, k, below = len(xs), (1 - level) / 2, 0, 0.0
+    while k < n and below + math.comb(n, k) / 2**n <= tail:
+        below += math.comb(n, k) / 2**n
+        k += 1
+    return (xs[k - 1], xs[n - k]) if k else None
 
 
 # -- options --------------------------------------------------------------------------------
