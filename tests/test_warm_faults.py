@@ -181,3 +181,35 @@ def test_model_is_never_opened_for_writing(private_model):
     proc.communicate(timeout=60)
     assert proc.returncode == 0
     assert fingerprint(private_model) == before
+
+
+def test_the_cli_s_workers_come_from_the_server_it_started_before_planning(private_model):
+    """``warmpool warm`` starts its fork server before it reads the header (its boot overlaps
+    the plan), and the pool forks its workers from that one."""
+    proc = start_warm(private_model)
+    try:
+        _, workers = wait_for_workers(proc)
+        tag = f"/warmpool-{proc.pid}-pool"
+        assert all(tag in w.cmdline() for w in workers), [w.cmdline() for w in workers]
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)
+
+
+@pytest.mark.parametrize("case", ["nothing cold", "no such model"])
+def test_a_prestarted_server_no_pool_took_is_killed_before_the_command_returns(private_model, tmp_path, case,
+                                                                                 capsys):
+    """The command in this process (``main``), so that a server it left would still be our
+    child: killed and reaped before ``main`` returns, not left to notice the end of its socket."""
+    from warmpool.commands import main
+
+    path = tmp_path / "missing.gguf" if case == "no such model" else private_model
+    if case == "nothing cold":
+        with open(private_model, "rb") as f:
+            while f.read(1 << 20):
+                pass
+    before = {c.pid for c in psutil.Process().children()}
+    code = main(["warm", str(path), "--no-progress"])
+    assert code == (0 if case == "nothing cold" else 1), capsys.readouterr().err
+    left = [(c.pid, c.status()) for c in psutil.Process().children() if c.pid not in before]
+    assert not left, left  # alive or a zombie: a server not killed, or not reaped

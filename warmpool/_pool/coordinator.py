@@ -44,6 +44,7 @@ from typing import NamedTuple
 from .._errors import CancelledError, FileChangedError, WarmError, WorkerDiedError
 from .._plan import Chunk
 from .._progress.segment import ProgressSegment
+from . import forkserver
 from .forkserver import Forked, ForkServer
 from .strategy import check_priority, check_strategy
 from .wire import Channel, wait
@@ -124,6 +125,10 @@ def _launch(server: ForkServer, slot: int, job: tuple) -> _Worker:
 
 
 def _start_server(name: str, shared_fds: tuple[int, ...]) -> ForkServer:
+    if not shared_fds:  # a prestarted server has no fd of this segment to pass on
+        server = forkserver.take_prestarted()
+        if server is not None:
+            return server
     try:
         return ForkServer(name, shared_fds)
     except OSError as e:  # fork or exec refused (memory, process limit): nothing started, nothing leaked

@@ -18,6 +18,13 @@ children as they exit (``SIGCHLD`` through a wakeup fd) and sends ``("exit", pid
 code as ``subprocess`` gives it (``-N`` for signal N).  At the end of file on its socket it
 reaps what is left and exits.  The server runs in its own session, so a terminal's Ctrl-C
 reaches the coordinator alone, as it did when each worker had its own.
+
+A server may be started before the pool exists (``prestart``): the CLI's warm starts one before
+it reads the header and plans, so the interpreter and the worker's imports (~25 ms) run beside
+that work instead of before the first read.  It is named ``/warmpool-<pid>-pool`` for ``ps``
+(the segment it will serve does not exist yet), and the next pool of the process that needs no
+fd passed to it takes it; ``discard_prestarted`` kills one that was not taken (a warm with
+nothing cold, an error).
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import time
 
 from .wire import Channel, wait
 
-__all__ = ["ForkServer", "Forked", "SERVER_CODE", "serve_forks"]
+__all__ = ["ForkServer", "Forked", "SERVER_CODE", "discard_prestarted", "prestart", "serve_forks", "take_prestarted"]
 
 # argv: socket fd, the segment name (so `ps` shows which warm the server and its workers belong
 # to; every worker is a fork of it and shows the same argv), import path
@@ -234,6 +241,39 @@ class ForkServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+_prestarted: ForkServer | None = None
+
+
+def prestart() -> None:
+    """Start a fork server now for this process's next pool (see the module doc); a failure
+    to start it is left for that pool to meet and report."""
+    global _prestarted
+    if _prestarted is None:
+        try:
+            _prestarted = ForkServer(f"/warmpool-{os.getpid()}-pool")
+        except OSError:
+            pass
+
+
+def take_prestarted() -> ForkServer | None:
+    """The server ``prestart`` started, if it is still running; it is then the caller's."""
+    global _prestarted
+    server, _prestarted = _prestarted, None
+    if server is not None and server.process.poll() is not None:
+        server.close()
+        return None
+    return server
+
+
+def discard_prestarted() -> None:
+    """Kill and reap a prestarted server nobody took (it may still be starting: not waited for)."""
+    server = take_prestarted()
+    if server is not None:
+        server.sock.close()
+        server.process.kill()
+        server.process.wait()
 
 
 def _import_path() -> list[str]:

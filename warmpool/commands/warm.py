@@ -46,49 +46,63 @@ class Command:
         parser.add_argument("--report-segment", action="store_true", help=argparse.SUPPRESS)
 
     def run(self, args: argparse.Namespace) -> int:
-        from .._api import warm
-        from .._log import enable_cli_logging
-
         if args.workers is not None and args.workers < 1:
             raise WarmpoolError(f"--workers must be at least 1, got {args.workers}")
         if args.detach:
             return _detach(args)
-        enable_cli_logging(getattr(args, "verbose", False))
-        budget = resolve_budget(args.budget) if args.budget else None
-        plan = plan_from(args)
-        if args.profile:  # a profile that cannot be used is an error: nothing has been warmed yet
-            from .._experts.order import order_by_profile
+        from .._pool.forkserver import discard_prestarted, prestart
 
-            plan = order_by_profile(plan, args.profile)
-        if args.example:
-            _show_cold_start(plan)
-        bar = Bar(not (args.no_progress or args.json or args.quiet or args.report_segment) and sys.stderr.isatty())
-
-        reported = []
-
-        def on_start(name: str) -> None:
-            if args.report_segment:  # tell the detaching parent, then go quiet
-                _report_to_parent(name)
-                reported.append(name)
-            bar.start(name)
-
+        # The pool's fork server starts (~25 ms: an interpreter, the worker's imports) while this
+        # process imports the rest, reads the header and plans, not after (docs/performance.md,
+        # "Fork server"); one that no pool took is killed on the way out.
+        prestart()
         try:
-            result = warm(plan.files[0].path, plan=plan, workers=args.workers, strategy=args.strategy,
-                          budget=budget, force=args.force, on_start=on_start, linger=args.linger,
-                          require_name=args.report_segment, priority=args.priority)
-        except WarmpoolError as e:
-            if args.report_segment and not reported:  # the parent prints why, as its one line
-                _report_to_parent(f"! {e}")
-            raise
+            return _warm(args)
         finally:
-            bar.stop()
-        if args.report_segment:
-            _report_to_parent(f"- {result.reason}")
-        if args.json:
-            print(json.dumps(result.to_dict()))
-        elif not args.quiet:
-            print(result.summary())
-        return EXIT_OK
+            discard_prestarted()
+
+
+def _warm(args: argparse.Namespace) -> int:
+    """The warm itself, inside ``run``'s lifetime of the prestarted fork server."""
+    from .._api import warm
+    from .._log import enable_cli_logging
+
+    enable_cli_logging(getattr(args, "verbose", False))
+    budget = resolve_budget(args.budget) if args.budget else None
+    plan = plan_from(args)
+    if args.profile:  # a profile that cannot be used is an error: nothing has been warmed yet
+        from .._experts.order import order_by_profile
+
+        plan = order_by_profile(plan, args.profile)
+    if args.example:
+        _show_cold_start(plan)
+    bar = Bar(not (args.no_progress or args.json or args.quiet or args.report_segment) and sys.stderr.isatty())
+
+    reported = []
+
+    def on_start(name: str) -> None:
+        if args.report_segment:  # tell the detaching parent, then go quiet
+            _report_to_parent(name)
+            reported.append(name)
+        bar.start(name)
+
+    try:
+        result = warm(plan.files[0].path, plan=plan, workers=args.workers, strategy=args.strategy,
+                      budget=budget, force=args.force, on_start=on_start, linger=args.linger,
+                      require_name=args.report_segment, priority=args.priority)
+    except WarmpoolError as e:
+        if args.report_segment and not reported:  # the parent prints why, as its one line
+            _report_to_parent(f"! {e}")
+        raise
+    finally:
+        bar.stop()
+    if args.report_segment:
+        _report_to_parent(f"- {result.reason}")
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    elif not args.quiet:
+        print(result.summary())
+    return EXIT_OK
 
 
 def _show_cold_start(plan) -> None:
