@@ -92,3 +92,16 @@ def test_cli_logs_readably_only_with_verbose(tiny_model):
     assert verbose.returncode == quiet.returncode == 0
     assert verbose.stderr == f"warmpool: {tiny_model}: the selection is already resident\n"
     assert quiet.stderr == ""
+
+
+def test_example_with_json_prints_one_json_object(private_model, capsys, monkeypatch):
+    """``--example`` evicts the example first and says so, except with ``--json``, whose output is
+    one JSON object.  (The example is the small test model here: the built-in one is ~300 MB.)"""
+    import warmpool.example
+
+    monkeypatch.setattr(warmpool.example, "example_model", lambda: private_model)
+    code, result = run_json(capsys, "warm", "--example", "--json", "--no-progress")
+    evicted = result["bytes_already_resident"] < 0.01 * result["bytes_selected"]  # it evicted first, silently
+    assert code == 0 and evicted and result["resident_fraction"] == 1.0, result
+    main(["warm", "--example", "--no-progress"])
+    assert capsys.readouterr().out.startswith(f"example    {private_model}\n")

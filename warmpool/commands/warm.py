@@ -75,7 +75,7 @@ def _warm(args: argparse.Namespace) -> int:
 
         plan = order_by_profile(plan, args.profile)
     if args.example:
-        _show_cold_start(plan)
+        _show_cold_start(plan, say=not (args.json or args.quiet))
     bar = Bar(not (args.no_progress or args.json or args.quiet or args.report_segment) and sys.stderr.isatty())
 
     reported = []
@@ -105,11 +105,14 @@ def _warm(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _show_cold_start(plan) -> None:
-    """The built-in example starts from a cold cache so the warm has something to show."""
+def _show_cold_start(plan, say: bool) -> None:
+    """The built-in example starts from a cold cache so the warm has something to show; ``say``:
+    print so (not with ``--json``, whose output is one JSON object, nor ``--quiet``)."""
     from .._api import evict, residency
 
     evict(plan.files[0].path, plan=plan)
+    if not say:
+        return
     before = residency(plan.files[0].path, plan=plan)
     print(f"example    {plan.files[0].path}")
     share = "unknown" if before.resident_fraction is None else f"{before.resident_fraction:.1%}"
