@@ -338,7 +338,9 @@ def _beside_engine(plan: Plan, files: _OpenFiles, chosen: list[int], before: lis
         watch = None
     else:
         watch = watch_files(files.fds, sum(f.size for f in plan.files), stop, engine_pid)
-    if watch is not None and watch.stepped_aside:
+    # Stepped aside while this warm watched: what the sweep left cold is known only now.  (A
+    # watch made before the plan ended before ``before`` was measured: nothing new to look at.)
+    if watched is None and watch is not None and watch.stepped_aside:
         now = [r or 0 for r in files.resident(plan, quick=True)]
         chosen = [i for i in chosen if now[i] < plan.chunks[i].length]
         before = now

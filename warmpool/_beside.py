@@ -101,6 +101,11 @@ def _cached(fds: Sequence[int]) -> int | None:
     return total
 
 
+def _reads(pid: int) -> Callable[[], int]:
+    """The engine's own storage reads so far, as the watch asks for them (0 once unreadable)."""
+    return lambda: _platform.storage_read_bytes(pid) or 0
+
+
 def watch_engine(engine_pid: int, should_stop: Callable[[], bool] | None = None) -> EngineWatch | None:
     """Watch the engine (``engine_pid``) read before the warm has a plan or open files: its own
     storage reads alone, so that nothing but a read of /proc/PID/io every ``POLL_S`` runs beside
@@ -110,11 +115,7 @@ def watch_engine(engine_pid: int, should_stop: Callable[[], bool] | None = None)
     no task I/O accounting).  Pass the result to ``warm(engine_watch=...)``."""
     if _platform.storage_read_bytes(engine_pid) is None:
         return None
-
-    def progress() -> int:
-        return _platform.storage_read_bytes(engine_pid) or 0
-
-    return _watch(progress, lambda: False, should_stop or (lambda: False), GRACE_S, engine_pid)
+    return _watch(_reads(engine_pid), lambda: False, should_stop or (lambda: False), GRACE_S, engine_pid)
 
 
 def watch_files(fds: Sequence[int], file_bytes: int, should_stop: Callable[[], bool],
@@ -124,10 +125,7 @@ def watch_files(fds: Sequence[int], file_bytes: int, should_stop: Callable[[], b
     if _cached(fds) is None:
         return None
     if engine_pid is not None and _platform.storage_read_bytes(engine_pid) is not None:
-        def progress() -> int:
-            return _platform.storage_read_bytes(engine_pid) or 0
-
-        return _watch(progress, _AllCached(fds, file_bytes), should_stop, GRACE_S, engine_pid)
+        return _watch(_reads(engine_pid), _AllCached(fds, file_bytes), should_stop, GRACE_S, engine_pid)
     seen = [0]
 
     def cached() -> int:
@@ -199,15 +197,12 @@ class EngineGuard:
     every ``POLL_S``, one read of /proc/PID/io."""
 
     def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.base = _platform.storage_read_bytes(pid) or 0
+        self.reads = _reads(pid)
+        self.base = self.reads()
         self.mark: tuple[int, float] | None = None
         self.next_look = 0.0
         self.rate: float | None = None  # the engine's rate when it tripped
         self.tripped = False
-
-    def reads(self) -> int:
-        return _platform.storage_read_bytes(self.pid) or 0
 
     def wait_for_sweep(self, fds: Sequence[int], file_bytes: int, should_stop: Callable[[], bool]) -> None:
         """Once tripped: until the engine's reads stop growing for ``STALL_S`` or the files
@@ -238,7 +233,9 @@ def wait_until_quiet(pid: int, should_stop: Callable[[], bool]) -> bool:
     (False).  See the module doc."""
     deadline = time.monotonic() + QUIET_MAX_S
     mark = (time.monotonic(), _platform.process_cpu_seconds(pid))
-    while mark[1] is not None and time.monotonic() < deadline and not should_stop():
+    if mark[1] is None:
+        return False
+    while time.monotonic() < deadline and not should_stop():
         time.sleep(POLL_S)
         now, used = time.monotonic(), _platform.process_cpu_seconds(pid)
         if used is None:

@@ -231,13 +231,14 @@ class ForkServer:
             self._next()
         return self.codes.get(pid)
 
-    def close(self) -> None:
-        """End the server (after its workers): it reaps what is left and exits."""
+    def close(self, timeout: float = 2.0) -> None:
+        """End the server (after its workers): it reaps what is left and exits; killed if it has
+        not within ``timeout`` s (0: at once, for one that may still be starting)."""
         import subprocess
 
         self.sock.close()
         try:
-            self.process.wait(timeout=2)
+            self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
@@ -271,9 +272,7 @@ def discard_prestarted() -> None:
     """Kill and reap a prestarted server nobody took (it may still be starting: not waited for)."""
     server = take_prestarted()
     if server is not None:
-        server.sock.close()
-        server.process.kill()
-        server.process.wait()
+        server.close(timeout=0)
 
 
 def _import_path() -> list[str]:
